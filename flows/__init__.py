@@ -1,0 +1,1 @@
+"""Orchestration of osd-fleet: the command line, Prefect flows, planning, storage and catalog."""

@@ -1,0 +1,149 @@
+"""The ``osd-fleet`` command line: parse, build the configuration, call the library.
+
+Errors a user can fix (bad input, bad artifacts) print one line naming the problem and exit with
+status 2; no traceback. Progress bars go to stderr so ``--json`` output on stdout stays parseable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from osd_core import __version__
+from osd_core.config import ALLOCATIONS, GRADIENT_POINTS, METHODS, SIGMA_PLACEMENTS, SVD_METHODS, CompressionConfig
+from osd_core.errors import ConfigError, OSDError
+
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except OSDError as exc:
+        print(f"osd-fleet: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("osd-fleet: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="osd-fleet", description="Store fine-tunes as compressed weight deltas.")
+    parser.add_argument("--version", action="version", version=f"osd-fleet {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is being done")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    compress = commands.add_parser("compress", help="compress a fine-tune's delta against its base")
+    compress.add_argument("--base", required=True, type=Path, help="base checkpoint directory (HF layout)")
+    compress.add_argument("--finetuned", required=True, type=Path, help="fine-tuned checkpoint directory")
+    compress.add_argument("--out", required=True, type=Path, help="delta directory to create")
+    add_config_arguments(compress)
+    compress.add_argument("--calibration", type=Path, help="JSONL rows {text, label} (needed by osd)")
+    compress.add_argument("--batch-size", type=int, default=16, help="calibration batch size")
+    compress.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    compress.add_argument("--overwrite", action="store_true", help="replace an existing delta directory")
+    compress.add_argument("--json", action="store_true", help="print one JSON object with the report")
+    compress.set_defaults(handler=run_compress)
+
+    restore = commands.add_parser("reconstruct", help="rebuild the fine-tune from base and delta")
+    restore.add_argument("--base", required=True, type=Path)
+    restore.add_argument("--delta", required=True, type=Path)
+    restore.add_argument("--out", required=True, type=Path)
+    restore.add_argument("--overwrite", action="store_true")
+    restore.add_argument("--check-base", action=argparse.BooleanOptionalAction, default=True,
+                         help="refuse a base whose weights differ from the one the delta was made against")
+    restore.set_defaults(handler=run_reconstruct)
+    return parser
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = CompressionConfig()
+    parser.add_argument("--method", choices=METHODS, default=defaults.method)
+    parser.add_argument("--rank", type=int, default=defaults.rank, help="budget rank r: 32·r·(n+d) bits per layer")
+    parser.add_argument("--extra-rank", type=int, default=defaults.extra_rank, help="c: factor at k = r + c")
+    parser.add_argument("--sigma", choices=SIGMA_PLACEMENTS, default=defaults.sigma, help="where singular values go")
+    parser.add_argument("--allocation", choices=ALLOCATIONS, default=defaults.allocation)
+    parser.add_argument("--gradient-at", choices=GRADIENT_POINTS, default=defaults.gradient_at)
+    parser.add_argument("--svd", choices=SVD_METHODS, default=defaults.svd)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--compress-embeddings", action=argparse.BooleanOptionalAction,
+                        default=defaults.compress_embeddings)
+
+
+def config_from_args(args: argparse.Namespace) -> CompressionConfig:
+    return CompressionConfig(
+        method=args.method, rank=args.rank, extra_rank=args.extra_rank, sigma=args.sigma,
+        allocation=args.allocation, gradient_at=args.gradient_at, svd=args.svd, seed=args.seed,
+        compress_embeddings=args.compress_embeddings,
+    )
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    from osd_core.compress import compress_checkpoint
+
+    config = config_from_args(args)
+    if config.needs_gradients and args.calibration is None:
+        raise ConfigError("method 'osd' needs --calibration FILE (JSONL rows with text and label)")
+    with tempfile.TemporaryDirectory(prefix="osd-fleet-") as scratch:
+        gradients = None
+        if config.needs_gradients:
+            from osd_core.calibration import GradientFile, calibration_gradients
+
+            with tqdm(desc="calibration gradients", unit="batch", file=sys.stderr, disable=None) as bar:
+                path = calibration_gradients(
+                    args.base, args.finetuned, args.calibration, config, Path(scratch) / "gradients.safetensors",
+                    batch_size=args.batch_size, progress=lambda done, total: _advance(bar, done, total),
+                )
+            gradients = GradientFile(path)
+        with tqdm(desc=f"compress {args.finetuned.name}", unit="tensor", file=sys.stderr, disable=None) as bar:
+            report = compress_checkpoint(
+                args.base, args.finetuned, args.out, config, gradients=gradients, device=args.device,
+                overwrite=args.overwrite, on_layer=lambda layer, done, total: _advance(bar, done, total),
+            )
+    summary = {
+        "method": config.method, "r": config.rank, "c": config.extra_rank if config.method != "truncsvd" else 0,
+        "budget_bits": report.budget_bits, "paper_bits": report.paper_bits,
+        "bytes_written": report.bytes_written, "payload_bytes": report.payload_bytes,
+        "dense_bytes_fp16": report.dense_bytes_fp16, "seconds": round(report.seconds, 3),
+        "out": report.out_dir, "unknown_tensors": list(report.unknown),
+        "layers": {layer.name: {"kind": layer.kind, "rel_error": round(layer.rel_error, 6),
+                                "paper_bits": layer.paper_bits, "budget_bits": layer.budget_bits,
+                                "bytes": layer.bytes} for layer in report.layers},
+    }
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        print(f"{report.out_dir}: {config.method} r={config.rank} k={config.k}: {report.paper_bits:,} of "
+              f"{report.budget_bits:,} budget bits; {report.bytes_written:,} bytes on disk "
+              f"(dense fp16 delta: {report.dense_bytes_fp16:,}); {report.seconds:.1f} s")
+    return 0
+
+
+def run_reconstruct(args: argparse.Namespace) -> int:
+    from osd_core.reconstruct import reconstruct_checkpoint
+
+    out = reconstruct_checkpoint(args.base, args.delta, args.out, overwrite=args.overwrite, check_base=args.check_base)
+    print(out)
+    return 0
+
+
+
+
+def _advance(bar: tqdm, done: int, total: int) -> None:
+    bar.total = total
+    bar.n = done
+    bar.refresh()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The on-disk format of a compressed delta: safetensors payloads plus a JSON manifest.
+
+A delta is a directory (an object-store prefix once uploaded)::
+
+    manifest.json                 format name and version, osd-fleet version, method and
+                                  parameters, base and fine-tune identity, every layer's kind,
+                                  shape, rank and bits, and the sha256 of every other file
+    payload-00000.safetensors     value and position tensors, named "<tensor>::<part>"
+    files/config.json             the fine-tune's configuration (and any small file that differs
+                                  from the base's), restored verbatim by reconstruction
+
+Writes are atomic: everything goes to a hidden sibling directory that is renamed into place only
+once complete, so a crash leaves no half-written delta under the final name. The manifest holds
+no timestamps, so compressing the same inputs twice gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from . import __version__
+from .checkpoint import sha256_file
+from .errors import ArtifactError, CheckpointError, OSDError
+from .layer import PARTS, CompressedLayer
+from .safetensors_io import read_header, read_tensor
+
+FORMAT_NAME = "osd-fleet-delta"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_BYTES = 1 << 30
+
+
+class DeltaWriter:
+    """Collects compressed layers and publishes them as one delta directory, atomically."""
+
+    def __init__(self, out_dir: str | Path, *, overwrite: bool = False, shard_bytes: int = SHARD_BYTES):
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not overwrite and any(self.out_dir.iterdir()):
+            raise CheckpointError(f"{self.out_dir}: output directory exists and is not empty (pass overwrite)")
+        self._overwrite = overwrite
+        self._shard_bytes = shard_bytes
+        self._tmp = self.out_dir.parent / f".{self.out_dir.name}.partial-{uuid.uuid4().hex[:12]}"
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._layers: dict[str, dict[str, Any]] = {}
+        self._payloads: dict[str, dict[str, Any]] = {}
+        self._files: dict[str, dict[str, Any]] = {}
+
+    def __enter__(self) -> "DeltaWriter":
+        self._tmp.mkdir(parents=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def add(self, layer: CompressedLayer, **extra: Any) -> None:
+        """Queue ``layer``'s payload; ``extra`` (role, dtype, error...) goes into its manifest entry."""
+        if layer.name in self._layers:
+            raise ArtifactError(f"tensor {layer.name!r} added twice to the delta")
+        if "::" in layer.name:
+            raise ArtifactError(f"tensor name {layer.name!r} must not contain '::'")
+        for part, tensor in layer.tensors.items():
+            self._pending[f"{layer.name}::{part}"] = tensor.detach().cpu().contiguous().clone()
+        self._pending_bytes += layer.nbytes
+        self._layers[layer.name] = {
+            "kind": layer.kind,
+            "shape": list(layer.shape),
+            "k": layer.k,
+            "budget_bits": layer.budget_bits,
+            "paper_bits": layer.paper_bits,
+            "bytes": layer.nbytes,
+            "file": self._current_payload() if layer.tensors else None,
+            **extra,
+        }
+        if self._pending_bytes >= self._shard_bytes:
+            self._flush()
+
+    def add_file(self, name: str, data: bytes) -> None:
+        """Store a small side file (configuration) verbatim under ``files/``."""
+        if "/" in name or name.startswith("."):
+            raise ArtifactError(f"side file name {name!r} must be a plain file name")
+        target = self._tmp / "files" / name
+        target.parent.mkdir(exist_ok=True)
+        target.write_bytes(data)
+        self._files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+    def commit(self, **fields: Any) -> Path:
+        """Write the manifest and move the finished delta to its final name."""
+        self._flush()
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "osd_fleet_version": __version__,
+            **fields,
+            "layers": dict(sorted(self._layers.items())),
+            "payloads": self._payloads,
+            "files": dict(sorted(self._files.items())),
+            "totals": {
+                "budget_bits": sum(v["budget_bits"] or 0 for v in self._layers.values() if v["kind"] in ("factored", "sparse", "zero")),
+                "paper_bits": sum(v["paper_bits"] for v in self._layers.values()),
+                "payload_bytes": sum(p["bytes"] for p in self._payloads.values()),
+            },
+        }
+        (self._tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        _fsync_tree(self._tmp)
+        trash = None
+        if self.out_dir.exists():
+            trash = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:12]}"
+            os.replace(self.out_dir, trash)
+        os.replace(self._tmp, self.out_dir)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        return self.out_dir
+
+    def _current_payload(self) -> str:
+        return f"payload-{len(self._payloads):05d}.safetensors"
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        name = self._current_payload()
+        path = self._tmp / name
+        save_file(self._pending, str(path), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+        self._payloads[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        self._pending, self._pending_bytes = {}, 0
+
+
+@dataclass(frozen=True)
+class DeltaArtifact:
+    """A verified delta directory: manifest checked, every payload's checksum matched."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> "DeltaArtifact":
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ArtifactError(f"{path}: not an osd-fleet delta ({MANIFEST} is missing)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{manifest_path}: unreadable manifest ({exc})") from None
+        _check_manifest(manifest, manifest_path)
+        for name, info in {**manifest["payloads"], **{f"files/{k}": v for k, v in manifest["files"].items()}}.items():
+            _check_file(path, name, info)
+        return cls(path, manifest)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.manifest["config"]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.manifest["layers"])
+
+    def side_file(self, name: str) -> bytes:
+        if name not in self.manifest["files"]:
+            raise ArtifactError(f"{self.path}: no side file {name!r}")
+        return (self.path / "files" / name).read_bytes()
+
+    def layers(self) -> Iterator[CompressedLayer]:
+        """Yield every layer, reading each payload file once."""
+        headers = {}
+        for name, info in self.manifest["layers"].items():
+            tensors = {}
+            if info["file"] is not None:
+                if info["file"] not in headers:
+                    headers = {info["file"]: read_header(self.path / info["file"])}
+                entries = headers[info["file"]].tensors
+                for part in PARTS[info["kind"]]:
+                    key = f"{name}::{part}"
+                    if key not in entries:
+                        raise ArtifactError(f"{self.path / info['file']}: payload lacks tensor {key!r}")
+                    tensors[part] = read_tensor(entries[key])
+            try:
+                yield CompressedLayer(
+                    name, info["kind"], tuple(info["shape"]), tensors, k=info["k"],
+                    budget_bits=info["budget_bits"], paper_bits=info["paper_bits"],
+                )
+            except OSDError as exc:
+                raise ArtifactError(f"{self.path}: {exc}") from None
+
+
+def _check_manifest(manifest: Any, where: Path) -> None:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"{where}: not an osd-fleet delta manifest (format must be {FORMAT_NAME!r})")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{where}: format version {version!r} is not supported; this osd-fleet {__version__} reads "
+            f"version {FORMAT_VERSION}"
+        )
+    for key in ("layers", "payloads", "files", "config", "base", "finetuned"):
+        if not isinstance(manifest.get(key), dict):
+            raise ArtifactError(f"{where}: manifest field {key!r} is missing or not an object")
+    for name, info in manifest["layers"].items():
+        required = ("kind", "shape", "k", "budget_bits", "paper_bits", "file")
+        if not isinstance(info, dict) or any(field not in info for field in required):
+            raise ArtifactError(f"{where}: layer {name!r} lacks one of {required}")
+        if info["file"] is not None and info["file"] not in manifest["payloads"]:
+            raise ArtifactError(f"{where}: layer {name!r} refers to unknown payload {info['file']!r}")
+
+
+def _check_file(root: Path, name: str, info: Any) -> None:
+    if not isinstance(info, dict) or "sha256" not in info or "/.." in f"/{name}" or name.startswith("/"):
+        raise ArtifactError(f"{root / MANIFEST}: bad entry for file {name!r}")
+    path = root / name
+    if not path.is_file():
+        raise ArtifactError(f"{path}: listed in the manifest but missing")
+    if sha256_file(path) != info["sha256"]:
+        raise ArtifactError(f"{path}: checksum mismatch (sha256 differs from the manifest): the file is corrupt")
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

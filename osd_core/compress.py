@@ -1,0 +1,259 @@
+"""Compress a fine-tuned checkpoint against its base, streaming one tensor pair at a time.
+
+Planning reads only safetensors headers: it pairs every tensor of the fine-tune with the base's,
+assigns it a role from the architecture policy and refuses mismatches before any math runs. Work
+then streams shard by shard, so peak memory is one tensor pair plus its factors, never a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifact import DeltaWriter
+from .checkpoint import Checkpoint
+from .config import CompressionConfig
+from .errors import CheckpointError, ConfigError, MissingTensorError
+from .factorize import compress_matrix
+from .layer import CompressedLayer
+from .policy import Role, policy_for
+
+log = logging.getLogger(__name__)
+
+FACTORISED_ROLES = (Role.LINEAR, Role.EMBEDDING)
+SIDE_FILE_LIMIT = 16 * 1024 * 1024
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".onnx")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What will happen to one tensor, decided from headers alone."""
+
+    name: str
+    role: Role
+    action: str  # "factorise", "dense", "replace", "copy"
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    role: str
+    kind: str
+    shape: tuple[int, ...]
+    k: int
+    budget_bits: int | None
+    paper_bits: int
+    bytes: int
+    rel_error: float
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    """What a compression did: totals for users and a row per tensor for diagnosis."""
+
+    out_dir: str
+    config: dict[str, Any]
+    budget_bits: int
+    paper_bits: int
+    payload_bytes: int
+    bytes_written: int
+    dense_bytes_fp16: int
+    seconds: float
+    unknown: tuple[str, ...]
+    layers: tuple[LayerReport, ...] = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["layers"] = [asdict(layer) for layer in self.layers]
+        return data
+
+
+def plan_pair(base: Checkpoint, finetuned: Checkpoint, config: CompressionConfig) -> list[LayerPlan]:
+    """Pair tensors of ``finetuned`` with ``base`` and decide each one's fate, or refuse."""
+    if base.model_type != finetuned.model_type:
+        raise CheckpointError(
+            f"architectures differ: base {base.path} is {base.model_type!r}, fine-tune {finetuned.path} is "
+            f"{finetuned.model_type!r}"
+        )
+    policy = policy_for(finetuned.model_type)
+    missing = sorted(set(base.tensors) - set(finetuned.tensors))
+    if missing:
+        raise MissingTensorError(
+            f"{finetuned.path}: lacks {len(missing)} tensor(s) of the base, e.g. {missing[0]!r}"
+        )
+    plans = []
+    for name, entry in finetuned.tensors.items():
+        role = policy.role(name)
+        if name not in base.tensors:
+            if role is not Role.HEAD:
+                raise MissingTensorError(
+                    f"{base.path}: lacks tensor {name!r} of the fine-tune (only task heads may be new)"
+                )
+            plans.append(LayerPlan(name, role, "replace", entry.shape, entry.dtype))
+            continue
+        base_entry = base.tensors[name]
+        if base_entry.shape != entry.shape:
+            raise CheckpointError(
+                f"tensor {name!r} has shape {list(entry.shape)} in {finetuned.path} but {list(base_entry.shape)} "
+                f"in {base.path}"
+            )
+        if role is Role.BUFFER:
+            action = "copy"
+        elif role in FACTORISED_ROLES and (role is Role.LINEAR or config.compress_embeddings):
+            action = "factorise" if _fits_rank(entry.shape, config) else "dense"
+        else:
+            action = "dense"
+        plans.append(LayerPlan(name, role, action, entry.shape, entry.dtype))
+    return plans
+
+
+def compress_checkpoint(
+    base_dir: str | Path,
+    finetuned_dir: str | Path,
+    out_dir: str | Path,
+    config: CompressionConfig,
+    *,
+    gradients: Mapping[str, torch.Tensor] | None = None,
+    device: str = "auto",
+    overwrite: bool = False,
+    provenance: Mapping[str, Any] | None = None,
+    on_layer: Callable[[LayerReport, int, int], None] | None = None,
+) -> CompressionReport:
+    """Compress ``finetuned_dir − base_dir`` into the delta directory ``out_dir``.
+
+    ``gradients`` maps tensor names to task-loss gradients (needed by ``osd``); it may be lazy
+    (``osd_core.calibration.GradientFile``). ``on_layer`` is called after each tensor with its
+    report, its position and the total, for progress display.
+    """
+    started = time.perf_counter()
+    if config.needs_gradients and gradients is None:
+        raise ConfigError(f"method {config.method!r} needs calibration gradients; none were given")
+    base, finetuned = Checkpoint.open(base_dir), Checkpoint.open(finetuned_dir)
+    plans = plan_pair(base, finetuned, config)
+    run_on = resolve_device(device)
+    reports: list[LayerReport] = []
+    with DeltaWriter(out_dir, overwrite=overwrite) as writer:
+        for position, plan in enumerate(plans):
+            if plan.action == "copy":
+                continue
+            tuned = finetuned.load(plan.name)
+            _require_finite(finetuned.path, plan.name, tuned)
+            if plan.action == "replace":
+                layer = _dense(plan.name, tuned.float(), "replace")
+                error = 0.0
+            else:
+                delta = tuned.float() - base.load(plan.name).float()
+                _require_finite(base.path, plan.name, delta)
+                if plan.action == "factorise":
+                    grad = _gradient(gradients, plan.name) if config.needs_gradients else None
+                    layer = compress_matrix(plan.name, delta, config, grad, device=run_on)
+                else:
+                    layer = _dense(plan.name, delta, "dense")
+                error = relative_error(delta, layer)
+            report = LayerReport(
+                plan.name, plan.role.value, layer.kind, plan.shape, layer.k, layer.budget_bits,
+                layer.paper_bits, layer.nbytes, error,
+            )
+            writer.add(layer, role=plan.role.value, dtype=plan.dtype, rel_error=round(error, 6))
+            reports.append(report)
+            if on_layer is not None:
+                on_layer(report, position + 1, len(plans))
+        for name, data in _side_files(base.path, finetuned.path).items():
+            writer.add_file(name, data)
+        unknown = tuple(p.name for p in plans if p.role is Role.UNKNOWN)
+        for name in unknown:
+            log.warning("%s: tensor %r matches no rule of the %r policy; stored dense", finetuned.path, name, finetuned.model_type)
+        writer.commit(
+            config=config.to_dict(),
+            base=base.identity(),
+            finetuned=finetuned.identity(),
+            unknown_tensors=list(unknown),
+            provenance=dict(provenance or {}),
+        )
+    out = Path(out_dir)
+    factorised = [r for r in reports if r.kind in ("factored", "sparse", "zero")]
+    return CompressionReport(
+        out_dir=str(out),
+        config=config.to_dict(),
+        budget_bits=sum(r.budget_bits or 0 for r in factorised),
+        paper_bits=sum(r.paper_bits for r in factorised),
+        payload_bytes=sum(r.bytes for r in reports),
+        bytes_written=sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
+        dense_bytes_fp16=sum(_numel(p.shape) * 2 for p in plans if p.action != "copy"),
+        seconds=time.perf_counter() - started,
+        unknown=unknown,
+        layers=tuple(reports),
+    )
+
+
+def relative_error(delta: torch.Tensor, layer: CompressedLayer) -> float:
+    """``‖Δ − Δ̂‖_F / ‖Δ‖_F`` (0 for an exactly reproduced or all-zero delta)."""
+    norm = float(torch.linalg.vector_norm(delta))
+    if norm == 0.0:
+        return 0.0
+    return float(torch.linalg.vector_norm(delta - layer.delta().reshape(delta.shape))) / norm
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` picks the GPU when one is present; an explicit ``"cuda"`` without one is refused."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def _fits_rank(shape: tuple[int, ...], config: CompressionConfig) -> bool:
+    return len(shape) == 2 and (config.method == "sparse" or config.k <= min(shape))
+
+
+def _dense(name: str, values: torch.Tensor, kind: str) -> CompressedLayer:
+    """Store a tensor whole in fp16, or fp32 where fp16 would overflow or lose it entirely."""
+    if kind == "dense" and not bool(values.any()):
+        return CompressedLayer(name, "zero", tuple(values.shape))
+    narrow = values.to(torch.float16)
+    stored = narrow if bool(torch.isfinite(narrow).all()) else values.to(torch.float32)
+    return CompressedLayer(name, kind, tuple(values.shape), {"values": stored.reshape(-1).contiguous()},
+                           paper_bits=stored.numel() * stored.element_size() * 8)
+
+
+def _gradient(gradients: Mapping[str, torch.Tensor] | None, name: str) -> torch.Tensor:
+    if gradients is None or name not in gradients:
+        raise MissingTensorError(f"no calibration gradient for tensor {name!r}")
+    return gradients[name]
+
+
+def _require_finite(where: Path, name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(f"{where}: tensor {name!r} contains {bad} NaN or Inf values")
+
+
+def _side_files(base_dir: Path, finetuned_dir: Path) -> dict[str, bytes]:
+    """Small non-weight files of the fine-tune that the base lacks or has different (config first)."""
+    files = {}
+    for path in sorted(finetuned_dir.iterdir()):
+        if not path.is_file() or path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".index.json"):
+            continue
+        if path.name.startswith(".") or path.stat().st_size > SIDE_FILE_LIMIT:
+            continue
+        data = path.read_bytes()
+        twin = base_dir / path.name
+        if path.name == "config.json" or not twin.is_file() or twin.read_bytes() != data:
+            files[path.name] = data
+    return files
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count

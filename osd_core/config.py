@@ -1,0 +1,80 @@
+"""Compression parameters, validated once at construction."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+METHODS = ("truncsvd", "magtruncsvd", "sparse", "osd")
+SIGMA_PLACEMENTS = ("sqrt", "u", "v")
+ALLOCATIONS = ("equal", "joint")
+GRADIENT_POINTS = ("finetuned", "reconstruction")
+SVD_METHODS = ("auto", "exact", "randomized")
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How to compress every compressible matrix of one model.
+
+    ``rank`` (r) fixes the per-layer budget ``32·r·(n+d)`` bits; the relaxed methods factor at
+    ``k = rank + extra_rank`` and sparsify. The documented-but-inferred choices of the method
+    (shared/OSD.md) are parameters so the quality benchmark can settle them by measurement:
+
+    - ``sigma``: where singular values go (``"sqrt"`` on both sides, into ``"u"`` or ``"v"``).
+      Taylor scores do not depend on it; magnitude scores do.
+    - ``allocation``: ``"equal"`` density in both factors, or ``"joint"`` ranking of both factors'
+      scores under one budget.
+    - ``gradient_at``: gradients taken at the fine-tuned weights or at the rank-k reconstruction.
+    """
+
+    method: str = "osd"
+    rank: int = 1
+    extra_rank: int = 2
+    sigma: str = "sqrt"
+    allocation: str = "equal"
+    gradient_at: str = "finetuned"
+    svd: str = "auto"
+    power_iters: int = 4
+    seed: int = 0
+    compress_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("method", self.method, METHODS)
+        _choice("sigma", self.sigma, SIGMA_PLACEMENTS)
+        _choice("allocation", self.allocation, ALLOCATIONS)
+        _choice("gradient_at", self.gradient_at, GRADIENT_POINTS)
+        _choice("svd", self.svd, SVD_METHODS)
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"rank must be an integer >= 1, got {self.rank!r}")
+        if not isinstance(self.extra_rank, int) or self.extra_rank < 0:
+            raise ConfigError(f"extra_rank must be an integer >= 0, got {self.extra_rank!r}")
+        if self.power_iters < 0:
+            raise ConfigError(f"power_iters must be >= 0, got {self.power_iters}")
+        if self.allocation == "joint" and self.method != "osd":
+            raise ConfigError("allocation='joint' needs commensurate scores: only method 'osd' has them")
+
+    @property
+    def k(self) -> int:
+        """The factorisation rank: ``r`` for truncsvd, ``r + c`` for the relaxed methods."""
+        return self.rank if self.method == "truncsvd" else self.rank + self.extra_rank
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.method == "osd"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CompressionConfig":
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown compression parameters: {sorted(unknown)}")
+        return cls(**data)
+
+
+def _choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{field} must be one of {', '.join(allowed)}; got {value!r}")

@@ -1,0 +1,119 @@
+"""Rebuild a fine-tuned checkpoint from its base and a compressed delta.
+
+The result is an ordinary Hugging Face directory (``config.json`` of the fine-tune plus
+safetensors weights) that ``from_pretrained`` loads like the original fine-tune. Tensors stream
+through one at a time; the directory appears atomically under its final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .artifact import DeltaArtifact
+from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
+from .compress import WEIGHT_SUFFIXES
+from .errors import ArtifactError, CheckpointError
+from .safetensors_io import DTYPES
+
+SHARD_BYTES = 2 << 30
+
+
+def reconstruct_checkpoint(
+    base_dir: str | Path,
+    delta_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    check_base: bool = True,
+) -> Path:
+    """Write ``base + delta`` to ``out_dir`` as a Hugging Face checkpoint and return its path.
+
+    With ``check_base`` the base's content hash must equal the one recorded at compression:
+    applying a delta to the wrong base would silently produce a different model.
+    """
+    artifact = DeltaArtifact.open(delta_dir)
+    base = Checkpoint.open(base_dir)
+    if check_base:
+        recorded = artifact.manifest["base"].get("sha256")
+        actual = base.identity()["sha256"]
+        if recorded != actual:
+            raise CheckpointError(
+                f"{base.path}: base weights (sha256 {actual[:12]}…) differ from the base this delta was "
+                f"made against (sha256 {str(recorded)[:12]}…)"
+            )
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
+        raise CheckpointError(f"{out_dir}: output directory exists and is not empty (pass overwrite)")
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir(parents=True)
+    try:
+        _copy_side_files(base.path, artifact, tmp)
+        _write_weights(base, artifact, tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def apply_layer_delta(base: torch.Tensor | None, layer, dtype: torch.dtype) -> torch.Tensor:
+    """``base + Δ̂`` in float32, cast to ``dtype``; a ``replace`` layer is the tensor itself."""
+    if layer.kind == "replace":
+        return layer.delta().to(dtype)
+    if base is None:
+        raise ArtifactError(f"{layer.name}: delta has no base tensor to apply to")
+    if tuple(base.shape) != tuple(layer.shape):
+        raise ArtifactError(f"{layer.name}: delta shape {list(layer.shape)} does not match base {list(base.shape)}")
+    return (base.float() + layer.delta()).to(dtype)
+
+
+def _write_weights(base: Checkpoint, artifact: DeltaArtifact, out: Path) -> None:
+    layers = artifact.manifest["layers"]
+    unknown = sorted(set(layers) - set(base.tensors) - {n for n, v in layers.items() if v["kind"] == "replace"})
+    if unknown:
+        raise ArtifactError(f"{artifact.path}: delta has tensors the base lacks, e.g. {unknown[0]!r}")
+    # The delta is small by construction, so it is held whole; base tensors stream.
+    deltas = {layer.name: layer for layer in artifact.layers()}
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes, shards = 0, []
+    for name, tensor in base.iter_tensors():
+        if name in deltas:
+            layer = deltas.pop(name)
+            tensor = apply_layer_delta(tensor, layer, DTYPES.get(layers[name].get("dtype", ""), tensor.dtype))
+        shard[name] = tensor.contiguous()
+        shard_bytes += tensor.numel() * tensor.element_size()
+        if shard_bytes >= SHARD_BYTES:
+            shards.append(_flush(shard, out, len(shards)))
+            shard, shard_bytes = {}, 0
+    for name, layer in deltas.items():  # only new tensors (replace) remain
+        shard[name] = apply_layer_delta(None, layer, DTYPES.get(layers[name].get("dtype", ""), torch.float32))
+    if shard or not shards:
+        shards.append(_flush(shard, out, len(shards)))
+    if len(shards) == 1:
+        (out / shards[0][0]).rename(out / SINGLE_FILE)
+        return
+    weight_map = {name: file for file, names in shards for name in names}
+    index = {"metadata": {"total_size": sum((out / f).stat().st_size for f, _ in shards)}, "weight_map": weight_map}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=1, sort_keys=True))
+
+
+def _flush(shard: dict[str, torch.Tensor], out: Path, number: int) -> tuple[str, list[str]]:
+    name = f"model-{number + 1:05d}.safetensors"
+    save_file(shard, str(out / name), metadata={"format": "pt"})
+    return name, sorted(shard)
+
+
+def _copy_side_files(base_dir: Path, artifact: DeltaArtifact, out: Path) -> None:
+    for path in sorted(base_dir.iterdir()):
+        if path.is_file() and path.suffix not in WEIGHT_SUFFIXES and not path.name.endswith(".index.json"):
+            shutil.copyfile(path, out / path.name)
+    for name in artifact.manifest["files"]:
+        (out / name).write_bytes(artifact.side_file(name))

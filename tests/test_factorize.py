@@ -1,0 +1,147 @@
+"""Every method under one budget: counts, budgets, limits and edge cases of the math."""
+
+import pytest
+import torch
+
+from osd_core.budget import factored_bits, layer_budget, sparse_bits
+from osd_core.config import CompressionConfig
+from osd_core.errors import BudgetError, CheckpointError, ConfigError
+from osd_core.factorize import compress_matrix, taylor_scores
+
+METHODS = ["truncsvd", "magtruncsvd", "osd", "sparse"]
+
+
+def structured_delta(n, d, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, 6, generator=gen) @ torch.diag(torch.tensor([8.0, 4, 2, 1, 0.5, 0.25])) @ torch.randn(6, d, generator=gen)
+    return (low + 0.05 * torch.randn(n, d, generator=gen)) * 1e-3
+
+
+def gradient(n, d, seed=1):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def rel_error(delta, layer):
+    return float(torch.linalg.norm(delta - layer.delta()) / torch.linalg.norm(delta))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("n,d", [(64, 64), (96, 40), (40, 96), (384, 1536)])
+@pytest.mark.parametrize("r,c", [(1, 1), (1, 4), (2, 2)])
+def test_budget_is_never_exceeded_and_counts_are_exact(method, n, d, r, c):
+    delta = structured_delta(n, d)
+    layer = compress_matrix("w", delta, CompressionConfig(method=method, rank=r, extra_rank=c), gradient(n, d))
+    budget = layer_budget(n, d, r)
+    assert layer.budget_bits == budget and layer.paper_bits <= budget
+    if layer.kind == "factored":
+        k = r if method == "truncsvd" else r + c
+        s_u, s_v = layer.tensors["u.values"].numel(), layer.tensors["v.values"].numel()
+        assert layer.k == k and layer.paper_bits == factored_bits(n, d, k, s_u, s_v)
+        u, v = layer.factors()
+        assert int((u != 0).sum()) <= s_u and int((v != 0).sum()) <= s_v
+        assert layer.paper_bits > budget - 2 * (32 + 32)  # spends the budget, less at most one entry per factor
+    else:
+        assert layer.paper_bits == sparse_bits(n, d, layer.tensors["values"].numel())
+
+
+def test_osd_at_c_zero_is_truncated_svd():
+    delta, grad = structured_delta(80, 50), gradient(80, 50)
+    osd = compress_matrix("w", delta, CompressionConfig(method="osd", rank=3, extra_rank=0), grad)
+    svd = compress_matrix("w", delta, CompressionConfig(method="truncsvd", rank=3))
+    assert torch.equal(osd.delta(), svd.delta())
+    assert osd.paper_bits == svd.paper_bits == layer_budget(80, 50, 3)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_error_falls_as_the_budget_grows(method):
+    delta, grad = structured_delta(120, 90), gradient(120, 90)
+    errors = [rel_error(delta, compress_matrix("w", delta, CompressionConfig(method=method, rank=r, extra_rank=2), grad))
+              for r in (1, 2, 4, 8)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0]
+
+
+def test_full_rank_truncated_svd_reproduces_the_delta():
+    delta = structured_delta(60, 40)
+    layer = compress_matrix("w", delta, CompressionConfig(method="truncsvd", rank=40, svd="exact"))
+    assert torch.allclose(layer.delta(), delta, atol=1e-8, rtol=1e-4)
+
+
+def test_taylor_scores_do_not_depend_on_sigma_placement():
+    delta, grad = structured_delta(70, 50), gradient(70, 50)
+    results = [compress_matrix("w", delta, CompressionConfig(method="osd", rank=1, extra_rank=3, sigma=s), grad)
+               for s in ("sqrt", "u", "v")]
+    for other in results[1:]:
+        assert torch.equal(other.tensors["u.index"], results[0].tensors["u.index"])
+        assert torch.equal(other.tensors["v.index"], results[0].tensors["v.index"])
+        assert torch.allclose(other.delta(), results[0].delta(), atol=1e-9, rtol=1e-4)
+
+
+def test_taylor_score_is_first_order_loss_change():
+    gen = torch.Generator().manual_seed(3)
+    u, v, g = torch.randn(5, 2, generator=gen), torch.randn(4, 2, generator=gen), torch.randn(5, 4, generator=gen)
+    score_u, _ = taylor_scores(u, v, g)
+    loss = lambda uu: float((g * (uu @ v.T)).sum())  # linear loss: first order is exact
+    zeroed = u.clone()
+    zeroed[2, 1] = 0
+    assert score_u[2, 1] == pytest.approx(abs(loss(u) - loss(zeroed)), rel=1e-5)
+
+
+def test_joint_allocation_stays_within_budget_and_differs_from_equal():
+    delta, grad = structured_delta(200, 50), gradient(200, 50)
+    joint = compress_matrix("w", delta, CompressionConfig(method="osd", rank=1, extra_rank=3, allocation="joint"), grad)
+    equal = compress_matrix("w", delta, CompressionConfig(method="osd", rank=1, extra_rank=3), grad)
+    assert joint.paper_bits <= layer_budget(200, 50, 1)
+    assert joint.tensors["u.values"].numel() != equal.tensors["u.values"].numel()
+
+
+def test_all_zero_delta_compresses_to_nothing():
+    layer = compress_matrix("emb", torch.zeros(300, 40), CompressionConfig(method="osd"), torch.zeros(300, 40))
+    assert layer.kind == "zero" and layer.nbytes == 0 and layer.paper_bits == 0
+    assert torch.equal(layer.delta(), torch.zeros(300, 40))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_row_sparse_delta_works(method):
+    delta = torch.zeros(500, 32)
+    delta[::9] = structured_delta(56, 32)  # like a word-embedding delta: most rows untouched
+    grad = torch.zeros(500, 32)
+    grad[::9] = gradient(56, 32)
+    layer = compress_matrix("emb", delta, CompressionConfig(method=method, rank=2, extra_rank=2), grad)
+    rebuilt = layer.delta()
+    assert torch.isfinite(rebuilt).all() and rel_error(delta, layer) < 1.0
+
+
+def test_rank_beyond_the_matrix_is_refused():
+    with pytest.raises(ConfigError, match="exceeds min"):
+        compress_matrix("q", torch.ones(4, 10), CompressionConfig(method="magtruncsvd", rank=2, extra_rank=3))
+
+
+@pytest.mark.parametrize("method", ["magtruncsvd", "sparse"])
+def test_budget_too_small_for_one_entry_is_refused(method):
+    # The uniform budget 32·r·(n+d) always holds an entry; an allocator's explicit budget may not.
+    with pytest.raises(BudgetError, match="cannot hold one entry"):
+        compress_matrix("q", structured_delta(30, 20), CompressionConfig(method=method, extra_rank=1), budget_bits=40)
+
+
+def test_osd_without_gradient_is_refused():
+    with pytest.raises(ConfigError, match="needs the layer's loss gradient"):
+        compress_matrix("q", structured_delta(20, 20), CompressionConfig(method="osd"))
+
+
+def test_non_finite_input_is_refused_with_the_tensor_name():
+    delta = structured_delta(20, 20)
+    delta[3, 4] = float("nan")
+    with pytest.raises(CheckpointError, match="layer.0.query: delta contains 1 NaN"):
+        compress_matrix("layer.0.query", delta, CompressionConfig(method="truncsvd"))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("rank", 0, "rank must be an integer >= 1"),
+    ("rank", -2, "rank must be an integer >= 1"),
+    ("extra_rank", -1, "extra_rank must be"),
+    ("method", "svd++", "method must be one of"),
+    ("sigma", "left", "sigma must be one of"),
+])
+def test_invalid_config_is_refused(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        CompressionConfig(**{field: value})

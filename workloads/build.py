@@ -1,0 +1,318 @@
+"""Seeded, cached builder of real base/fine-tune pairs.
+
+Each workload is a directory ``<cache>/workloads/<name>-<recipe key>/`` holding the base and the
+fine-tune as ``BertForSequenceClassification`` checkpoints with identical key sets (the base gets
+the same seeded head the fine-tune starts from, so every tensor has a base to subtract), the
+calibration / validation / evaluation rows as JSONL, and ``workload.json`` with the recipe and
+measured scores. A build writes into a temporary sibling directory and renames it into place,
+so a directory with the final name is always complete.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from workloads.data import DATASETS, Splits, load_splits
+from workloads.errors import MissingPackageError, WorkloadError, WorkloadNotBuiltError
+from workloads.evaluate import EvalResult, evaluate_model
+from workloads.jsonl import write_jsonl
+from workloads.recipes import BASES, CACHE_FORMAT, Recipe, workload_recipe
+from workloads.train import fine_tune
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "workload.json"
+_VERSIONED = ("torch", "transformers", "tokenizers", "safetensors", "numpy")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A built workload: where its files are and what was measured when it was built."""
+
+    recipe: Recipe
+    root: Path
+    label_names: tuple[str, ...]
+    scores: dict[str, dict[str, EvalResult]] = field(hash=False)
+    build_seconds: float
+    versions: dict[str, str] = field(hash=False)
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+    @property
+    def key(self) -> str:
+        return self.recipe.key()
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def finetuned_dir(self) -> Path:
+        return self.root / "finetuned"
+
+    @property
+    def calib_path(self) -> Path:
+        return self.root / "calib.jsonl"
+
+    @property
+    def val_path(self) -> Path:
+        return self.root / "val.jsonl"
+
+    @property
+    def eval_path(self) -> Path:
+        return self.root / "eval.jsonl"
+
+
+def cache_root(cache_dir: Path | None = None) -> Path:
+    """``cache_dir``, else ``$OSD_FLEET_CACHE``, else ``~/.cache/osd-fleet``; workloads live below."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get("OSD_FLEET_CACHE") or Path.home() / ".cache" / "osd-fleet")
+
+
+def workload_dir(recipe: Recipe, cache_dir: Path | None = None) -> Path:
+    return cache_root(cache_dir) / "workloads" / f"{recipe.name}-{recipe.key()}"
+
+
+def load_workload(name: str, cache_dir: Path | None = None) -> Workload:
+    """Return the cached workload ``name``; raise :class:`WorkloadNotBuiltError` if absent."""
+    recipe = workload_recipe(name)
+    root = workload_dir(recipe, cache_dir)
+    meta_path = root / METADATA_FILE
+    if not meta_path.is_file():
+        raise WorkloadNotBuiltError(
+            f"workload {name!r} is not built under {root}; run: python -m workloads build {name}"
+        )
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format") != CACHE_FORMAT or meta.get("key") != recipe.key():
+        raise WorkloadError(
+            f"{meta_path}: format {meta.get('format')} / key {meta.get('key')} does not match "
+            f"format {CACHE_FORMAT} / key {recipe.key()}; delete {root} and rebuild"
+        )
+    return Workload(
+        recipe=recipe,
+        root=root,
+        label_names=tuple(meta["label_names"]),
+        scores={
+            model: {split: EvalResult(**result) for split, result in splits.items()}
+            for model, splits in meta["scores"].items()
+        },
+        build_seconds=meta["build_seconds"],
+        versions=meta["versions"],
+    )
+
+
+def build_workload(
+    name: str,
+    cache_dir: Path | None = None,
+    *,
+    progress: bool = True,
+    num_threads: int | None = None,
+) -> Workload:
+    """Build workload ``name`` unless it is cached; return it either way.
+
+    ``num_threads`` sets ``torch.set_num_threads`` for the build (it is recorded, because the
+    thread count changes float summation order and so the last bits of the weights).
+    """
+    recipe = workload_recipe(name)
+    root = workload_dir(recipe, cache_dir)
+    if (root / METADATA_FILE).is_file():
+        log.info("workload %s: cached at %s", name, root)
+        return load_workload(name, cache_dir)
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(root)
+    tmp = root.parent / f".tmp-{root.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("workload %s: building into %s", name, tmp)
+    try:
+        _build_into(tmp, recipe, progress=progress)
+        try:
+            tmp.rename(root)
+        except OSError:
+            if not (root / METADATA_FILE).is_file():
+                raise
+            log.info("workload %s: another process finished first; keeping its copy", name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("workload %s: done at %s", name, root)
+    return load_workload(name, cache_dir)
+
+
+def _build_into(out: Path, recipe: Recipe, *, progress: bool) -> None:
+    start = time.perf_counter()
+    spec = DATASETS[recipe.dataset]
+    splits = load_splits(recipe.dataset, recipe.sizes, recipe.seed)
+    out.mkdir(parents=True)
+    for split in ("calib", "val", "eval"):
+        write_jsonl(getattr(splits, split), out / f"{split}.jsonl")
+    base_path = _base_model_path(recipe.base)
+    tokenizer = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
+    model = _load_base(recipe, base_path, spec.label_names)
+
+    scores = {"base": _save_and_score(model, tokenizer, out / "base", splits, recipe, progress)}
+    trained = fine_tune(model, tokenizer, splits.train, recipe, progress=progress)
+    scores["finetuned"] = _save_and_score(
+        model, tokenizer, out / "finetuned", splits, recipe, progress
+    )
+    _check_same_keys(out / "base", out / "finetuned")
+    meta = {
+        "format": CACHE_FORMAT,
+        "name": recipe.name,
+        "key": recipe.key(),
+        "recipe": recipe.to_json(),
+        "seed": recipe.seed,
+        "num_labels": spec.num_labels,
+        "label_names": list(spec.label_names),
+        "rows": {split: len(getattr(splits, split)) for split in ("train", "calib", "val", "eval")},
+        "scores": scores,
+        "train": {**asdict(trained), "num_threads": torch.get_num_threads()},
+        "build_seconds": time.perf_counter() - start,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(recipe),
+    }
+    (out / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def _save_and_score(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out: Path,
+    splits: Splits,
+    recipe: Recipe,
+    progress: bool,
+) -> dict[str, dict[str, Any]]:
+    """Save model and tokenizer (safetensors only) to ``out``; score on the eval and val rows."""
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    scores = {}
+    for split in ("eval", "val"):
+        result = evaluate_model(
+            model,
+            tokenizer,
+            getattr(splits, split),
+            max_length=recipe.max_length,
+            progress=progress,
+            desc=f"evaluate {recipe.name} {out.name} on {split}",
+        )
+        log.info("workload %s: %s %s accuracy %.4f, macro-F1 %.4f",
+                 recipe.name, out.name, split, result.accuracy, result.macro_f1)
+        scores[split] = asdict(result)
+    return scores
+
+
+def _base_model_path(base: str) -> Path:
+    spec = BASES[base]
+    try:
+        module = importlib.import_module(spec.module)
+    except ModuleNotFoundError as exc:
+        raise MissingPackageError(spec.module, spec.requirement, f"the base model {base!r}") from exc
+    return Path(module.get_model_path())
+
+
+def _load_base(recipe: Recipe, base_path: Path, label_names: tuple[str, ...]) -> PreTrainedModel:
+    """The packaged encoder, loaded strictly, under a classification head seeded by the recipe.
+
+    Loading the encoder's state dict ourselves (instead of ``from_pretrained(num_labels=...)``)
+    makes a missing or unexpected tensor an error and draws the head from an explicit generator.
+    """
+    base = BASES[recipe.base]
+    config = AutoConfig.from_pretrained(
+        base_path,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={label: index for index, label in enumerate(label_names)},
+        local_files_only=True,
+    )
+    model = AutoModelForSequenceClassification.from_config(config)
+    weights_path = base_path / "model.safetensors"
+    state = load_file(weights_path)
+    for name in base.legacy_buffers:
+        state.pop(name, None)
+    try:
+        model.base_model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WorkloadError(f"{weights_path}: does not match {type(model).__name__}: {exc}") from exc
+    head = getattr(model, base.head)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    with torch.no_grad():
+        head.weight.normal_(0.0, config.initializer_range, generator=generator)
+        head.bias.zero_()
+    return model.eval()
+
+
+def _check_same_keys(base_dir: Path, finetuned_dir: Path) -> None:
+    """Every fine-tuned tensor needs a base tensor of the same shape to form a delta."""
+
+    def header(directory: Path) -> dict[str, tuple[int, ...]]:
+        shapes = {}
+        for path in sorted(directory.glob("*.safetensors")):
+            with safe_open(path, framework="pt") as handle:
+                shapes.update({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
+        return shapes
+
+    base, tuned = header(base_dir), header(finetuned_dir)
+    if base != tuned:
+        differ = sorted(set(base) ^ set(tuned)) or sorted(k for k in base if base[k] != tuned[k])
+        raise WorkloadError(f"{base_dir} and {finetuned_dir} differ in tensors: {differ[:10]}")
+
+
+def _versions(recipe: Recipe) -> dict[str, str]:
+    spec = DATASETS[recipe.dataset]
+    requirements = [BASES[recipe.base].requirement, spec.requirement]
+    names = [*_VERSIONED, *(req.split("==")[0] for req in requirements)]
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
+
+
+def _remove_stale_temps(root: Path) -> None:
+    """Delete temp dirs of this workload left by builds whose process no longer runs."""
+    for tmp in root.parent.glob(f".tmp-{root.name}-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            log.info("removing %s left by a build that did not finish", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        pass
+    return True

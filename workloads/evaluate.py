@@ -1,0 +1,163 @@
+"""Accuracy and macro-F1 of a sequence-classification checkpoint on labelled JSONL rows.
+
+The same function scores the base, the fine-tune and every reconstruction from compressed
+deltas, so compression results are comparable only if this stays the single evaluator.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from workloads.errors import DataFormatError, WorkloadError
+from workloads.jsonl import Row, read_jsonl
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Scores on ``n`` rows; ``seconds`` is the wall time of the forward passes."""
+
+    accuracy: float
+    macro_f1: float
+    n: int
+    seconds: float
+
+
+def macro_f1(labels: Sequence[int] | np.ndarray, preds: Sequence[int] | np.ndarray) -> float:
+    """Unweighted mean of per-class F1 over the classes present in ``labels`` or ``preds``.
+
+    A class with no true and no predicted rows would be 0/0; like scikit-learn's default we
+    leave it out, and a class with precision + recall = 0 scores F1 = 0.
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    p = np.asarray(preds, dtype=np.int64)
+    if y.shape != p.shape or y.ndim != 1:
+        raise ValueError(f"labels and preds must be 1-D of one length, got {y.shape} and {p.shape}")
+    if y.size == 0:
+        raise ValueError("macro_f1 needs at least one row")
+    scores = []
+    for cls in np.union1d(y, p):
+        tp = np.sum((p == cls) & (y == cls))
+        fp = np.sum((p == cls) & (y != cls))
+        fn = np.sum((p != cls) & (y == cls))
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores))
+
+
+def evaluate_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[Row],
+    *,
+    batch_size: int = 64,
+    max_length: int = 64,
+    progress: bool = True,
+    desc: str = "evaluate",
+) -> EvalResult:
+    """Score an in-memory model on ``rows``; the model's train/eval mode is restored after.
+
+    Rows are batched longest first so each batch pads to similar lengths (2-3x faster on CPU
+    than file order); the order does not change any score.
+    """
+    if not rows:
+        raise ValueError("evaluate_model needs at least one row")
+    num_labels = model.config.num_labels
+    for index, row in enumerate(rows):
+        if not 0 <= row["label"] < num_labels:
+            raise DataFormatError(
+                f"row {index}: label {row['label']} is outside [0, {num_labels}) of the model"
+            )
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["text"]), reverse=True)
+    device = next(model.parameters()).device
+    preds = np.empty(len(rows), dtype=np.int64)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for lo in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch",
+                           disable=not progress, leave=False):
+                batch = order[lo : lo + batch_size]
+                inputs = tokenizer(
+                    [rows[i]["text"] for i in batch],
+                    truncation=True,
+                    max_length=max_length,
+                    padding=True,
+                    return_tensors="pt",
+                ).to(device)
+                preds[batch] = model(**inputs).logits.argmax(dim=-1).cpu().numpy()
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    labels = np.fromiter((row["label"] for row in rows), dtype=np.int64, count=len(rows))
+    return EvalResult(
+        accuracy=float(np.mean(preds == labels)),
+        macro_f1=macro_f1(labels, preds),
+        n=len(rows),
+        seconds=seconds,
+    )
+
+
+def evaluate_checkpoint(
+    model_dir: str | os.PathLike[str],
+    data_path: str | os.PathLike[str],
+    batch_size: int = 64,
+    max_length: int = 64,
+    progress: bool = True,
+    tokenizer_dir: str | os.PathLike[str] | None = None,
+) -> EvalResult:
+    """Load a saved checkpoint (safetensors only, no hub access) and score it on a JSONL file.
+
+    The tokenizer comes from ``model_dir`` when it has one, else from ``tokenizer_dir``:
+    reconstructed checkpoints may be written without tokenizer files.
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise WorkloadError(f"{model_dir}: not a checkpoint directory (no config.json)")
+    if not any(model_dir.glob("*.safetensors")):
+        raise WorkloadError(f"{model_dir}: no *.safetensors weights (other formats are refused)")
+    # Validate the data against the config before paying for the model load.
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    rows = read_jsonl(data_path, num_labels=config.num_labels)
+    tokenizer = AutoTokenizer.from_pretrained(
+        _tokenizer_source(model_dir, tokenizer_dir), local_files_only=True
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, config=config, use_safetensors=True, local_files_only=True
+    )
+    return evaluate_model(
+        model,
+        tokenizer,
+        rows,
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
+        desc=f"evaluate {model_dir.name}",
+    )
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+
+
+def _tokenizer_source(model_dir: Path, tokenizer_dir: str | os.PathLike[str] | None) -> Path:
+    if any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
+        return model_dir
+    if tokenizer_dir is None:
+        raise WorkloadError(
+            f"{model_dir}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); pass tokenizer_dir"
+        )
+    return Path(tokenizer_dir)
