@@ -460,7 +460,10 @@ class S3Store(ObjectStore):
         try:
             return fn(**kwargs)
         except Exception as exc:  # noqa: BLE001 - translated or re-raised below
-            raise self._translate(exc, action, key) from exc
+            translated = self._translate(exc, action, key)
+            if translated is exc:
+                raise
+            raise translated from exc
 
     def _translate(self, exc: Exception, action: str, key: str | None) -> Exception:
         from botocore.exceptions import (
@@ -616,6 +619,7 @@ class S3Store(ObjectStore):
         return ObjectInfo(key, resp["ContentLength"], resp.get("Metadata", {}).get(SHA256_METADATA))
 
     def exists(self, key: str) -> bool:
+        # HEAD has no body, so a missing bucket also reads as "no such key" here.
         try:
             self.info(key)
         except NotFoundError:

@@ -53,7 +53,7 @@ BERT = ArchitecturePolicy(
         (_BERT_PREFIX + r"pooler\.dense\.weight", Role.LINEAR),
         (_BERT_PREFIX + r"embeddings\.(?:position_ids|token_type_ids)", Role.BUFFER),
         (_BERT_PREFIX + r"embeddings\.LayerNorm\.(?:weight|bias)", Role.DENSE),
-        (_BERT_LAYER + r"(?:attention\.output\.)?LayerNorm\.(?:weight|bias)", Role.DENSE),
+        (_BERT_LAYER + r"(?:attention\.)?output\.LayerNorm\.(?:weight|bias)", Role.DENSE),
         (_BERT_LAYER + r"(?:attention\.self\.(?:query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)\.bias", Role.DENSE),
         (_BERT_PREFIX + r"pooler\.dense\.bias", Role.DENSE),
         (r"classifier\.(?:weight|bias)", Role.HEAD),

@@ -15,6 +15,7 @@ import pytest
 
 from flows.keys import InvalidNameError, check_key, check_prefix, join_key, safe_name
 from flows.storage import (
+    AccessDeniedError,
     AlreadyExistsError,
     CorruptObjectError,
     EndpointUnreachableError,
@@ -352,3 +353,11 @@ def test_s3_unreachable_endpoint_fails_fast_without_secrets(
     assert S3_SECRET not in full and S3_SECRET not in repr(err.value)
     with pytest.raises(EndpointUnreachableError):
         store.list()
+
+
+def test_s3_missing_credentials(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    store = open_store(f"{s3_server}/nocreds")
+    with pytest.raises(AccessDeniedError, match="no usable AWS credentials to write s3://.*/nocreds/k"):
+        store.put_bytes("k", b"1")
