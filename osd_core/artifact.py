@@ -19,15 +19,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from . import __version__
 from .checkpoint import sha256_file
@@ -39,23 +40,92 @@ FORMAT_NAME = "osd-fleet-delta"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_BYTES = 1 << 30
+PAYLOAD_NAME = re.compile(r"payload-[A-Za-z0-9_.-]{1,100}\.safetensors")
+SIDE_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+@dataclass(frozen=True)
+class Payload:
+    """One encoded payload file and the manifest entries of the layers inside it.
+
+    Payloads are built independently (one per worker and layer group in the fleet pipeline) and
+    tied together by a manifest written last, so a delta is complete exactly when its manifest
+    exists.
+    """
+
+    name: str
+    data: bytes
+    layers: dict[str, dict[str, Any]]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {"sha256": hashlib.sha256(self.data).hexdigest(), "bytes": len(self.data)}
+
+
+def encode_payload(name: str, layers: Sequence[tuple[CompressedLayer, dict[str, Any]]]) -> Payload:
+    """Encode ``layers`` (each with extra manifest fields: role, dtype, error...) as payload ``name``."""
+    if not PAYLOAD_NAME.fullmatch(name):
+        raise ArtifactError(f"payload name {name!r} must match {PAYLOAD_NAME.pattern}")
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    for layer, extra in layers:
+        if "::" in layer.name:
+            raise ArtifactError(f"tensor name {layer.name!r} must not contain '::'")
+        if layer.name in entries:
+            raise ArtifactError(f"tensor {layer.name!r} appears twice in payload {name}")
+        for part, tensor in layer.tensors.items():
+            tensors[f"{layer.name}::{part}"] = tensor.detach().cpu().contiguous().clone()
+        entries[layer.name] = {
+            "kind": layer.kind, "shape": list(layer.shape), "k": layer.k, "budget_bits": layer.budget_bits,
+            "paper_bits": layer.paper_bits, "bytes": layer.nbytes, "file": name if layer.tensors else None, **extra,
+        }
+    # One metadata key only: safetensors writes metadata in hash-map order, and the bytes must not vary.
+    return Payload(name, save(tensors, metadata={"format": f"{FORMAT_NAME}/{FORMAT_VERSION}"}), entries)
+
+
+def build_manifest(payloads: Sequence[Payload], files: dict[str, bytes], **fields: Any) -> dict[str, Any]:
+    """The manifest that makes ``payloads`` and side ``files`` one delta; ``fields`` add provenance."""
+    layers: dict[str, dict[str, Any]] = {}
+    for payload in payloads:
+        clash = set(layers) & set(payload.layers)
+        if clash:
+            raise ArtifactError(f"tensor {sorted(clash)[0]!r} appears in more than one payload")
+        layers.update(payload.layers)
+    compressed = [v for v in layers.values() if v["budget_bits"] is not None]
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "osd_fleet_version": __version__,
+        **fields,
+        "layers": dict(sorted(layers.items())),
+        "payloads": {p.name: p.info for p in sorted(payloads, key=lambda p: p.name) if p.layers},
+        "files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in sorted(files.items())},
+        "totals": {
+            "budget_bits": sum(v["budget_bits"] for v in compressed),
+            "paper_bits": sum(v["paper_bits"] for v in compressed),
+            "payload_bytes": sum(len(p.data) for p in payloads),
+        },
+    }
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """Canonical manifest bytes: sorted keys, so equal manifests hash equal."""
+    return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
 
 
 class DeltaWriter:
-    """Collects compressed layers and publishes them as one delta directory, atomically."""
+    """Collects compressed layers and publishes them as one local delta directory, atomically."""
 
     def __init__(self, out_dir: str | Path, *, overwrite: bool = False, shard_bytes: int = SHARD_BYTES):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite and any(self.out_dir.iterdir()):
             raise CheckpointError(f"{self.out_dir}: output directory exists and is not empty (pass overwrite)")
-        self._overwrite = overwrite
         self._shard_bytes = shard_bytes
         self._tmp = self.out_dir.parent / f".{self.out_dir.name}.partial-{uuid.uuid4().hex[:12]}"
-        self._pending: dict[str, torch.Tensor] = {}
+        self._pending: list[tuple[CompressedLayer, dict[str, Any]]] = []
         self._pending_bytes = 0
-        self._layers: dict[str, dict[str, Any]] = {}
-        self._payloads: dict[str, dict[str, Any]] = {}
-        self._files: dict[str, dict[str, Any]] = {}
+        self._payloads: list[Payload] = []
+        self._files: dict[str, bytes] = {}
 
     def __enter__(self) -> "DeltaWriter":
         self._tmp.mkdir(parents=True)
@@ -66,53 +136,26 @@ class DeltaWriter:
 
     def add(self, layer: CompressedLayer, **extra: Any) -> None:
         """Queue ``layer``'s payload; ``extra`` (role, dtype, error...) goes into its manifest entry."""
-        if layer.name in self._layers:
-            raise ArtifactError(f"tensor {layer.name!r} added twice to the delta")
-        if "::" in layer.name:
-            raise ArtifactError(f"tensor name {layer.name!r} must not contain '::'")
-        for part, tensor in layer.tensors.items():
-            self._pending[f"{layer.name}::{part}"] = tensor.detach().cpu().contiguous().clone()
+        self._pending.append((layer, extra))
         self._pending_bytes += layer.nbytes
-        self._layers[layer.name] = {
-            "kind": layer.kind,
-            "shape": list(layer.shape),
-            "k": layer.k,
-            "budget_bits": layer.budget_bits,
-            "paper_bits": layer.paper_bits,
-            "bytes": layer.nbytes,
-            "file": self._current_payload() if layer.tensors else None,
-            **extra,
-        }
         if self._pending_bytes >= self._shard_bytes:
             self._flush()
 
     def add_file(self, name: str, data: bytes) -> None:
         """Store a small side file (configuration) verbatim under ``files/``."""
-        if "/" in name or name.startswith("."):
+        if not SIDE_FILE_NAME.fullmatch(name):
             raise ArtifactError(f"side file name {name!r} must be a plain file name")
-        target = self._tmp / "files" / name
-        target.parent.mkdir(exist_ok=True)
-        target.write_bytes(data)
-        self._files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        self._files[name] = data
 
     def commit(self, **fields: Any) -> Path:
         """Write the manifest and move the finished delta to its final name."""
         self._flush()
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "osd_fleet_version": __version__,
-            **fields,
-            "layers": dict(sorted(self._layers.items())),
-            "payloads": self._payloads,
-            "files": dict(sorted(self._files.items())),
-            "totals": {
-                "budget_bits": sum(v["budget_bits"] or 0 for v in self._layers.values() if v["kind"] in ("factored", "sparse", "zero")),
-                "paper_bits": sum(v["paper_bits"] for v in self._layers.values()),
-                "payload_bytes": sum(p["bytes"] for p in self._payloads.values()),
-            },
-        }
-        (self._tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        manifest = build_manifest(self._payloads, self._files, **fields)
+        if self._files:
+            (self._tmp / "files").mkdir()
+        for name, data in self._files.items():
+            (self._tmp / "files" / name).write_bytes(data)
+        (self._tmp / MANIFEST).write_bytes(manifest_bytes(manifest))
         _fsync_tree(self._tmp)
         trash = None
         if self.out_dir.exists():
@@ -123,17 +166,13 @@ class DeltaWriter:
             shutil.rmtree(trash, ignore_errors=True)
         return self.out_dir
 
-    def _current_payload(self) -> str:
-        return f"payload-{len(self._payloads):05d}.safetensors"
-
     def _flush(self) -> None:
         if not self._pending:
             return
-        name = self._current_payload()
-        path = self._tmp / name
-        save_file(self._pending, str(path), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
-        self._payloads[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-        self._pending, self._pending_bytes = {}, 0
+        payload = encode_payload(f"payload-{len(self._payloads):05d}.safetensors", self._pending)
+        (self._tmp / payload.name).write_bytes(payload.data)
+        self._payloads.append(payload)
+        self._pending, self._pending_bytes = [], 0
 
 
 @dataclass(frozen=True)

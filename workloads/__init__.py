@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from workloads.data import DATASETS, Corpus, Splits, SplitSizes, load_corpus, load_splits, split_corpus
+from workloads.data import (
+    DATASETS,
+    Corpus,
+    Splits,
+    SplitSizes,
+    load_corpus,
+    load_splits,
+    split_corpus,
+)
 from workloads.errors import (
     DataFormatError,
     MissingPackageError,

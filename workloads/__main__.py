@@ -21,19 +21,34 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workloads", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build workloads that are not cached yet")
-    build.add_argument("names", nargs="*", metavar="NAME",
-                       help=f"workloads to build (default: all of {', '.join(WORKLOADS)})")
-    build.add_argument("--cache-dir", type=Path, default=None,
-                       help="cache root (default: $OSD_FLEET_CACHE or ~/.cache/osd-fleet)")
-    build.add_argument("--threads", type=int, default=2,
-                       help="torch CPU threads (default: 2, the cores of the dev machines)")
-    build.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                       help="show progress bars")
+    build.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"workloads to build (default: all of {', '.join(WORKLOADS)})",
+    )
+    build.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="cache root (default: $OSD_FLEET_CACHE or ~/.cache/osd-fleet)",
+    )
+    build.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch CPU threads (default: 2, the cores of the dev machines)",
+    )
+    build.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars"
+    )
     listing = commands.add_parser("list", help="list workloads and where they are cached")
     listing.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.command == "list":
         return _list(args.cache_dir)
     unknown = [name for name in args.names if name not in WORKLOADS]
@@ -56,7 +71,11 @@ def _build(names: list[str], cache_dir: Path | None, threads: int, progress: boo
             before, after = workload.scores["base"]["eval"], workload.scores["finetuned"]["eval"]
             logging.getLogger("workloads").info(
                 "%s: eval accuracy %.4f -> %.4f (%d rows), built in %.0f s, at %s",
-                name, before.accuracy, after.accuracy, after.n, workload.build_seconds,
+                name,
+                before.accuracy,
+                after.accuracy,
+                after.n,
+                workload.build_seconds,
                 workload.root,
             )
     return 0

@@ -19,7 +19,7 @@ import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +197,7 @@ def _build_into(out: Path, recipe: Recipe, *, progress: bool) -> None:
         "scores": scores,
         "train": {**asdict(trained), "num_threads": torch.get_num_threads()},
         "build_seconds": time.perf_counter() - start,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": _versions(recipe),
     }
     (out / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -224,8 +224,14 @@ def _save_and_score(
             progress=progress,
             desc=f"evaluate {recipe.name} {out.name} on {split}",
         )
-        log.info("workload %s: %s %s accuracy %.4f, macro-F1 %.4f",
-                 recipe.name, out.name, split, result.accuracy, result.macro_f1)
+        log.info(
+            "workload %s: %s %s accuracy %.4f, macro-F1 %.4f",
+            recipe.name,
+            out.name,
+            split,
+            result.accuracy,
+            result.macro_f1,
+        )
         scores[split] = asdict(result)
     return scores
 
@@ -235,7 +241,9 @@ def _base_model_path(base: str) -> Path:
     try:
         module = importlib.import_module(spec.module)
     except ModuleNotFoundError as exc:
-        raise MissingPackageError(spec.module, spec.requirement, f"the base model {base!r}") from exc
+        raise MissingPackageError(
+            spec.module, spec.requirement, f"the base model {base!r}"
+        ) from exc
     return Path(module.get_model_path())
 
 
@@ -261,7 +269,9 @@ def _load_base(recipe: Recipe, base_path: Path, label_names: tuple[str, ...]) ->
     try:
         model.base_model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise WorkloadError(f"{weights_path}: does not match {type(model).__name__}: {exc}") from exc
+        raise WorkloadError(
+            f"{weights_path}: does not match {type(model).__name__}: {exc}"
+        ) from exc
     head = getattr(model, base.head)
     generator = torch.Generator().manual_seed(recipe.seed)
     with torch.no_grad():

@@ -277,8 +277,12 @@ def _dedupe(rows: Iterable[Row], name: str) -> tuple[Row, ...]:
             order.append(row)
         seen.add(row["label"])
     kept = tuple(row for row in order if len(labels[row["text"]]) == 1)
-    log.debug("%s: %d distinct texts, %d dropped for conflicting labels", name, len(order),
-              len(order) - len(kept))
+    log.debug(
+        "%s: %d distinct texts, %d dropped for conflicting labels",
+        name,
+        len(order),
+        len(order) - len(kept),
+    )
     return kept
 
 

@@ -89,8 +89,13 @@ def evaluate_model(
     start = time.perf_counter()
     try:
         with torch.inference_mode():
-            for lo in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch",
-                           disable=not progress, leave=False):
+            for lo in tqdm(
+                range(0, len(order), batch_size),
+                desc=desc,
+                unit="batch",
+                disable=not progress,
+                leave=False,
+            ):
                 batch = order[lo : lo + batch_size]
                 inputs = tokenizer(
                     [rows[i]["text"] for i in batch],

@@ -31,7 +31,9 @@ def write_jsonl(rows: Iterable[Row], path: Path) -> int:
     count = 0
     with Path(path).open("w", encoding="utf-8") as handle:
         for row in rows:
-            handle.write(json.dumps({"text": row["text"], "label": row["label"]}, ensure_ascii=False))
+            handle.write(
+                json.dumps({"text": row["text"], "label": row["label"]}, ensure_ascii=False)
+            )
             handle.write("\n")
             count += 1
     return count

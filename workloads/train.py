@@ -102,7 +102,9 @@ def _linear_warmup_decay(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[list[int]]:
+def _batches(
+    n: int, batch_size: int, steps: int, generator: torch.Generator
+) -> Iterator[list[int]]:
     """``steps`` batches of row indices, walking fresh permutations epoch after epoch."""
     order: list[int] = []
     for _ in range(steps):
