@@ -183,11 +183,15 @@ class DeltaArtifact:
     manifest: dict[str, Any]
 
     @classmethod
-    def open(cls, path: str | Path) -> "DeltaArtifact":
+    def open(cls, path: str | Path, *, expected_sha256: str | None = None) -> "DeltaArtifact":
+        """Open and verify a delta; ``expected_sha256`` (from a catalog row) pins the manifest too."""
         path = Path(path)
         manifest_path = path / MANIFEST
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            raw = manifest_path.read_bytes()
+            if expected_sha256 is not None and hashlib.sha256(raw).hexdigest() != expected_sha256:
+                raise ArtifactError(f"{manifest_path}: checksum mismatch (sha256 differs from the catalog's)")
+            manifest = json.loads(raw.decode("utf-8"))
         except FileNotFoundError:
             raise ArtifactError(f"{path}: not an osd-fleet delta ({MANIFEST} is missing)") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -8,6 +8,7 @@ then streams shard by shard, so peak memory is one tensor pair plus its factors,
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -206,6 +207,8 @@ def resolve_device(device: str) -> torch.device:
     """``"auto"`` picks the GPU when one is present; an explicit ``"cuda"`` without one is refused."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(?::\d+)?", device):
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} requested but no CUDA device is available")
     return torch.device(device)

@@ -32,13 +32,14 @@ def reconstruct_checkpoint(
     *,
     overwrite: bool = False,
     check_base: bool = True,
+    expected_sha256: str | None = None,
 ) -> Path:
     """Write ``base + delta`` to ``out_dir`` as a Hugging Face checkpoint and return its path.
 
     With ``check_base`` the base's content hash must equal the one recorded at compression:
     applying a delta to the wrong base would silently produce a different model.
     """
-    artifact = DeltaArtifact.open(delta_dir)
+    artifact = DeltaArtifact.open(delta_dir, expected_sha256=expected_sha256)
     base = Checkpoint.open(base_dir)
     if check_base:
         recorded = artifact.manifest["base"].get("sha256")
@@ -87,14 +88,14 @@ def _write_weights(base: Checkpoint, artifact: DeltaArtifact, out: Path) -> None
     for name, tensor in base.iter_tensors():
         if name in deltas:
             layer = deltas.pop(name)
-            tensor = apply_layer_delta(tensor, layer, DTYPES.get(layers[name].get("dtype", ""), tensor.dtype))
+            tensor = apply_layer_delta(tensor, layer, _stored_dtype(artifact, name))
         shard[name] = tensor.contiguous()
         shard_bytes += tensor.numel() * tensor.element_size()
         if shard_bytes >= SHARD_BYTES:
             shards.append(_flush(shard, out, len(shards)))
             shard, shard_bytes = {}, 0
     for name, layer in deltas.items():  # only new tensors (replace) remain
-        shard[name] = apply_layer_delta(None, layer, DTYPES.get(layers[name].get("dtype", ""), torch.float32))
+        shard[name] = apply_layer_delta(None, layer, _stored_dtype(artifact, name))
     if shard or not shards:
         shards.append(_flush(shard, out, len(shards)))
     if len(shards) == 1:
@@ -103,6 +104,13 @@ def _write_weights(base: Checkpoint, artifact: DeltaArtifact, out: Path) -> None
     weight_map = {name: file for file, names in shards for name in names}
     index = {"metadata": {"total_size": sum((out / f).stat().st_size for f, _ in shards)}, "weight_map": weight_map}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=1, sort_keys=True))
+
+
+def _stored_dtype(artifact: DeltaArtifact, name: str) -> torch.dtype:
+    dtype = artifact.manifest["layers"][name].get("dtype")
+    if dtype not in DTYPES:
+        raise ArtifactError(f"{artifact.path}: layer {name!r} has unknown dtype {dtype!r}")
+    return DTYPES[dtype]
 
 
 def _flush(shard: dict[str, torch.Tensor], out: Path, number: int) -> tuple[str, list[str]]:

@@ -323,7 +323,7 @@ def test_evaluate_checkpoint_refuses_non_safetensors(tiny_checkpoint: Path, tmp_
     (tiny_checkpoint / "model.safetensors").unlink()
     with pytest.raises(WorkloadError, match=r"no \*\.safetensors weights"):
         evaluate_checkpoint(tiny_checkpoint, _write_data(tmp_path / "d.jsonl", [0]), progress=False)
-    with pytest.raises(WorkloadError, match="no config.json"):
+    with pytest.raises(WorkloadError, match=r"no config\.json"):
         evaluate_checkpoint(tmp_path, tmp_path / "d.jsonl", progress=False)
 
 

@@ -92,7 +92,10 @@ class Workload:
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
-    """``cache_dir``, else ``$OSD_FLEET_CACHE``, else ``~/.cache/osd-fleet``; workloads live below."""
+    """``cache_dir``, else ``$OSD_FLEET_CACHE``, else ``~/.cache/osd-fleet``.
+
+    Workloads live in its ``workloads/`` subdirectory; other parts of osd-fleet share the root.
+    """
     if cache_dir is not None:
         return Path(cache_dir)
     return Path(os.environ.get("OSD_FLEET_CACHE") or Path.home() / ".cache" / "osd-fleet")
@@ -139,22 +142,22 @@ def build_workload(
 ) -> Workload:
     """Build workload ``name`` unless it is cached; return it either way.
 
-    ``num_threads`` sets ``torch.set_num_threads`` for the build (it is recorded, because the
-    thread count changes float summation order and so the last bits of the weights).
+    ``num_threads`` sets ``torch.set_num_threads`` for the build and is restored after (the
+    count is recorded: it changes float summation order and so the last bits of the weights).
     """
     recipe = workload_recipe(name)
     root = workload_dir(recipe, cache_dir)
     if (root / METADATA_FILE).is_file():
         log.info("workload %s: cached at %s", name, root)
         return load_workload(name, cache_dir)
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
     root.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(root)
     tmp = root.parent / f".tmp-{root.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("workload %s: building into %s", name, tmp)
+    threads_before = torch.get_num_threads()
     try:
+        torch.set_num_threads(num_threads or threads_before)
         _build_into(tmp, recipe, progress=progress)
         try:
             tmp.rename(root)
@@ -163,6 +166,7 @@ def build_workload(
                 raise
             log.info("workload %s: another process finished first; keeping its copy", name)
     finally:
+        torch.set_num_threads(threads_before)
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("workload %s: done at %s", name, root)
     return load_workload(name, cache_dir)

@@ -76,6 +76,8 @@ def evaluate_model(
     if not rows:
         raise ValueError("evaluate_model needs at least one row")
     num_labels = model.config.num_labels
+    if not num_labels:
+        raise WorkloadError(f"{type(model).__name__}: config has no num_labels; not a classifier")
     for index, row in enumerate(rows):
         if not 0 <= row["label"] < num_labels:
             raise DataFormatError(

@@ -6,6 +6,7 @@ what the recipe (and so the cache key) says, with nothing read from the environm
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workloads.jsonl import Row
 from workloads.recipes import Recipe
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,14 +76,24 @@ def fine_tune(
                 return_tensors="pt",
             )
             labels = torch.tensor([rows[i]["label"] for i in batch])
-            loss = model(**inputs, labels=labels).loss
-            loss.backward()
+            loss_tensor = model(**inputs, labels=labels).loss
+            loss_tensor.backward()
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            loss = loss_tensor.item()
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             if step >= recipe.steps - tail:
-                tail_losses.append(loss.item())
+                tail_losses.append(loss)
+            if (step + 1) % tail == 0:  # ten log lines per run, for logs written without a bar
+                log.info(
+                    "fine-tune %s: step %d/%d, loss %.4f, %.0f s",
+                    recipe.name,
+                    step + 1,
+                    recipe.steps,
+                    loss,
+                    time.perf_counter() - start,
+                )
         model.eval()
     return TrainResult(
         final_loss=sum(tail_losses) / len(tail_losses), seconds=time.perf_counter() - start

@@ -1,0 +1,129 @@
+"""The delta format refuses anything it did not write: versions, checksums, truncation, bit flips."""
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+
+from osd_core.artifact import DeltaArtifact, encode_payload
+from osd_core.compress import compress_checkpoint
+from osd_core.config import CompressionConfig
+from osd_core.errors import ArtifactError, OSDError
+from osd_core.layer import CompressedLayer
+from osd_core.reconstruct import reconstruct_checkpoint
+
+
+@pytest.fixture
+def delta(synthetic_pair, tmp_path):
+    base, tuned = synthetic_pair
+    compress_checkpoint(base, tuned, tmp_path / "delta", CompressionConfig(method="magtruncsvd", rank=1, extra_rank=2))
+    return tmp_path / "delta"
+
+
+def rewrite_manifest(path, change):
+    manifest = json.loads((path / "manifest.json").read_text())
+    change(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_manifest_records_provenance_and_checksums(delta):
+    manifest = DeltaArtifact.open(delta).manifest
+    assert manifest["format"] == "osd-fleet-delta" and manifest["format_version"] == 1
+    assert manifest["config"]["method"] == "magtruncsvd" and manifest["osd_fleet_version"]
+    assert len(manifest["base"]["sha256"]) == 64 and len(manifest["finetuned"]["sha256"]) == 64
+    assert all(len(info["sha256"]) == 64 for info in manifest["payloads"].values())
+    assert "config.json" in manifest["files"]
+
+
+def test_newer_format_version_is_refused(delta):
+    rewrite_manifest(delta, lambda m: m.update(format_version=2))
+    with pytest.raises(ArtifactError, match="format version 2 is not supported"):
+        DeltaArtifact.open(delta)
+
+
+def test_foreign_manifest_is_refused(delta):
+    rewrite_manifest(delta, lambda m: m.update(format="something-else"))
+    with pytest.raises(ArtifactError, match="not an osd-fleet delta manifest"):
+        DeltaArtifact.open(delta)
+
+
+def test_payload_checksum_mismatch_is_refused(delta):
+    payload = next(delta.glob("payload-*.safetensors"))
+    data = bytearray(payload.read_bytes())
+    data[-1] ^= 0x01
+    payload.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        DeltaArtifact.open(delta)
+
+
+def test_missing_payload_is_refused(delta):
+    next(delta.glob("payload-*.safetensors")).unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        DeltaArtifact.open(delta)
+
+
+def test_directory_without_manifest_is_not_a_delta(tmp_path):
+    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+        DeltaArtifact.open(tmp_path)
+
+
+def test_reconstruct_refuses_a_corrupt_delta_and_writes_nothing(synthetic_pair, delta, tmp_path):
+    base, _ = synthetic_pair
+    (delta / "files" / "config.json").write_text("{}")
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        reconstruct_checkpoint(base, delta, tmp_path / "restored")
+    assert not (tmp_path / "restored").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".restored")]
+
+
+def test_out_of_range_positions_in_a_payload_never_become_weights():
+    layer = CompressedLayer("w", "sparse", (4, 4), {"index": torch.tensor([3, 99], dtype=torch.int16),
+                                                    "values": torch.ones(2)})
+    with pytest.raises(ArtifactError, match="position out of range"):
+        layer.delta()
+
+
+def test_payload_names_cannot_escape_the_delta():
+    with pytest.raises(ArtifactError, match="payload name"):
+        encode_payload("../evil.safetensors", [])
+
+
+def test_fuzzed_artifacts_fail_cleanly_or_reconstruct_exactly(synthetic_pair, delta, tmp_path):
+    """Random truncations and bit flips anywhere: always an OSDError, never different weights."""
+    base, _ = synthetic_pair
+    reference = reconstruct_checkpoint(base, delta, tmp_path / "reference") / "model.safetensors"
+    files = sorted(p for p in delta.rglob("*") if p.is_file())
+    rng = random.Random(1234)
+    outcomes = {"refused": 0, "identical": 0}
+    for trial in range(60):
+        copy = tmp_path / f"fuzz{trial}"
+        shutil.copytree(delta, copy)
+        target = copy / rng.choice(files).relative_to(delta)
+        data = bytearray(target.read_bytes())
+        if rng.random() < 0.5 and len(data) > 1:
+            data = data[: rng.randrange(len(data))]
+        else:
+            position = rng.randrange(len(data))
+            data[position] ^= 1 << rng.randrange(8)
+        target.write_bytes(bytes(data))
+        try:
+            restored = reconstruct_checkpoint(base, copy, tmp_path / f"out{trial}")
+        except OSDError:
+            outcomes["refused"] += 1
+            continue
+        assert (restored / "model.safetensors").read_bytes() == reference.read_bytes()
+        outcomes["identical"] += 1
+        shutil.rmtree(copy)
+    assert outcomes["refused"] >= 50  # manifest whitespace flips may legitimately change nothing
+
+
+def test_manifest_pinned_by_its_catalog_checksum(delta):
+    import hashlib
+
+    good = hashlib.sha256((delta / "manifest.json").read_bytes()).hexdigest()
+    assert DeltaArtifact.open(delta, expected_sha256=good)
+    rewrite_manifest(delta, lambda m: m["layers"]["classifier.weight"].update(rel_error=0.5))
+    with pytest.raises(ArtifactError, match="differs from the catalog's"):
+        DeltaArtifact.open(delta, expected_sha256=good)
