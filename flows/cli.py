@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from flows.fleet_cli import add_fleet_commands
 from osd_core import __version__
 from osd_core.config import ALLOCATIONS, GRADIENT_POINTS, METHODS, SIGMA_PLACEMENTS, SVD_METHODS, CompressionConfig
 from osd_core.errors import ConfigError, OSDError
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--check-base", action=argparse.BooleanOptionalAction, default=True,
                          help="refuse a base whose weights differ from the one the delta was made against")
     restore.set_defaults(handler=run_reconstruct)
+    add_fleet_commands(commands)
     return parser
 
 
@@ -97,7 +99,8 @@ def run_compress(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="osd-fleet-") as scratch:
         gradients = None
         if config.needs_gradients:
-            from osd_core.calibration import GradientFile, calibration_gradients
+            from osd_core.calibration import calibration_gradients
+            from osd_core.calibration_data import GradientFile
 
             with tqdm(desc="calibration gradients", unit="batch", file=sys.stderr, disable=None) as bar:
                 path = calibration_gradients(

@@ -127,7 +127,7 @@ class DeltaWriter:
         self._payloads: list[Payload] = []
         self._files: dict[str, bytes] = {}
 
-    def __enter__(self) -> "DeltaWriter":
+    def __enter__(self) -> DeltaWriter:
         self._tmp.mkdir(parents=True)
         return self
 
@@ -183,7 +183,7 @@ class DeltaArtifact:
     manifest: dict[str, Any]
 
     @classmethod
-    def open(cls, path: str | Path, *, expected_sha256: str | None = None) -> "DeltaArtifact":
+    def open(cls, path: str | Path, *, expected_sha256: str | None = None) -> DeltaArtifact:
         """Open and verify a delta; ``expected_sha256`` (from a catalog row) pins the manifest too."""
         path = Path(path)
         manifest_path = path / MANIFEST

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +24,13 @@ from .checkpoint import Checkpoint
 from .compress import plan_pair
 from .config import CompressionConfig
 from .errors import CalibrationError, MissingTensorError
-from .safetensors_io import read_header, read_tensor
+from .calibration_data import INPUT_COV, ROW_WEIGHT
 from .svd import truncated_svd
 
 log = logging.getLogger(__name__)
+
+PATH_POINTS = 4
+
 
 
 @dataclass(frozen=True)
@@ -65,25 +68,6 @@ def read_rows(path: str | Path, *, num_labels: int | None = None) -> list[Labell
     return rows
 
 
-class GradientFile(Mapping[str, torch.Tensor]):
-    """A safetensors file of gradients, read one tensor at a time on access."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._entries = read_header(self.path).tensors
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._entries:
-            raise MissingTensorError(f"{self.path}: no gradient for tensor {name!r}")
-        return read_tensor(self._entries[name])
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
 def calibration_gradients(
     base_dir: str | Path,
     finetuned_dir: str | Path,
@@ -97,8 +81,11 @@ def calibration_gradients(
 ) -> Path:
     """Write the mean loss gradient of every factorised weight over the calibration rows.
 
-    Gradients are taken at the fine-tuned weights, or (``config.gradient_at="reconstruction"``) at
-    base plus the rank-k truncated SVD of each factorised delta: closer to where masking happens.
+    Where (``config.gradient_at``): at the fine-tuned weights; at base plus the rank-k truncated
+    SVD of each factorised delta ("reconstruction", closer to where masking happens); or averaged
+    along the straight path from base to fine-tune ("path", midpoints of ``PATH_POINTS`` segments),
+    so that ``Δ ⊙ Ḡ`` attributes the loss reduction the fine-tune bought to each entry (integrated
+    gradients), instead of probing a minimum where the gradient is near zero.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -115,28 +102,121 @@ def calibration_gradients(
         raise MissingTensorError(f"{finetuned.path}: model has no parameter {missing[0]!r} to take a gradient of")
     for name, param in params.items():
         param.requires_grad_(name in names)
-    if config.gradient_at == "reconstruction":
-        _load_rank_k_point(params, base, finetuned, names, config)
     model.eval()  # no dropout: the gradient of the model as it will be served
+    stats = _OutputErrorWeights(model, names)
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    for done, batch in enumerate(batches, start=1):
-        encoded = tokenizer(
-            [row.text for row in batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        labels = torch.tensor([row.label for row in batch])
-        loss = model(**encoded, labels=labels).loss * (len(batch) / len(rows))
-        loss.backward()
-        if progress is not None:
-            progress(done, len(batches))
+    points = _gradient_points(params, base, finetuned, names, config)
+    for point, load_point in enumerate(points):
+        load_point()
+        stats.enabled = point == len(points) - 1  # activation statistics from one pass: the last point
+        for done, batch in enumerate(batches, start=1):
+            encoded = tokenizer(
+                [row.text for row in batch], padding=True, truncation=True, max_length=max_length,
+                return_tensors="pt",
+            )
+            stats.observe(encoded)
+            labels = torch.tensor([row.label for row in batch])
+            loss = model(**encoded, labels=labels).loss * (len(batch) / (len(rows) * len(points)))
+            loss.backward()
+            if progress is not None:
+                progress(point * len(batches) + done, len(points) * len(batches))
+    stats.close()
     grads = {name: params[name].grad.detach().contiguous() for name in names if params[name].grad is not None}
     for name in names:
         grads.setdefault(name, torch.zeros_like(params[name]))
+    grads.update(stats.tensors())
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".partial")
     save_file(grads, str(tmp), metadata={"rows": str(len(rows)), "gradient_at": config.gradient_at})
     tmp.replace(out_path)
     return out_path
+
+
+class _OutputErrorWeights:
+    """Per-tensor weights of the output error a delta causes, gathered during calibration.
+
+    A linear map's output error for input ``x`` is ``(Δ - Δ̂) x``; averaged over calibration tokens
+    its squared norm is ``tr(E C Eᵀ)`` with ``C = E[x xᵀ]``, the input second moment (as in
+    activation-aware compression). An embedding table's rows are read by token id, so row ``t``
+    is weighed by how often token ``t`` occurs. Padding is excluded.
+    """
+
+    def __init__(self, model: torch.nn.Module, names: Sequence[str]):
+        self.enabled = True
+        self._mask: torch.Tensor | None = None
+        self._ids: torch.Tensor | None = None
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, float] = {}
+        self._axis: dict[str, str] = {}
+        self._handles = []
+        for name in names:
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            if isinstance(module, torch.nn.Linear):
+                self._axis[name] = INPUT_COV
+                self._handles.append(module.register_forward_hook(self._linear_hook(name)))
+            elif isinstance(module, torch.nn.Embedding):
+                self._axis[name] = ROW_WEIGHT
+                self._handles.append(module.register_forward_hook(self._embedding_hook(name, module.num_embeddings)))
+
+    def observe(self, encoded: Mapping[str, torch.Tensor]) -> None:
+        self._mask = encoded.get("attention_mask")
+        self._ids = encoded.get("input_ids")
+
+    def _linear_hook(self, name: str):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().float()
+            if x.ndim == 3 and self._mask is not None and x.shape[:2] == self._mask.shape:
+                x = x[self._mask.bool()]
+            x = x.reshape(-1, x.shape[-1])
+            self._add(name, x.T @ x, x.shape[0])
+        return hook
+
+    def _embedding_hook(self, name: str, rows: int):
+        def hook(module, inputs, output):
+            ids = inputs[0].detach()
+            if self._mask is not None and ids.shape == self._mask.shape:
+                ids = ids[self._mask.bool()]
+            self._add(name, torch.bincount(ids.reshape(-1), minlength=rows).float(), ids.numel())
+        return hook
+
+    def _add(self, name: str, total: torch.Tensor, count: int) -> None:
+        if not self.enabled:
+            return
+        self._sums[name] = self._sums.get(name, 0) + total
+        self._counts[name] = self._counts.get(name, 0) + count
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{name}::{self._axis[name]}": (total / max(self._counts[name], 1)).contiguous()
+                for name, total in self._sums.items()}
+
+
+def _gradient_points(
+    params: Mapping[str, torch.nn.Parameter],
+    base: Checkpoint,
+    finetuned: Checkpoint,
+    names: Sequence[str],
+    config: CompressionConfig,
+) -> list[Callable[[], None]]:
+    """Loaders that set the factorised weights to each point where gradients are taken."""
+    if config.gradient_at == "finetuned":
+        return [lambda: None]
+    if config.gradient_at == "reconstruction":
+        return [lambda: _load_rank_k_point(params, base, finetuned, names, config)]
+
+    def along_path(t: float) -> Callable[[], None]:
+        def load() -> None:
+            with torch.no_grad():
+                for name in names:
+                    start = base.load(name).float()
+                    params[name].copy_(start + t * (finetuned.load(name).float() - start))
+        return load
+
+    return [along_path((i + 0.5) / PATH_POINTS) for i in range(PATH_POINTS)]
 
 
 def _load_rank_k_point(

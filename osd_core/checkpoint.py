@@ -33,7 +33,7 @@ class Checkpoint:
     files: tuple[Path, ...]
 
     @classmethod
-    def open(cls, path: str | Path) -> "Checkpoint":
+    def open(cls, path: str | Path) -> Checkpoint:
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: checkpoint directory does not exist")

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .artifact import DeltaWriter
+from .calibration_data import GradientFile
 from .checkpoint import Checkpoint
 from .config import CompressionConfig
 from .errors import CheckpointError, ConfigError, MissingTensorError
@@ -131,7 +132,7 @@ def compress_checkpoint(
     """Compress ``finetuned_dir − base_dir`` into the delta directory ``out_dir``.
 
     ``gradients`` maps tensor names to task-loss gradients (needed by ``osd``); it may be lazy
-    (``osd_core.calibration.GradientFile``). ``on_layer`` is called after each tensor with its
+    (``osd_core.calibration_data.GradientFile``). ``on_layer`` is called after each tensor with its
     report, its position and the total, for progress display.
     """
     started = time.perf_counter()
@@ -154,8 +155,9 @@ def compress_checkpoint(
                 delta = tuned.float() - base.load(plan.name).float()
                 _require_finite(base.path, plan.name, delta)
                 if plan.action == "factorise":
-                    grad = _gradient(gradients, plan.name) if config.needs_gradients else None
-                    layer = compress_matrix(plan.name, delta, config, grad, device=run_on)
+                    grad, rows, cov = _calibration(gradients, plan.name, config)
+                    layer = compress_matrix(plan.name, delta, config, grad, row_weight=rows, input_cov=cov,
+                                            device=run_on)
                 else:
                     layer = _dense(plan.name, delta, "dense")
                 error = relative_error(delta, layer)
@@ -228,10 +230,16 @@ def _dense(name: str, values: torch.Tensor, kind: str) -> CompressedLayer:
                            paper_bits=stored.numel() * stored.element_size() * 8)
 
 
-def _gradient(gradients: Mapping[str, torch.Tensor] | None, name: str) -> torch.Tensor:
+def _calibration(
+    gradients: Mapping[str, torch.Tensor] | None, name: str, config: CompressionConfig
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradient and output-error weights of tensor ``name``, where the method uses them."""
+    if not config.needs_gradients:
+        return None, None, None
     if gradients is None or name not in gradients:
         raise MissingTensorError(f"no calibration gradient for tensor {name!r}")
-    return gradients[name]
+    rows, cols = gradients.weights(name) if isinstance(gradients, GradientFile) else (None, None)
+    return gradients[name], rows, cols
 
 
 def _require_finite(where: Path, name: str, tensor: torch.Tensor) -> None:

@@ -10,7 +10,8 @@ from .errors import ConfigError
 METHODS = ("truncsvd", "magtruncsvd", "sparse", "osd")
 SIGMA_PLACEMENTS = ("sqrt", "u", "v")
 ALLOCATIONS = ("equal", "joint")
-GRADIENT_POINTS = ("finetuned", "reconstruction")
+GRADIENT_POINTS = ("finetuned", "reconstruction", "path")
+IMPORTANCES = ("taylor", "damage")
 SVD_METHODS = ("auto", "exact", "randomized")
 
 
@@ -26,7 +27,13 @@ class CompressionConfig:
       Taylor scores do not depend on it; magnitude scores do.
     - ``allocation``: ``"equal"`` density in both factors, or ``"joint"`` ranking of both factors'
       scores under one budget.
-    - ``gradient_at``: gradients taken at the fine-tuned weights or at the rank-k reconstruction.
+    - ``gradient_at``: gradients taken at the fine-tuned weights, at the rank-k reconstruction, or
+      averaged along the path from base to fine-tune (integrated gradients).
+    - ``importance`` (osd): ``"taylor"``, the paper's first-order score ``|U ⊙ G·V|``; or
+      ``"damage"``, the increase in calibration-weighted output error from zeroing each entry
+      (an Optimal-Brain-Damage reading with the input second moment as curvature).
+    - ``whiten``: factor the delta in the calibration-weighted metric instead of plain Frobenius.
+    - ``refit``: rounds of alternating least squares on the kept values after masking.
     """
 
     method: str = "osd"
@@ -35,6 +42,9 @@ class CompressionConfig:
     sigma: str = "sqrt"
     allocation: str = "equal"
     gradient_at: str = "finetuned"
+    importance: str = "taylor"
+    whiten: bool = False
+    refit: int = 0
     svd: str = "auto"
     power_iters: int = 4
     seed: int = 0
@@ -46,6 +56,9 @@ class CompressionConfig:
         _choice("allocation", self.allocation, ALLOCATIONS)
         _choice("gradient_at", self.gradient_at, GRADIENT_POINTS)
         _choice("svd", self.svd, SVD_METHODS)
+        _choice("importance", self.importance, IMPORTANCES)
+        if not isinstance(self.refit, int) or self.refit < 0:
+            raise ConfigError(f"refit must be an integer >= 0, got {self.refit!r}")
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ConfigError(f"rank must be an integer >= 1, got {self.rank!r}")
         if not isinstance(self.extra_rank, int) or self.extra_rank < 0:
@@ -62,13 +75,14 @@ class CompressionConfig:
 
     @property
     def needs_gradients(self) -> bool:
+        """Whether a calibration pass is needed (gradients and output-error weights)."""
         return self.method == "osd"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CompressionConfig":
+    def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"unknown compression parameters: {sorted(unknown)}")

@@ -12,6 +12,8 @@ truncated SVD, top-s masks), so they differ only where the methods differ:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .budget import equal_density_counts, factored_bits, joint_counts, layer_budget, sparse_bits, sparse_count
@@ -28,14 +30,17 @@ def compress_matrix(
     grad: torch.Tensor | None = None,
     *,
     budget_bits: int | None = None,
+    row_weight: torch.Tensor | None = None,
+    input_cov: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
 ) -> CompressedLayer:
     """Compress the 2-D ``delta`` of tensor ``name`` within ``32·rank·(n+d)`` paper bits.
 
     ``grad`` is the task-loss gradient with respect to this weight (same shape), required by
     ``osd``. ``budget_bits`` overrides the uniform per-layer budget (a model-level allocator
-    spends bits unevenly). Work runs on ``device`` (a GPU when available); the record is
-    returned on the CPU.
+    spends bits unevenly). ``row_weight`` (n) and ``input_cov`` (d×d) define the output error a
+    delta error causes (from calibration; see ``OutputMetric``); they default to plain Frobenius. Work runs on ``device`` (a GPU
+    when available); the record is returned on the CPU.
     """
     if delta.ndim != 2:
         raise ConfigError(f"{name}: only 2-D matrices are factorised, got shape {tuple(delta.shape)}")
@@ -52,14 +57,14 @@ def compress_matrix(
             return CompressedLayer(name, "zero", (n, d), budget_bits=budget)
         if config.method == "sparse":
             return _sparse(name, delta, budget)
-        factors = truncated_svd(
-            delta, config.k, method=config.svd, power_iters=config.power_iters, seed=config.seed
-        )
-        u, v = split_sigma(factors, config.sigma)
+        metric = OutputMetric.build(name, (n, d), row_weight, input_cov, device)
+        u, v = _factor(delta, config, metric)
         if config.method == "truncsvd":
             return _factored(name, (n, d), u, v, None, None, budget)
         if config.method == "magtruncsvd":
             score_u, score_v = u.abs(), v.abs()
+        elif config.importance == "damage":
+            score_u, score_v = damage_scores(u, v, metric)
         else:
             if grad is None:
                 raise ConfigError(f"{name}: method 'osd' needs the layer's loss gradient; none was given")
@@ -72,7 +77,162 @@ def compress_matrix(
             s_u, s_v = joint_counts(score_u.cpu(), score_v.cpu(), budget)
         else:
             s_u, s_v = equal_density_counts(n, d, config.k, budget)
-        return _factored(name, (n, d), u, v, _top(score_u, s_u), _top(score_v, s_v), budget)
+        keep_u, keep_v = _top(score_u, s_u), _top(score_v, s_v)
+        if config.refit:
+            u, v = refit_kept(delta, u, v, keep_u, keep_v, metric, rounds=config.refit)
+        return _factored(name, (n, d), u, v, keep_u, keep_v, budget)
+
+
+# Calibration statistics are normalised to mean 1 and floored (a ridge for the covariance), so rows
+# and directions that calibration never touched still count: evaluation data will touch some.
+WEIGHT_FLOOR = 0.05
+
+
+@dataclass(frozen=True)
+class OutputMetric:
+    """The weighted error ``Σ_i r_i (E C Eᵀ)_ii`` of an error ``E`` in a layer's delta.
+
+    ``r`` weighs output rows (token frequency, for embedding tables read by row) and ``C`` is the
+    input second moment ``E[x xᵀ]`` of a linear map (``None``: identity), so the metric is the
+    squared output error the delta's error causes on calibration-like inputs.
+    """
+
+    rows: torch.Tensor
+    cov: torch.Tensor | None
+
+    @classmethod
+    def build(cls, name: str, shape: tuple[int, int], rows: torch.Tensor | None, cov: torch.Tensor | None,
+              device) -> "OutputMetric":
+        n, d = shape
+        if rows is None:
+            weights = torch.ones(n, device=device)
+        else:
+            weights = rows.to(device=device, dtype=torch.float32).reshape(-1)
+            if weights.numel() != n or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+                raise CheckpointError(f"{name}: row weights must be {n} finite non-negative numbers")
+            mean = weights.mean()
+            weights = (weights / mean).clamp_min(WEIGHT_FLOOR) if mean > 0 else torch.ones(n, device=device)
+        if cov is not None:
+            cov = cov.to(device=device, dtype=torch.float32)
+            if tuple(cov.shape) != (d, d) or not bool(torch.isfinite(cov).all()):
+                raise CheckpointError(f"{name}: input covariance must be a finite {d}x{d} matrix")
+            scale = torch.diagonal(cov).mean()
+            if scale > 0:
+                cov = (cov + cov.T) / (2 * scale) + WEIGHT_FLOOR * torch.eye(d, device=device)
+            else:
+                cov = None
+        return cls(weights, cov)
+
+    def col_diag(self, d: int) -> torch.Tensor:
+        return torch.ones(d, device=self.rows.device) if self.cov is None else torch.diagonal(self.cov)
+
+    def times_cov(self, x: torch.Tensor) -> torch.Tensor:
+        """``C @ x`` (x has d rows)."""
+        return x if self.cov is None else self.cov @ x
+
+
+def _factor(delta: torch.Tensor, config: CompressionConfig, metric: OutputMetric):
+    """Rank-k factors with Σ folded in; with ``whiten`` the SVD minimises the weighted error.
+
+    Whitening (as in SVD-LLM): with ``C = L Lᵀ``, the best rank-k ``Δ̂`` in the metric is
+    ``P_k(R^½ Δ L) L⁻¹ R^-½``; the factors are ``U = R^-½ Ũ`` and ``V = L⁻ᵀ W̃``.
+    """
+    svd = dict(method=config.svd, power_iters=config.power_iters, seed=config.seed)
+    if not config.whiten:
+        return split_sigma(truncated_svd(delta, config.k, **svd), config.sigma)
+    root_r = metric.rows.sqrt()
+    chol = torch.linalg.cholesky(metric.cov) if metric.cov is not None else None
+    weighted = root_r[:, None] * delta
+    if chol is not None:
+        weighted = weighted @ chol
+    factors = truncated_svd(weighted, config.k, **svd)
+    v = factors.v
+    if chol is not None:
+        v = torch.linalg.solve_triangular(chol.T, v, upper=True)
+    return split_sigma(Factors(factors.u / root_r[:, None], factors.s, v), config.sigma)
+
+
+def damage_scores(u: torch.Tensor, v: torch.Tensor, metric: OutputMetric) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted output error caused by zeroing each factor entry alone (its square root).
+
+    Zeroing ``U[i, l]`` removes ``U[i, l] · V[:, l]ᵀ`` from row ``i`` of the product, costing
+    ``r_i · U[i, l]² · V[:, l]ᵀ C V[:, l]`` of error; zeroing ``V[j, l]`` costs
+    ``C_jj · V[j, l]² · Σ_i r_i U[i, l]²``. The importance of an entry of one factor thus depends
+    on the other factor ("interleaved"), the two are commensurate (they can be ranked jointly),
+    and neither depends on how Σ is split.
+    """
+    reach_v = (v * metric.times_cov(v)).sum(0).clamp_min(0).sqrt()
+    reach_u = (metric.rows[:, None] * u * u).sum(0).sqrt()
+    col = metric.col_diag(v.shape[0]).sqrt()
+    return u.abs() * metric.rows.sqrt()[:, None] * reach_v[None, :], v.abs() * col[:, None] * reach_u[None, :]
+
+
+def refit_kept(
+    delta: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    keep_u: torch.Tensor,
+    keep_v: torch.Tensor,
+    metric: OutputMetric,
+    *,
+    rounds: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-fit the kept values by alternating weighted least squares; masks stay fixed.
+
+    Masking leaves the surviving values at their SVD values, which were optimal only with every
+    entry present. With ``V`` fixed each row of ``U`` solves a k×k system over its kept entries;
+    with ``U`` fixed the rows of ``V`` are coupled through ``C`` and are solved by conjugate
+    gradients over the kept entries. Every round lowers the weighted output error. One shot, no
+    training.
+    """
+    mask_u, mask_v = _mask(keep_u, u), _mask(keep_v, v)
+    u, v = u * mask_u, v * mask_v
+    rows = metric.rows
+    for _ in range(rounds):
+        cv = metric.times_cov(v)
+        u = _masked_least_squares(v.T @ cv, delta @ cv, mask_u)
+        gram = (u * rows[:, None]).T @ u
+        rhs = delta.T @ (u * rows[:, None])
+        if metric.cov is None:
+            v = _masked_least_squares(gram, rhs, mask_v)
+        else:
+            v = _masked_cg(lambda p: metric.cov @ p @ gram, metric.cov @ rhs, v, mask_v)
+    return u, v
+
+
+def _masked_cg(apply, rhs: torch.Tensor, start: torch.Tensor, mask: torch.Tensor, iters: int = 50) -> torch.Tensor:
+    """Conjugate gradients for ``apply(X) = rhs`` over the entries where ``mask`` is 1."""
+    x = start * mask
+    residual = (rhs - apply(x)) * mask
+    direction = residual.clone()
+    norm = (residual * residual).sum()
+    target = 1e-10 * float((rhs * rhs * mask).sum())
+    for _ in range(iters):
+        if float(norm) <= target:
+            break
+        step_dir = apply(direction) * mask
+        alpha = norm / (direction * step_dir).sum().clamp_min(1e-30)
+        x = x + alpha * direction
+        residual = residual - alpha * step_dir
+        new_norm = (residual * residual).sum()
+        direction = residual + (new_norm / norm.clamp_min(1e-30)) * direction
+        norm = new_norm
+    return x
+
+
+def _mask(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(like.numel(), device=like.device, dtype=like.dtype)
+    mask[keep.to(like.device, torch.int64)] = 1
+    return mask.view_as(like)
+
+
+def _masked_least_squares(gram: torch.Tensor, rhs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``argmin_x ‖·‖`` of ``x G xᵀ - 2 x·b`` over each row's kept entries (others zero)."""
+    k = gram.shape[0]
+    ridge = 1e-6 * float(torch.diagonal(gram).mean().clamp_min(1e-30))
+    eye = torch.eye(k, device=gram.device, dtype=gram.dtype)
+    systems = gram[None] * (mask[:, :, None] * mask[:, None, :]) + torch.diag_embed(1 - mask) + ridge * eye
+    return torch.linalg.solve(systems, (rhs * mask).unsqueeze(-1)).squeeze(-1) * mask
 
 
 def split_sigma(factors: Factors, placement: str) -> tuple[torch.Tensor, torch.Tensor]:

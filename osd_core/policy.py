@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from .errors import CheckpointError
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     LINEAR = "linear"  # 2-D weight of a linear map: factorised
     EMBEDDING = "embedding"  # 2-D lookup table: factorised unless the config says otherwise
     DENSE = "dense"  # norms, biases: the delta stored whole in a narrow float type

@@ -1,0 +1,28 @@
+# Two entry points: `make demo` runs the main job on embedded defaults, `make test` runs the tests.
+# Each creates the virtual environment and installs the pinned dependencies first when needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock requirements-data.txt pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: install demo test bench
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock requirements-data.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -r requirements-data.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m flows.cli demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) bench/svd_speed.py

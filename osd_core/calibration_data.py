@@ -1,0 +1,45 @@
+"""What calibration produces, as workers read it: gradients and output-error weights by name.
+
+Kept apart from ``calibration`` (which runs a model through ``transformers``) so that compression
+workers read calibration results with nothing but torch and safetensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from .errors import MissingTensorError
+from .safetensors_io import read_header, read_tensor
+
+ROW_WEIGHT = "row_weight"
+INPUT_COV = "input_cov"
+
+
+class GradientFile(Mapping[str, torch.Tensor]):
+    """A calibration file: gradients by tensor name, read one at a time on access, plus the
+    the statistics of each tensor's output-error metric (``weights``)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._entries = read_header(self.path).tensors
+        self._names = [name for name in self._entries if "::" not in name]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise MissingTensorError(f"{self.path}: no gradient for tensor {name!r}")
+        return read_tensor(self._entries[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def weights(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(row_weight, input_cov)`` of tensor ``name``; None where the metric is uniform."""
+        row, col = f"{name}::{ROW_WEIGHT}", f"{name}::{INPUT_COV}"
+        return (read_tensor(self._entries[row]) if row in self._entries else None,
+                read_tensor(self._entries[col]) if col in self._entries else None)
