@@ -18,7 +18,9 @@ from tqdm import tqdm
 
 from flows.fleet_cli import add_fleet_commands
 from osd_core import __version__
-from osd_core.config import ALLOCATIONS, GRADIENT_POINTS, METHODS, SIGMA_PLACEMENTS, SVD_METHODS, CompressionConfig
+from osd_core.config import (
+    ALLOCATIONS, GRADIENT_POINTS, IMPORTANCES, METHODS, METRICS, SIGMA_PLACEMENTS, SVD_METHODS, CompressionConfig,
+)
 from osd_core.errors import ConfigError, OSDError
 
 EXIT_USAGE = 2
@@ -64,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--check-base", action=argparse.BooleanOptionalAction, default=True,
                          help="refuse a base whose weights differ from the one the delta was made against")
     restore.set_defaults(handler=run_reconstruct)
+
+    evaluate = commands.add_parser("evaluate", help="accuracy of base + compressed delta on labelled rows")
+    evaluate.add_argument("--base", required=True, type=Path)
+    evaluate.add_argument("--delta", required=True, type=Path)
+    evaluate.add_argument("--data", required=True, type=Path, help="JSONL rows {text, label}")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--max-length", type=int, default=64)
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(handler=run_evaluate)
+
+    workloads = commands.add_parser("workloads", help="build or list the packaged real workloads",
+                                    add_help=False)
+    workloads.add_argument("rest", nargs=argparse.REMAINDER)
+    workloads.set_defaults(handler=lambda args: _workloads_main(args.rest))
     add_fleet_commands(commands)
     return parser
 
@@ -76,6 +92,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sigma", choices=SIGMA_PLACEMENTS, default=defaults.sigma, help="where singular values go")
     parser.add_argument("--allocation", choices=ALLOCATIONS, default=defaults.allocation)
     parser.add_argument("--gradient-at", choices=GRADIENT_POINTS, default=defaults.gradient_at)
+    parser.add_argument("--importance", choices=IMPORTANCES, default=defaults.importance,
+                        help="osd entry score: the paper's Taylor score or the output-error damage")
+    parser.add_argument("--metric", choices=METRICS, default=defaults.metric,
+                        help="output-error metric from calibration (damage, whitening, refit)")
+    parser.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=defaults.whiten)
+    parser.add_argument("--refit", type=int, default=defaults.refit, help="least-squares refit rounds")
     parser.add_argument("--svd", choices=SVD_METHODS, default=defaults.svd)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--compress-embeddings", action=argparse.BooleanOptionalAction,
@@ -86,6 +108,7 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
     return CompressionConfig(
         method=args.method, rank=args.rank, extra_rank=args.extra_rank, sigma=args.sigma,
         allocation=args.allocation, gradient_at=args.gradient_at, svd=args.svd, seed=args.seed,
+        importance=args.importance, metric=args.metric, whiten=args.whiten, refit=args.refit,
         compress_embeddings=args.compress_embeddings,
     )
 
@@ -140,6 +163,29 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Reconstruct into a scratch directory and score it: the same path users serve from."""
+    from osd_core.reconstruct import reconstruct_checkpoint
+    from workloads.evaluate import evaluate_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="osd-fleet-eval-") as scratch:
+        restored = reconstruct_checkpoint(args.base, args.delta, Path(scratch) / "model")
+        result = evaluate_checkpoint(restored, args.data, batch_size=args.batch_size, max_length=args.max_length,
+                                     progress=sys.stderr.isatty(), tokenizer_dir=args.base)
+    if args.json:
+        print(json.dumps({"accuracy": result.accuracy, "macro_f1": result.macro_f1, "n": result.n,
+                          "seconds": round(result.seconds, 3)}, sort_keys=True))
+    else:
+        print(f"accuracy {result.accuracy:.4f}, macro-F1 {result.macro_f1:.4f} on {result.n} rows of {args.data}")
+    return 0
+
+
+def _workloads_main(argv: list[str]) -> int:
+    from workloads.__main__ import main as workloads_main
+
+    return workloads_main(argv)
 
 
 def _advance(bar: tqdm, done: int, total: int) -> None:

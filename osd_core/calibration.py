@@ -24,7 +24,7 @@ from .checkpoint import Checkpoint
 from .compress import plan_pair
 from .config import CompressionConfig
 from .errors import CalibrationError, MissingTensorError
-from .calibration_data import INPUT_COV, ROW_WEIGHT
+from .calibration_data import INPUT_COV, OUTPUT_FISHER, ROW_WEIGHT
 from .svd import truncated_svd
 
 log = logging.getLogger(__name__)
@@ -134,65 +134,73 @@ def calibration_gradients(
 
 
 class _OutputErrorWeights:
-    """Per-tensor weights of the output error a delta causes, gathered during calibration.
+    """Statistics of the output error a delta causes, gathered during the calibration pass.
 
     A linear map's output error for input ``x`` is ``(Δ - Δ̂) x``; averaged over calibration tokens
-    its squared norm is ``tr(E C Eᵀ)`` with ``C = E[x xᵀ]``, the input second moment (as in
-    activation-aware compression). An embedding table's rows are read by token id, so row ``t``
-    is weighed by how often token ``t`` occurs. Padding is excluded.
+    its squared norm is ``tr(E C Eᵀ)`` with ``C = E[x xᵀ]`` (``input_cov``, as in activation-aware
+    compression). How much an output unit's error costs in loss is weighed by the mean squared
+    loss gradient at that unit (``output_fisher``, the diagonal of the output-side Kronecker factor
+    of the Fisher, as in Fisher-weighted SVD). An embedding table's rows are read by token id, so
+    row ``t`` is weighed by how often token ``t`` occurs (``row_weight``). Padding is excluded.
     """
 
     def __init__(self, model: torch.nn.Module, names: Sequence[str]):
         self.enabled = True
         self._mask: torch.Tensor | None = None
-        self._ids: torch.Tensor | None = None
-        self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, float] = {}
-        self._axis: dict[str, str] = {}
+        self._sums: dict[tuple[str, str], torch.Tensor] = {}
+        self._counts: dict[tuple[str, str], float] = {}
         self._handles = []
         for name in names:
             module = model.get_submodule(name.rsplit(".", 1)[0])
             if isinstance(module, torch.nn.Linear):
-                self._axis[name] = INPUT_COV
                 self._handles.append(module.register_forward_hook(self._linear_hook(name)))
             elif isinstance(module, torch.nn.Embedding):
-                self._axis[name] = ROW_WEIGHT
                 self._handles.append(module.register_forward_hook(self._embedding_hook(name, module.num_embeddings)))
+            else:
+                continue
+            self._handles.append(module.register_full_backward_hook(self._output_grad_hook(name)))
 
     def observe(self, encoded: Mapping[str, torch.Tensor]) -> None:
         self._mask = encoded.get("attention_mask")
-        self._ids = encoded.get("input_ids")
+
+    def _tokens(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rows of ``tensor`` for real tokens only (padding dropped), flattened to (tokens, -1)."""
+        if self._mask is not None and tensor.shape[:2] == self._mask.shape:
+            tensor = tensor[self._mask.bool()]
+        return tensor.reshape(-1, *tensor.shape[-1:]) if tensor.is_floating_point() else tensor.reshape(-1)
 
     def _linear_hook(self, name: str):
         def hook(module, inputs, output):
-            x = inputs[0].detach().float()
-            if x.ndim == 3 and self._mask is not None and x.shape[:2] == self._mask.shape:
-                x = x[self._mask.bool()]
-            x = x.reshape(-1, x.shape[-1])
-            self._add(name, x.T @ x, x.shape[0])
+            x = self._tokens(inputs[0].detach().float())
+            self._add(name, INPUT_COV, x.T @ x, x.shape[0])
         return hook
 
     def _embedding_hook(self, name: str, rows: int):
         def hook(module, inputs, output):
-            ids = inputs[0].detach()
-            if self._mask is not None and ids.shape == self._mask.shape:
-                ids = ids[self._mask.bool()]
-            self._add(name, torch.bincount(ids.reshape(-1), minlength=rows).float(), ids.numel())
+            ids = self._tokens(inputs[0].detach())
+            self._add(name, ROW_WEIGHT, torch.bincount(ids, minlength=rows).float(), ids.numel())
         return hook
 
-    def _add(self, name: str, total: torch.Tensor, count: int) -> None:
+    def _output_grad_hook(self, name: str):
+        def hook(module, grad_inputs, grad_outputs):
+            g = self._tokens(grad_outputs[0].detach().float())
+            self._add(name, OUTPUT_FISHER, (g * g).sum(0), g.shape[0])
+        return hook
+
+    def _add(self, name: str, stat: str, total: torch.Tensor, count: int) -> None:
         if not self.enabled:
             return
-        self._sums[name] = self._sums.get(name, 0) + total
-        self._counts[name] = self._counts.get(name, 0) + count
+        key = (name, stat)
+        self._sums[key] = self._sums.get(key, 0) + total
+        self._counts[key] = self._counts.get(key, 0) + count
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{name}::{self._axis[name]}": (total / max(self._counts[name], 1)).contiguous()
-                for name, total in self._sums.items()}
+        return {f"{name}::{stat}": (total / max(self._counts[(name, stat)], 1)).contiguous()
+                for (name, stat), total in self._sums.items()}
 
 
 def _gradient_points(

@@ -16,6 +16,8 @@ from .safetensors_io import read_header, read_tensor
 
 ROW_WEIGHT = "row_weight"
 INPUT_COV = "input_cov"
+OUTPUT_FISHER = "output_fisher"
+STATISTICS = (ROW_WEIGHT, INPUT_COV, OUTPUT_FISHER)
 
 
 class GradientFile(Mapping[str, torch.Tensor]):
@@ -38,8 +40,7 @@ class GradientFile(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._names)
 
-    def weights(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(row_weight, input_cov)`` of tensor ``name``; None where the metric is uniform."""
-        row, col = f"{name}::{ROW_WEIGHT}", f"{name}::{INPUT_COV}"
-        return (read_tensor(self._entries[row]) if row in self._entries else None,
-                read_tensor(self._entries[col]) if col in self._entries else None)
+    def statistics(self, name: str) -> dict[str, torch.Tensor]:
+        """Calibration statistics of tensor ``name`` (``row_weight``, ``input_cov``, ``output_fisher``)."""
+        return {stat: read_tensor(self._entries[f"{name}::{stat}"])
+                for stat in STATISTICS if f"{name}::{stat}" in self._entries}

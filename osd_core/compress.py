@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .artifact import DeltaWriter
-from .calibration_data import GradientFile
+from .calibration_data import INPUT_COV, OUTPUT_FISHER, ROW_WEIGHT, GradientFile
 from .checkpoint import Checkpoint
 from .config import CompressionConfig
 from .errors import CheckpointError, ConfigError, MissingTensorError
@@ -233,13 +233,31 @@ def _dense(name: str, values: torch.Tensor, kind: str) -> CompressedLayer:
 def _calibration(
     gradients: Mapping[str, torch.Tensor] | None, name: str, config: CompressionConfig
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradient and output-error weights of tensor ``name``, where the method uses them."""
+    """Gradient, row weights and input covariance of tensor ``name``, as the config's metric asks."""
     if not config.needs_gradients:
         return None, None, None
     if gradients is None or name not in gradients:
         raise MissingTensorError(f"no calibration gradient for tensor {name!r}")
-    rows, cols = gradients.weights(name) if isinstance(gradients, GradientFile) else (None, None)
-    return gradients[name], rows, cols
+    stats = gradients.statistics(name) if isinstance(gradients, GradientFile) else {}
+    rows, cov = metric_weights(stats, config.metric)
+    return gradients[name], rows, cov
+
+
+def metric_weights(stats: Mapping[str, torch.Tensor], metric: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Map calibration statistics to the output-error metric's row weights and column covariance.
+
+    For a linear map the rows are output units and the columns its inputs; for an embedding table
+    the rows are tokens (weighed by frequency) and the columns its output units.
+    """
+    if metric == "frobenius":
+        return None, None
+    is_table = ROW_WEIGHT in stats
+    fisher = stats.get(OUTPUT_FISHER)
+    use_fisher = metric in ("fisher", "kfac") and fisher is not None
+    if is_table:
+        return stats[ROW_WEIGHT], torch.diag(fisher) if use_fisher else None
+    cov = stats.get(INPUT_COV) if metric in ("activation", "kfac") else None
+    return (fisher if use_fisher else None), cov
 
 
 def _require_finite(where: Path, name: str, tensor: torch.Tensor) -> None:

@@ -1,5 +1,7 @@
 """Every method under one budget: counts, budgets, limits and edge cases of the math."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -145,3 +147,68 @@ def test_non_finite_input_is_refused_with_the_tensor_name():
 def test_invalid_config_is_refused(field, value, message):
     with pytest.raises(ConfigError, match=message):
         CompressionConfig(**{field: value})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["truncsvd", "magtruncsvd", "osd", "sparse"])
+def test_gpu_compression_matches_cpu(method):
+    delta, grad = structured_delta(512, 384), gradient(512, 384)
+    config = CompressionConfig(method=method, rank=1, extra_rank=3, importance="damage", refit=2)
+    on_cpu = compress_matrix("w", delta, config, grad)
+    on_gpu = compress_matrix("w", delta, config, grad, device="cuda")
+    assert on_gpu.tensors["u.values" if on_gpu.kind == "factored" else "values"].device.type == "cpu"
+    assert on_gpu.paper_bits == on_cpu.paper_bits
+    assert rel_error(delta, on_gpu) == pytest.approx(rel_error(delta, on_cpu), rel=1e-3)
+
+
+def weighted_error(delta, approx, rows, cov):
+    err = delta - approx
+    return float((rows[:, None] * (err @ cov * err)).sum())
+
+
+def spd(d, seed=5):
+    a = torch.randn(d, d, generator=torch.Generator().manual_seed(seed))
+    return a @ a.T / d + 0.1 * torch.eye(d)
+
+
+def test_damage_scores_do_not_depend_on_sigma_placement():
+    delta, cov = structured_delta(60, 40), spd(40)
+    layers = [compress_matrix("w", delta, CompressionConfig(method="osd", importance="damage", sigma=s, extra_rank=3),
+                              input_cov=cov) for s in ("sqrt", "u", "v")]
+    for other in layers[1:]:
+        assert torch.equal(other.tensors["u.index"], layers[0].tensors["u.index"])
+        assert torch.equal(other.tensors["v.index"], layers[0].tensors["v.index"])
+
+
+def test_refit_never_increases_the_weighted_error():
+    delta, cov, rows = structured_delta(80, 50), spd(50), torch.rand(80) + 0.5
+    errors = []
+    for rounds in (0, 1, 3):
+        config = CompressionConfig(method="osd", importance="damage", extra_rank=3, refit=rounds)
+        layer = compress_matrix("w", delta, config, row_weight=rows, input_cov=cov)
+        from osd_core.factorize import OutputMetric
+
+        metric = OutputMetric.build("w", (80, 50), rows, cov, "cpu")
+        errors.append(weighted_error(delta, layer.delta(), metric.rows, metric.cov))
+        assert torch.equal(layer.tensors["u.index"], compress_matrix("w", delta, replace(config, refit=0),
+                                                                      row_weight=rows, input_cov=cov).tensors["u.index"])
+    assert errors[1] <= errors[0] * (1 + 1e-5) and errors[2] <= errors[1] * (1 + 1e-5) and errors[2] < errors[0]
+
+
+def test_whitening_gives_the_best_rank_k_fit_in_the_weighted_metric():
+    from osd_core.factorize import OutputMetric
+
+    delta, cov = structured_delta(70, 40), spd(40, seed=9)
+    metric = OutputMetric.build("w", (70, 40), None, cov, "cpu")
+    plain = compress_matrix("w", delta, CompressionConfig(method="truncsvd", rank=3, svd="exact"), input_cov=cov)
+    white = compress_matrix("w", delta, CompressionConfig(method="truncsvd", rank=3, svd="exact", whiten=True),
+                            input_cov=cov)
+    assert weighted_error(delta, white.delta(), metric.rows, metric.cov) < weighted_error(
+        delta, plain.delta(), metric.rows, metric.cov)
+
+
+def test_bad_calibration_statistics_are_refused():
+    with pytest.raises(CheckpointError, match="input covariance must be a finite 20x20 matrix"):
+        compress_matrix("w", structured_delta(30, 20), CompressionConfig(method="osd", importance="damage"),
+                        input_cov=torch.ones(19, 19))

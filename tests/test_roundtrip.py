@@ -134,3 +134,15 @@ def test_reconstruct_refuses_a_different_base(synthetic_pair, tmp_path):
     with pytest.raises(CheckpointError, match="differ from the base this delta was made against"):
         reconstruct_checkpoint(tuned, tmp_path / "delta", tmp_path / "restored")
     assert not (tmp_path / "restored").exists()
+
+
+def test_calibration_records_the_output_error_statistics(real_pair, tmp_path, calibration_file):
+    base, tuned = real_pair
+    config = CompressionConfig(method="osd", rank=1, extra_rank=1, gradient_at="path")
+    grads = GradientFile(calibration_gradients(base, tuned, calibration_file, config, tmp_path / "g.safetensors"))
+    query = grads.statistics("bert.encoder.layer.0.attention.self.query.weight")
+    assert query["input_cov"].shape == (384, 384) and torch.allclose(query["input_cov"], query["input_cov"].T)
+    assert query["output_fisher"].shape == (384,) and bool((query["output_fisher"] >= 0).all())
+    table = grads.statistics("bert.embeddings.word_embeddings.weight")
+    assert table["row_weight"].shape == (30522,) and float(table["row_weight"].sum()) == pytest.approx(1.0)
+    assert "bert.embeddings.word_embeddings.weight" in grads and all("::" not in name for name in grads)
