@@ -19,7 +19,8 @@ from tqdm import tqdm
 from flows.fleet_cli import add_fleet_commands
 from osd_core import __version__
 from osd_core.config import (
-    ALLOCATIONS, GRADIENT_POINTS, IMPORTANCES, METHODS, METRICS, SIGMA_PLACEMENTS, SVD_METHODS, CompressionConfig,
+    ALLOCATIONS, GRADIENT_POINTS, IMPORTANCES, METHODS, METRICS, SIGMA_PLACEMENTS, SVD_METHODS, VALUE_DTYPES,
+    CompressionConfig,
 )
 from osd_core.errors import ConfigError, OSDError
 
@@ -98,6 +99,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output-error metric from calibration (damage, whitening, refit)")
     parser.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=defaults.whiten)
     parser.add_argument("--refit", type=int, default=defaults.refit, help="least-squares refit rounds")
+    parser.add_argument("--value-dtype", choices=tuple(VALUE_DTYPES), default=defaults.value_dtype,
+                        help="stored value width (the paper counts float32)")
     parser.add_argument("--svd", choices=SVD_METHODS, default=defaults.svd)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--compress-embeddings", action=argparse.BooleanOptionalAction,
@@ -109,6 +112,7 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
         method=args.method, rank=args.rank, extra_rank=args.extra_rank, sigma=args.sigma,
         allocation=args.allocation, gradient_at=args.gradient_at, svd=args.svd, seed=args.seed,
         importance=args.importance, metric=args.metric, whiten=args.whiten, refit=args.refit,
+        value_dtype=args.value_dtype,
         compress_embeddings=args.compress_embeddings,
     )
 

@@ -1,5 +1,8 @@
 """Bit accounting: the one place that says what a layer's encoding costs.
 
+Values default to 32 bits as in the paper; narrower values (``value_bits=16``) are a measured
+option beyond the paper, charged by the same rules against the same fp32-defined budget.
+
 Every method is charged by these functions, so methods compete under identical rules. The cost
 model is the paper's (arXiv 2511.02681, as summarised in shared/OSD.md): each kept entry of a
 sparse factor costs a 32-bit value plus one flat position index of ``ceil(log2(positions))`` bits.
@@ -28,24 +31,24 @@ def index_bits(positions: int) -> int:
     return math.ceil(math.log2(positions))
 
 
-def factor_bits(rows: int, k: int, kept: int) -> int:
+def factor_bits(rows: int, k: int, kept: int, value_bits: int = VALUE_BITS) -> int:
     """Paper-accounted bits of an ``rows × k`` factor with ``kept`` entries kept."""
     total = rows * k
     if not 0 <= kept <= total:
         raise ConfigError(f"kept entries must lie in [0, {total}], got {kept}")
     if kept == total:
-        return VALUE_BITS * kept
-    return (VALUE_BITS + index_bits(total)) * kept
+        return value_bits * kept
+    return (value_bits + index_bits(total)) * kept
 
 
-def factored_bits(n: int, d: int, k: int, s_u: int, s_v: int) -> int:
+def factored_bits(n: int, d: int, k: int, s_u: int, s_v: int, value_bits: int = VALUE_BITS) -> int:
     """Paper bits of ``U`` (n×k, ``s_u`` kept) and ``V`` (d×k, ``s_v`` kept): the paper's ``mu``."""
-    return factor_bits(n, k, s_u) + factor_bits(d, k, s_v)
+    return factor_bits(n, k, s_u, value_bits) + factor_bits(d, k, s_v, value_bits)
 
 
-def sparse_bits(n: int, d: int, kept: int) -> int:
+def sparse_bits(n: int, d: int, kept: int, value_bits: int = VALUE_BITS) -> int:
     """Paper bits of ``kept`` entries of an n×d matrix stored as values plus flat indices."""
-    return factor_bits(n, d, kept)
+    return factor_bits(n, d, kept, value_bits)
 
 
 def layer_budget(n: int, d: int, rank: int) -> int:
@@ -55,19 +58,19 @@ def layer_budget(n: int, d: int, rank: int) -> int:
     return VALUE_BITS * rank * (n + d)
 
 
-def equal_density_counts(n: int, d: int, k: int, budget: int) -> tuple[int, int]:
+def equal_density_counts(n: int, d: int, k: int, budget: int, value_bits: int = VALUE_BITS) -> tuple[int, int]:
     """The largest equal-density counts ``(s_u, s_v)`` of a rank-``k`` factorisation within ``budget``.
 
     Both factors keep the same fraction of their entries. When the whole factorisation fits the
     budget densely it is kept whole (so rank ``k = r`` reproduces the truncated SVD exactly).
     """
-    if 2 * k > 0 and factored_bits(n, d, k, n * k, d * k) <= budget:
+    if factored_bits(n, d, k, n * k, d * k, value_bits) <= budget:
         return n * k, d * k
-    cost_u = VALUE_BITS + index_bits(n * k)
-    cost_v = VALUE_BITS + index_bits(d * k)
-    density = budget / (n * k * cost_u + d * k * cost_v)
+    cost_u = value_bits + index_bits(n * k)
+    cost_v = value_bits + index_bits(d * k)
+    density = min(budget / (n * k * cost_u + d * k * cost_v), 1.0)
     s_u, s_v = math.floor(density * n * k), math.floor(density * d * k)
-    while s_u > 0 and s_v > 0 and factored_bits(n, d, k, s_u, s_v) > budget:
+    while s_u > 0 and s_v > 0 and factored_bits(n, d, k, s_u, s_v, value_bits) > budget:
         if s_u * d >= s_v * n:
             s_u -= 1
         else:
@@ -76,7 +79,9 @@ def equal_density_counts(n: int, d: int, k: int, budget: int) -> tuple[int, int]
     return s_u, s_v
 
 
-def joint_counts(score_u: torch.Tensor, score_v: torch.Tensor, budget: int) -> tuple[int, int]:
+def joint_counts(
+    score_u: torch.Tensor, score_v: torch.Tensor, budget: int, value_bits: int = VALUE_BITS
+) -> tuple[int, int]:
     """Counts that keep the highest-scoring entries of both factors together within ``budget``.
 
     Scores of ``U`` and ``V`` must be commensurate (the Taylor estimates of loss change are). The
@@ -85,10 +90,10 @@ def joint_counts(score_u: torch.Tensor, score_v: torch.Tensor, budget: int) -> t
     When the whole factorisation fits it is kept whole.
     """
     (n, k), (d, _) = score_u.shape, score_v.shape
-    if factored_bits(n, d, k, n * k, d * k) <= budget:
+    if factored_bits(n, d, k, n * k, d * k, value_bits) <= budget:
         return n * k, d * k
-    cost_u = VALUE_BITS + index_bits(n * k)
-    cost_v = VALUE_BITS + index_bits(d * k)
+    cost_u = value_bits + index_bits(n * k)
+    cost_v = value_bits + index_bits(d * k)
     scores = torch.cat([score_u.reshape(-1), score_v.reshape(-1)]).float()
     scores[int(score_u.reshape(-1).argmax())] = float("inf")
     scores[n * k + int(score_v.reshape(-1).argmax())] = float("inf")
@@ -102,15 +107,15 @@ def joint_counts(score_u: torch.Tensor, score_v: torch.Tensor, budget: int) -> t
     return s_u, s_v
 
 
-def sparse_count(n: int, d: int, budget: int) -> int:
+def sparse_count(n: int, d: int, budget: int, value_bits: int = VALUE_BITS) -> int:
     """How many entries of an n×d matrix (values plus flat indices) fit in ``budget`` bits."""
-    if VALUE_BITS * n * d <= budget:
+    if value_bits * n * d <= budget:
         return n * d
-    kept = min(budget // (VALUE_BITS + index_bits(n * d)), n * d - 1)
+    kept = min(budget // (value_bits + index_bits(n * d)), n * d - 1)
     if kept < 1:
         raise BudgetError(
             f"a budget of {budget} bits cannot hold one entry of a {n}x{d} matrix "
-            f"({VALUE_BITS + index_bits(n * d)} bits each)"
+            f"({value_bits + index_bits(n * d)} bits each)"
         )
     return kept
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .budget import equal_density_counts, factored_bits, joint_counts, layer_budget, sparse_bits, sparse_count
-from .config import CompressionConfig
+from .config import VALUE_DTYPES, CompressionConfig
 from .errors import CheckpointError, ConfigError
 from .layer import CompressedLayer, index_dtype
 from .svd import Factors, truncated_svd
@@ -56,11 +56,11 @@ def compress_matrix(
         if not bool(delta.any()):
             return CompressedLayer(name, "zero", (n, d), budget_bits=budget)
         if config.method == "sparse":
-            return _sparse(name, delta, budget)
+            return _sparse(name, delta, budget, config.value_dtype)
         metric = OutputMetric.build(name, (n, d), row_weight, input_cov, device)
         u, v = _factor(delta, config, metric)
         if config.method == "truncsvd":
-            return _factored(name, (n, d), u, v, None, None, budget)
+            return _factored(name, (n, d), u, v, None, None, budget, config.value_dtype)
         if config.method == "magtruncsvd":
             score_u, score_v = u.abs(), v.abs()
         elif config.importance == "damage":
@@ -74,13 +74,13 @@ def compress_matrix(
             _require_finite(name, "gradient", grad)
             score_u, score_v = taylor_scores(u, v, grad)
         if config.allocation == "joint":
-            s_u, s_v = joint_counts(score_u.cpu(), score_v.cpu(), budget)
+            s_u, s_v = joint_counts(score_u.cpu(), score_v.cpu(), budget, config.value_bits)
         else:
-            s_u, s_v = equal_density_counts(n, d, config.k, budget)
+            s_u, s_v = equal_density_counts(n, d, config.k, budget, config.value_bits)
         keep_u, keep_v = _top(score_u, s_u), _top(score_v, s_v)
         if config.refit:
             u, v = refit_kept(delta, u, v, keep_u, keep_v, metric, rounds=config.refit)
-        return _factored(name, (n, d), u, v, keep_u, keep_v, budget)
+        return _factored(name, (n, d), u, v, keep_u, keep_v, budget, config.value_dtype)
 
 
 # Calibration statistics are normalised to mean 1 and floored (a ridge for the covariance), so rows
@@ -273,33 +273,33 @@ def _factored(
     keep_u: torch.Tensor | None,
     keep_v: torch.Tensor | None,
     budget: int,
+    value_dtype: str,
 ) -> CompressedLayer:
     (n, d), k = shape, u.shape[1]
-    u_index, u_values = _encode(u, keep_u)
-    v_index, v_values = _encode(v, keep_v)
-    s_u = u_values.numel()
-    s_v = v_values.numel()
+    u_index, u_values = _encode(u, keep_u, value_dtype)
+    v_index, v_values = _encode(v, keep_v, value_dtype)
+    bits = factored_bits(n, d, k, u_values.numel(), v_values.numel(), VALUE_DTYPES[value_dtype])
     tensors = {"u.index": u_index, "u.values": u_values, "v.index": v_index, "v.values": v_values}
-    return CompressedLayer(
-        name, "factored", shape, tensors, k=k, budget_bits=budget, paper_bits=factored_bits(n, d, k, s_u, s_v)
-    )
+    return CompressedLayer(name, "factored", shape, tensors, k=k, budget_bits=budget, paper_bits=bits)
 
 
-def _encode(factor: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode(factor: torch.Tensor, keep: torch.Tensor | None, value_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Values and flat positions of the kept entries; a factor kept whole stores no positions."""
     flat = factor.reshape(-1)
+    dtype = getattr(torch, value_dtype)
     if keep is None or keep.numel() == flat.numel():
-        return torch.empty(0, dtype=index_dtype(flat.numel())), flat.cpu().clone()
-    return keep.to(device="cpu", dtype=index_dtype(flat.numel())), flat[keep].cpu().clone()
+        return torch.empty(0, dtype=index_dtype(flat.numel())), flat.to(dtype).cpu().clone()
+    return keep.to(device="cpu", dtype=index_dtype(flat.numel())), flat[keep].to(dtype).cpu().clone()
 
 
-def _sparse(name: str, delta: torch.Tensor, budget: int) -> CompressedLayer:
+def _sparse(name: str, delta: torch.Tensor, budget: int, value_dtype: str) -> CompressedLayer:
     n, d = delta.shape
-    kept = sparse_count(n, d, budget)
-    index, values = _encode(delta, _top(delta.abs(), kept))
+    value_bits = VALUE_DTYPES[value_dtype]
+    kept = sparse_count(n, d, budget, value_bits)
+    index, values = _encode(delta, _top(delta.abs(), kept), value_dtype)
     return CompressedLayer(
         name, "sparse", (n, d), {"index": index, "values": values}, budget_bits=budget,
-        paper_bits=sparse_bits(n, d, kept),
+        paper_bits=sparse_bits(n, d, kept, value_bits),
     )
 
 

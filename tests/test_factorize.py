@@ -212,3 +212,15 @@ def test_bad_calibration_statistics_are_refused():
     with pytest.raises(CheckpointError, match="input covariance must be a finite 20x20 matrix"):
         compress_matrix("w", structured_delta(30, 20), CompressionConfig(method="osd", importance="damage"),
                         input_cov=torch.ones(19, 19))
+
+
+@pytest.mark.parametrize("method", ["magtruncsvd", "sparse"])
+def test_half_precision_values_buy_more_entries_under_the_same_budget(method):
+    delta = structured_delta(384, 256)
+    wide = compress_matrix("w", delta, CompressionConfig(method=method, extra_rank=3))
+    narrow = compress_matrix("w", delta, CompressionConfig(method=method, extra_rank=3, value_dtype="float16"))
+    part = "u.values" if method != "sparse" else "values"
+    assert narrow.tensors[part].dtype == torch.float16
+    assert narrow.paper_bits <= narrow.budget_bits == wide.budget_bits
+    assert narrow.tensors[part].numel() > 1.4 * wide.tensors[part].numel()
+    assert rel_error(delta, narrow) < rel_error(delta, wide)
