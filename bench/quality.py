@@ -53,6 +53,8 @@ VARIANTS: dict[str, dict] = {
     "osd-damage-joint": {"method": "osd", "importance": "damage", "allocation": "joint"},
     "osd-damage+refit": {"method": "osd", "importance": "damage", "refit": 2},
     "osd-damage-joint+refit": {"method": "osd", "importance": "damage", "allocation": "joint", "refit": 2},
+    "osd-activation-damage-joint+refit": {"method": "osd", "importance": "damage", "metric": "activation",
+                                          "allocation": "joint", "refit": 2},
     "osd-fisher-damage-joint+refit": {"method": "osd", "importance": "damage", "metric": "fisher",
                                       "allocation": "joint", "refit": 2},
     "osd-fisher-damage-joint+refit-fp16": {"method": "osd", "importance": "damage", "metric": "fisher",

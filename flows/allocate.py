@@ -1,0 +1,147 @@
+"""Spend a model's bit budget across its layers where the bits buy the most.
+
+The paper gives every matrix the same budget ``B = 32·r·(n+d)`` ("uniform"). The model's total,
+``Σ B``, can be spent better ("global"): a layer whose delta is zero or nearly low-rank gains
+little from its share, while another's error may still fall steeply. Phase-1 workers measure,
+per layer, the damage (squared Frobenius error of the delta, so errors add up over the model)
+at a few candidate budgets; :func:`allocate` then spends the total greedily by marginal damage
+reduction per bit, and phase-2 workers compress each layer with its allotted budget.
+
+Everything here is a pure function of those curves, so it is unit-tested without any worker.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from osd_core.budget import VALUE_BITS, layer_budget
+from osd_core.errors import BudgetError, ConfigError
+
+ALLOCATIONS = ("uniform", "global")
+# Candidate budgets as multiples of the uniform one: enough resolution to move bits, few enough
+# that measuring them stays cheap next to the compression itself.
+MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+@dataclass(frozen=True, order=True)
+class Option:
+    """A layer compressed within ``bits`` leaves ``cost`` damage."""
+
+    bits: int
+    cost: float
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Chosen budget per layer, with the total bits and total estimated damage."""
+
+    budgets: dict[str, int]
+    bits: int
+    cost: float
+
+
+def candidate_budgets(
+    method: str, rank: int, k: int, shape: tuple[int, int], multipliers: Sequence[float] = MULTIPLIERS
+) -> tuple[int, ...]:
+    """The budgets worth measuring for one ``n×d`` layer, ascending, always including the uniform one.
+
+    ``truncsvd`` can only spend whole ranks, so its candidates are ranks ``⌊m·r⌋`` at their exact
+    cost. The relaxed methods factor at a fixed ``k``, so no budget above the dense rank-k cost
+    buys anything; ``sparse`` likewise stops at the dense matrix.
+    """
+    n, d = shape
+    uniform = layer_budget(n, d, rank)
+    if method == "truncsvd":
+        ranks = {max(1, min(math.floor(m * rank), min(n, d))) for m in multipliers} | {rank}
+        return tuple(sorted(layer_budget(n, d, r) for r in ranks))
+    cap = VALUE_BITS * n * d if method == "sparse" else VALUE_BITS * k * (n + d)
+    return tuple(sorted({min(round(m * uniform), cap) for m in multipliers} | {min(uniform, cap)}))
+
+
+def allocate(
+    curves: Mapping[str, Sequence[Option]], total_bits: int, *, baseline: Mapping[str, int] | None = None
+) -> Allocation:
+    """Choose one option per layer with total bits ``<= total_bits``, greedily minimising total cost.
+
+    Start every layer at its cheapest option, then repeatedly take the upgrade (to any larger
+    option of one layer, so non-convex curves are handled) with the largest cost reduction per
+    extra bit that still fits. With ``baseline`` (bits per layer, e.g. the uniform budgets), the
+    result is never worse than taking, per layer, the best option within the baseline's bits.
+    """
+    options = {name: _normalise(name, curve) for name, curve in curves.items()}
+    chosen = {name: 0 for name in options}
+    spent = sum(opts[0].bits for opts in options.values())
+    if spent > total_bits:
+        raise BudgetError(
+            f"the cheapest options of {len(options)} layers need {spent} bits, more than the total {total_bits}"
+        )
+    heap: list[tuple[float, str, int, int]] = []
+    for name in sorted(options):
+        _push(heap, name, options[name], 0, total_bits - spent)
+    while heap:
+        _, name, at, target = heapq.heappop(heap)
+        if chosen[name] != at:
+            continue  # stale: the layer moved since this upgrade was computed
+        opts = options[name]
+        extra = opts[target].bits - opts[at].bits
+        if extra > total_bits - spent:  # no longer fits: offer this layer's best upgrade that does
+            _push(heap, name, opts, at, total_bits - spent)
+            continue
+        chosen[name], spent = target, spent + extra
+        _push(heap, name, opts, target, total_bits - spent)
+    result = _result({name: options[name][i] for name, i in chosen.items()})
+    if baseline is not None:
+        fallback = best_within(options, baseline)
+        if fallback.bits <= total_bits and fallback.cost < result.cost:
+            return fallback
+    return result
+
+
+def _normalise(name: str, curve: Sequence[Option]) -> list[Option]:
+    """Options by ascending bits, one per bit count (the cheaper), all finite and non-negative."""
+    if not curve:
+        raise ConfigError(f"layer {name!r} has no budget options to choose from")
+    best: dict[int, float] = {}
+    for option in curve:
+        if option.bits < 0 or not math.isfinite(option.cost) or option.cost < 0:
+            raise ConfigError(f"layer {name!r}: option {option} must have bits >= 0 and a finite cost >= 0")
+        best[option.bits] = min(option.cost, best.get(option.bits, math.inf))
+    return [Option(bits, cost) for bits, cost in sorted(best.items())]
+
+
+def _push(heap: list[tuple[float, str, int, int]], name: str, opts: list[Option], at: int, room: int) -> None:
+    """Queue the layer's best affordable upgrade from option ``at``: max reduction per bit, then the larger."""
+    best: tuple[float, int] | None = None
+    for target in range(at + 1, len(opts)):
+        extra, gain = opts[target].bits - opts[at].bits, opts[at].cost - opts[target].cost
+        if extra > room or gain <= 0:
+            continue
+        if best is None or gain / extra >= best[0]:
+            best = (gain / extra, target)
+    if best is not None:
+        heapq.heappush(heap, (-best[0], name, at, best[1]))
+
+
+def best_within(curves: Mapping[str, Sequence[Option]], limits: Mapping[str, int]) -> Allocation:
+    """Per layer the least-cost option within its limit (the cheapest one where none fits).
+
+    With the uniform budgets as limits this is what the uniform allocation achieves on the same
+    curves: the yardstick a global allocation is reported against.
+    """
+    picked = {}
+    for name, curve in curves.items():
+        opts = _normalise(name, curve)
+        fitting = [o for o in opts if o.bits <= limits.get(name, 0)] or opts[:1]
+        picked[name] = min(fitting, key=lambda o: (o.cost, o.bits))
+    return _result(picked)
+
+
+def _result(picked: Mapping[str, Option]) -> Allocation:
+    return Allocation(
+        {name: option.bits for name, option in sorted(picked.items())},
+        sum(o.bits for o in picked.values()),
+        sum(o.cost for o in picked.values()),
+    )

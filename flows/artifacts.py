@@ -1,0 +1,121 @@
+"""Deltas in the object store: payloads staged by workers, the manifest as commit marker, downloads.
+
+Layout of one delta (the same files as a local delta directory)::
+
+    artifacts/<model>/<delta id>/payload-00000.safetensors   one per layer group, PUT by its worker
+                                 files/config.json           side files
+                                 manifest.json               written LAST: the commit marker
+
+Commit protocol: workers PUT their payloads and return small records (name, sha256, manifest
+entries). The flow reads each payload back, checks it against the worker's record, writes the
+side files and then the manifest. A delta exists exactly when its manifest does; the catalog
+row is appended only after that, so no row points at a missing object. A crash leaves at most
+payloads without a manifest under a prefix: readers ignore them (they read only what a manifest
+lists), and a rerun, which has the same delta id and so the same prefix, overwrites them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flows.keys import check_key
+from flows.storage import ObjectStore
+from osd_core.artifact import MANIFEST, SIDE_FILE_NAME, Payload, build_manifest, manifest_bytes
+from osd_core.errors import ArtifactError
+from workers.jobs import GroupResult
+
+
+@dataclass(frozen=True)
+class CommittedDelta:
+    """A delta whose manifest is in the store: where, its identity and its size on storage."""
+
+    prefix: str
+    uri: str
+    manifest_sha256: str
+    bytes: int
+    budget_bits: int
+    paper_bits: int
+
+
+def commit_delta(
+    store: ObjectStore, prefix: str, results: Sequence[GroupResult], files: dict[str, bytes], **fields: Any
+) -> CommittedDelta:
+    """Verify the staged payloads, write the side files, then the manifest (the commit)."""
+    payloads = []
+    for result in sorted(results, key=lambda r: r.payload):
+        data = store.get_bytes(_key(prefix, result.payload))
+        if hashlib.sha256(data).hexdigest() != result.sha256:
+            raise ArtifactError(
+                f"{store.uri_for(_key(prefix, result.payload))}: payload differs from what its worker wrote"
+            )
+        payloads.append(Payload(result.payload, data, result.layers))
+    for name in files:
+        if not SIDE_FILE_NAME.fullmatch(name):
+            raise ArtifactError(f"side file name {name!r} must be a plain file name")
+    manifest = build_manifest(payloads, files, **fields)
+    for name, data in files.items():
+        store.put_bytes(_key(prefix, "files", name), data)
+    raw = manifest_bytes(manifest)
+    store.put_bytes(_key(prefix, MANIFEST), raw)
+    return _committed(store, prefix, raw, manifest)
+
+
+def read_commit(store: ObjectStore, prefix: str) -> CommittedDelta | None:
+    """The committed delta under ``prefix``, or None when there is no manifest (never committed)."""
+    key = _key(prefix, MANIFEST)
+    if not store.exists(key):
+        return None
+    raw = store.get_bytes(key)
+    return _committed(store, prefix, raw, _parse(raw, store.uri_for(key)))
+
+
+def download_delta(store: ObjectStore, prefix: str, dest: Path, *, expected_sha256: str | None = None) -> Path:
+    """Copy the delta under ``prefix`` to the local directory ``dest`` (only what its manifest lists).
+
+    ``expected_sha256`` (a catalog row's) pins the manifest; payload checksums are verified on
+    the way down and again by ``DeltaArtifact.open`` when the delta is used.
+    """
+    key = _key(prefix, MANIFEST)
+    raw = store.get_bytes(key)
+    if expected_sha256 is not None and hashlib.sha256(raw).hexdigest() != expected_sha256:
+        raise ArtifactError(f"{store.uri_for(key)}: manifest differs from the one the catalog recorded")
+    manifest = _parse(raw, store.uri_for(key))
+    (dest / "files").mkdir(parents=True, exist_ok=True)
+    for name in manifest.get("payloads", {}):
+        store.get_file(_key(prefix, name), dest / name)
+    for name in manifest.get("files", {}):
+        store.get_file(_key(prefix, "files", name), dest / "files" / name)
+    (dest / MANIFEST).write_bytes(raw)
+    return dest
+
+
+def _key(prefix: str, *parts: str) -> str:
+    return check_key("/".join((prefix, *parts)))
+
+
+def _committed(store: ObjectStore, prefix: str, raw: bytes, manifest: dict[str, Any]) -> CommittedDelta:
+    listed = [*manifest.get("payloads", {}).values(), *manifest.get("files", {}).values()]
+    totals = manifest.get("totals", {})
+    return CommittedDelta(
+        prefix=prefix,
+        uri=store.uri_for(prefix),
+        manifest_sha256=hashlib.sha256(raw).hexdigest(),
+        bytes=len(raw) + sum(int(info["bytes"]) for info in listed),
+        budget_bits=int(totals.get("budget_bits", 0)),
+        paper_bits=int(totals.get("paper_bits", 0)),
+    )
+
+
+def _parse(raw: bytes, where: str) -> dict[str, Any]:
+    try:
+        manifest = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{where}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{where}: manifest must be a JSON object")
+    return manifest

@@ -1,0 +1,303 @@
+"""The fleet subcommands of ``osd-fleet``: run, run-fleet, catalog, fetch and demo.
+
+Kept apart from ``flows.cli`` so the single-model commands stay as they are; registered there by
+:func:`add_fleet_commands`. Handlers import Prefect, Ray, boto3 and pandas only when they run,
+so ``osd-fleet compress`` never pays for them. Bad input exits 2 with one line; a catalog query
+that no artifact meets exits 1 with the catalog's explanation; a sweep with failed variants
+exits 1 after printing them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from functools import wraps
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from osd_core.config import GRADIENT_POINTS, METHODS, SIGMA_PLACEMENTS, SVD_METHODS
+
+if TYPE_CHECKING:
+    from flows.catalog import CatalogRow
+    from flows.fleet_config import SweepSpec
+
+EXIT_NONE_MEETS = 1
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+DEMO_STORE = Path(".osd-fleet") / "store"
+TABLE_COLUMNS = (
+    "model",
+    "method",
+    "rank",
+    "extra_rank",
+    "allocation",
+    "budget_bits",
+    "paper_bits",
+    "bytes",
+    "accuracy",
+    "status",
+)
+
+
+def add_fleet_commands(commands: Any) -> None:
+    """Register the fleet subcommands on the ``osd-fleet`` subparsers object."""
+    run = commands.add_parser("run", help="compress one model at several budgets and methods, evaluate, catalogue")
+    run.add_argument("--model", required=True, help="the model's name in the catalog")
+    run.add_argument("--base", required=True, help="base checkpoint: directory or s3://bucket/prefix")
+    run.add_argument("--finetuned", required=True, help="fine-tuned checkpoint: directory or s3://bucket/prefix")
+    run.add_argument("--calibration", help="JSONL rows {text, label}, path or s3:// (needed by osd)")
+    run.add_argument("--eval", help="JSONL rows {text, label} to score each delta on, path or s3://")
+    run.add_argument("--revision", help="revision recorded in the catalog (default: start of the fine-tune's hash)")
+    _add_sweep_arguments(run)
+    run.add_argument("--store", required=True, help="artifact store and catalog: directory or s3://bucket/prefix")
+    _add_runtime_arguments(run)
+    run.add_argument("--json", action="store_true", help="print one JSON object per catalog row")
+    run.set_defaults(handler=_guarded(run_run))
+
+    fleet = commands.add_parser("run-fleet", help="run the sweep of a fleet file (TOML or JSON) for every model")
+    fleet.add_argument("config", type=Path, help="fleet file: store, [sweep], [[models]]")
+    _add_runtime_arguments(fleet)
+    fleet.add_argument("--json", action="store_true", help="print one JSON object per catalog row")
+    fleet.set_defaults(handler=_guarded(run_run_fleet))
+
+    catalog = commands.add_parser("catalog", help="query the artifact catalog")
+    queries = catalog.add_subparsers(dest="query", required=True)
+    smallest = queries.add_parser("smallest", help="the smallest artifact of a model meeting an accuracy floor")
+    smallest.add_argument("--store", required=True)
+    smallest.add_argument("--model", required=True)
+    smallest.add_argument("--min-accuracy", required=True, type=float)
+    smallest.add_argument("--metric", help="when a model has several metrics")
+    smallest.add_argument("--json", action="store_true", help="print the row as one JSON object")
+    smallest.set_defaults(handler=_guarded(run_smallest))
+    listing = queries.add_parser("list", help="every catalog row (one per artifact)")
+    listing.add_argument("--store", required=True)
+    listing.add_argument("--model", help="only this model's rows")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.set_defaults(handler=_guarded(run_list))
+
+    fetch = commands.add_parser("fetch", help="restore a model from its base and its smallest delta meeting a floor")
+    fetch.add_argument("--store", required=True)
+    fetch.add_argument("--model", required=True)
+    fetch.add_argument("--min-accuracy", required=True, type=float)
+    fetch.add_argument("--metric")
+    fetch.add_argument("--base", required=True, type=Path, help="local base checkpoint directory")
+    fetch.add_argument("--out", required=True, type=Path, help="Hugging Face checkpoint directory to create")
+    fetch.add_argument("--overwrite", action="store_true")
+    fetch.set_defaults(handler=_guarded(run_fetch))
+
+    demo = commands.add_parser("demo", help="the whole pipeline on packaged workloads, on this machine, no setup")
+    demo.add_argument("--workloads", default="tiny", help="comma-separated workload names (default: tiny)")
+    _add_sweep_arguments(demo, budgets="1,2", allocations="uniform,global")  # 8 variants: about 3 minutes here
+    demo.add_argument("--store", default=str(DEMO_STORE), help=f"artifact store (default: {DEMO_STORE})")
+    demo.add_argument(
+        "--min-accuracy",
+        type=float,
+        help="accuracy floor of the smallest-delta query (default: the fine-tune's accuracy minus 0.02)",
+    )
+    _add_runtime_arguments(demo)
+    demo.set_defaults(handler=_guarded(run_demo_command))
+
+
+def _add_sweep_arguments(
+    parser: argparse.ArgumentParser, *, budgets: str = "1,2,4", allocations: str = "uniform"
+) -> None:
+    parser.add_argument("--budgets", default=budgets, help="budget ranks r, comma-separated: 32·r·(n+d) bits per layer")
+    parser.add_argument("--methods", default="osd,truncsvd", help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--allocations", default=allocations, help="comma-separated, of uniform, global")
+    parser.add_argument("--extra-rank", type=int, default=2, help="c: relaxed methods factor at k = r + c")
+    parser.add_argument("--sigma", choices=SIGMA_PLACEMENTS, default="sqrt")
+    parser.add_argument("--gradient-at", choices=GRADIENT_POINTS, default="finetuned")
+    parser.add_argument("--svd", choices=SVD_METHODS, default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--group-mib", type=float, default=32.0, help="layer-group size (float32 MiB per task)")
+
+
+def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prefect-api-url",
+        default=os.environ.get("PREFECT_API_URL"),
+        help="use this Prefect API (default: $PREFECT_API_URL, else start a local server)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one)",
+    )
+    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of a local Ray instance")
+    parser.add_argument(
+        "--prefect-home", type=Path, help="PREFECT_HOME of a started server (default: .osd-fleet/prefect)"
+    )
+    parser.add_argument("--ui", action=argparse.BooleanOptionalAction, default=False, help="serve the Prefect UI")
+
+
+def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Storage, catalog and naming errors are the user's to fix: one line, exit 2 (OSDError: flows.cli)."""
+
+    @wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        from flows.keys import InvalidNameError
+        from flows.storage import StorageError
+
+        try:
+            return handler(args)
+        except (StorageError, InvalidNameError) as exc:
+            print(f"osd-fleet: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except Exception as exc:
+            from flows.catalog import CatalogError  # imported on failure only: it loads pandas
+            from workloads.errors import WorkloadError
+
+            if not isinstance(exc, (CatalogError, WorkloadError)):
+                raise
+            print(f"osd-fleet: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+
+    return run
+
+
+def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "api_url": args.prefect_api_url,
+        "ray_address": args.ray_address,
+        "num_cpus": args.num_cpus,
+        "home": args.prefect_home,
+        "ui": args.ui,
+    }
+
+
+def sweep_from_args(args: argparse.Namespace) -> SweepSpec:
+    from flows.fleet_config import SweepSpec, parse_csv
+    from osd_core.config import CompressionConfig
+
+    template = CompressionConfig(
+        extra_rank=args.extra_rank, sigma=args.sigma, gradient_at=args.gradient_at, svd=args.svd, seed=args.seed
+    )
+    return SweepSpec(
+        ranks=parse_csv(args.budgets, int, "--budgets"),
+        methods=parse_csv(args.methods, str, "--methods"),
+        allocations=parse_csv(args.allocations, str, "--allocations"),
+        compression=template,
+        group_bytes=max(1, int(args.group_mib * (1 << 20))),
+    )
+
+
+def run_run(args: argparse.Namespace) -> int:
+    from flows.fleet_config import ModelSpec
+    from flows.pipeline import run_model
+
+    model = ModelSpec(args.model, args.base, args.finetuned, args.calibration, args.eval, args.revision)
+    rows = run_model(model, sweep_from_args(args), args.store, **runtime_options(args))
+    return _report(rows, args.json)
+
+
+def run_run_fleet(args: argparse.Namespace) -> int:
+    from flows.fleet_config import load_fleet_config
+    from flows.pipeline import run_fleet
+
+    rows = run_fleet(load_fleet_config(args.config), **runtime_options(args))
+    return _report(rows, args.json)
+
+
+def run_smallest(args: argparse.Namespace) -> int:
+    from flows.catalog import Catalog, NoneMeetsError
+    from flows.storage import open_store
+
+    try:
+        row = Catalog(open_store(args.store)).smallest(args.model, args.min_accuracy, metric=args.metric)
+    except NoneMeetsError as exc:
+        print(f"osd-fleet: {exc}", file=sys.stderr)
+        return EXIT_NONE_MEETS
+    if args.json:
+        print(json.dumps(row_json(row), sort_keys=True))
+    else:
+        print(
+            f"{row.model} {row.method} r={row.rank} {row.allocation}: accuracy {row.accuracy:.4f}, "
+            f"{row.bytes:,} bytes at {row.uri}"
+        )
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from flows.catalog import Catalog
+    from flows.storage import open_store
+
+    rows = Catalog(open_store(args.store)).rows(args.model)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row_json(row), sort_keys=True))
+    else:
+        print(format_rows(rows) if rows else "(the catalog is empty)")
+    return 0
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    from flows.artifacts import download_delta
+    from flows.catalog import Catalog, NoneMeetsError
+    from flows.storage import open_store
+    from osd_core.errors import ArtifactError
+    from osd_core.reconstruct import reconstruct_checkpoint
+
+    store = open_store(args.store)
+    try:
+        row = Catalog(store).smallest(args.model, args.min_accuracy, metric=args.metric)
+    except NoneMeetsError as exc:
+        print(f"osd-fleet: {exc}", file=sys.stderr)
+        return EXIT_NONE_MEETS
+    prefix = row.params_dict.get("prefix")
+    if not isinstance(prefix, str):
+        raise ArtifactError(f"catalog row {row.artifact_id[:12]} of {row.model!r} records no artifact prefix")
+    with tempfile.TemporaryDirectory(prefix="osd-fleet-fetch-") as scratch:
+        delta = download_delta(store, prefix, Path(scratch) / "delta", expected_sha256=row.sha256)
+        out = reconstruct_checkpoint(args.base, delta, args.out, overwrite=args.overwrite, expected_sha256=row.sha256)
+    print(
+        f"{out}: {row.model} {row.method} r={row.rank} {row.allocation}, accuracy {row.accuracy:.4f}, "
+        f"{row.bytes:,} bytes fetched from {row.uri}"
+    )
+    return 0
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from flows.demo import run_demo
+    from flows.fleet_config import parse_csv
+
+    return run_demo(
+        parse_csv(args.workloads, str, "--workloads"),
+        args.store,
+        sweep_from_args(args),
+        min_accuracy=args.min_accuracy,
+        runtime=runtime_options(args),
+    )
+
+
+def row_json(row: CatalogRow) -> dict[str, Any]:
+    record = row.to_record()
+    record["created"] = row.created.isoformat()
+    record["params"] = row.params_dict
+    return record
+
+
+def format_rows(rows: Sequence[CatalogRow]) -> str:
+    import pandas as pd
+
+    frame = pd.DataFrame([row.to_record() for row in rows], columns=list(TABLE_COLUMNS))
+    return frame.to_string(index=False, formatters={"accuracy": lambda v: "-" if pd.isna(v) else f"{v:.4f}"})
+
+
+def _report(rows: Sequence[CatalogRow], as_json: bool) -> int:
+    if as_json:
+        for row in rows:
+            print(json.dumps(row_json(row), sort_keys=True))
+    else:
+        print(format_rows(rows))
+    failed = [row for row in rows if row.status != "ok"]
+    for row in failed:
+        print(
+            f"osd-fleet: {row.model} {row.method} r={row.rank} {row.allocation} failed: "
+            f"{row.params_dict.get('error', 'unknown error')}",
+            file=sys.stderr,
+        )
+    return EXIT_FAILED if failed else 0

@@ -1,0 +1,403 @@
+"""The fleet pipeline as Prefect flows whose tasks run on Ray.
+
+``compress_model(model, sweep, store)`` takes one model through every variant of a sweep
+(method × budget rank × allocation):
+
+1. plan, in the flow: the pair's headers and content hashes; every variant's plan, delta id and
+   artifact id. Variants whose artifact id is in the catalog with status ok are skipped.
+2. calibrate, one Ray task per model (and gradient point): gradients into the store.
+3. compress, one Ray task per layer group. A global allocation first measures every group
+   (phase 1), allocates the model's bits in the flow, then compresses with per-layer budgets.
+4. commit, in the flow: payloads verified, side files, then the manifest (``flows.artifacts``).
+5. evaluate, one Ray task per delta: reconstruct on the base, score on the eval rows.
+6. catalog, in the flow: one row per delta, appended after its manifest exists.
+
+Every variant's work is submitted before any result is awaited, so Ray keeps all workers busy
+across variants; the flow blocks only where it needs a result (allocation, commit, catalog).
+A variant that fails gets a catalog row with status "failed" and the error while the others go
+on; a rerun retries it, since only ok rows are skipped.
+
+``compress_fleet(fleet)`` runs ``compress_model`` for each model of a fleet file.
+``run_model`` and ``run_fleet`` start the runtime once (``flows.runtime``) and call the flows:
+the entry points of the CLI, the demo, the benchmark and the tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
+from prefect_ray import RayTaskRunner
+
+from flows.allocate import Allocation, allocate, best_within
+from flows.artifacts import CommittedDelta, commit_delta, read_commit
+from flows.catalog import Catalog, CatalogRow
+from flows.fleet_config import FleetConfig, ModelSpec, SweepSpec, Variant, check_calibration
+from flows.plan import (
+    LayerGroup,
+    ModelPlan,
+    PairLayout,
+    artifact_id,
+    artifact_prefix,
+    delta_id,
+    gradient_key,
+    plan_model,
+)
+from flows.runtime import start_runtime
+from flows.sources import sha256_of, side_files
+from flows.storage import ObjectStore, open_store
+from workers.jobs import CalibrationJob, EvalJob, EvalRecord, GroupJob, GroupResult
+from workers.tasks import calibrate_task, compress_group_task, evaluate_task, measure_group_task, submit
+
+METRIC = "accuracy"
+_IN_FLOW: dict[str, Any] = dict(cache_policy=NO_CACHE, persist_result=False)
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """A model's inputs as identified at plan time: the pair's layout and the data files' hashes."""
+
+    pair: PairLayout
+    calibration_sha256: str | None
+    eval_sha256: str | None
+    revision: str
+
+
+@dataclass(frozen=True)
+class Target:
+    """One variant of one model, planned: where its delta goes and what identifies it."""
+
+    variant: Variant
+    plan: ModelPlan
+    delta_id: str
+    artifact_id: str
+    prefix: str
+    gradient_key: str | None
+
+
+@task(name="plan", task_run_name="plan {model.name}", **_IN_FLOW)
+def read_inputs(model: ModelSpec) -> ModelInputs:
+    """Headers and content hashes of the pair, and hashes of the calibration and eval files."""
+    pair = PairLayout.read(model.base, model.finetuned)
+    return ModelInputs(
+        pair,
+        sha256_of(model.calibration) if model.calibration else None,
+        sha256_of(model.eval) if model.eval else None,
+        model.revision or pair.finetuned_identity["sha256"][:12],
+    )
+
+
+def make_target(model: ModelSpec, inputs: ModelInputs, variant: Variant, group_bytes: int) -> Target:
+    plan = plan_model(model.name, inputs.pair, variant.config, group_bytes=group_bytes)
+    delta = delta_id(inputs.pair, variant.config, variant.allocation, inputs.calibration_sha256)
+    grads = None
+    if variant.config.needs_gradients and inputs.calibration_sha256 is not None:
+        names = [layer.name for layer in plan.factorised]
+        grads = gradient_key(model.name, inputs.pair, variant.config, inputs.calibration_sha256, names)
+    ident = artifact_id(model.name, delta, inputs.eval_sha256, METRIC)
+    return Target(variant, plan, delta, ident, artifact_prefix(model.name, delta), grads)
+
+
+@task(name="commit", task_run_name="commit {model.name} {target.variant.label}", **_IN_FLOW)
+def commit_task(
+    model: ModelSpec,
+    inputs: ModelInputs,
+    target: Target,
+    results: list[GroupResult],
+    files: dict[str, bytes],
+    store: str,
+    allocation: Allocation | None,
+) -> CommittedDelta:
+    """Write the manifest that makes the workers' payloads one delta (the commit)."""
+    provenance: dict[str, Any] = {
+        "model": model.name,
+        "delta_id": target.delta_id,
+        "groups": len(results),
+        "calibration_sha256": inputs.calibration_sha256,
+    }
+    if allocation is not None:
+        provenance["global_allocation"] = {
+            "bits": allocation.bits,
+            "total_bits": target.plan.total_bits,
+            "estimated_damage": allocation.cost,
+        }
+    return commit_delta(
+        open_store(store),
+        target.prefix,
+        results,
+        files,
+        config=target.variant.config.to_dict(),
+        base=inputs.pair.base_identity,
+        finetuned=inputs.pair.finetuned_identity,
+        unknown_tensors=list(target.plan.unknown),
+        allocation=target.variant.allocation,
+        provenance=provenance,
+    )
+
+
+@flow(
+    name="compress-model",
+    flow_run_name="compress {model.name}",
+    task_runner=RayTaskRunner(),
+    validate_parameters=False,
+    persist_result=False,
+)
+def compress_model(model: ModelSpec, sweep: SweepSpec, store: str) -> tuple[CatalogRow, ...]:
+    """Compress, evaluate and catalogue every variant of ``sweep`` for ``model``; rows in variant order."""
+    check_calibration((model,), sweep)
+    return _Sweep(model, sweep, store).run()
+
+
+@flow(
+    name="compress-fleet",
+    flow_run_name="fleet: {fleet.label}",
+    task_runner=RayTaskRunner(),
+    validate_parameters=False,
+    persist_result=False,
+)
+def compress_fleet(fleet: FleetConfig) -> tuple[CatalogRow, ...]:
+    """``compress_model`` for each model of the fleet, one after another (each fills all workers)."""
+    rows: list[CatalogRow] = []
+    for model in fleet.models:
+        rows.extend(compress_model(model, fleet.sweep, fleet.store))
+    return tuple(rows)
+
+
+def run_model(model: ModelSpec, sweep: SweepSpec, store: str, **runtime: Any) -> tuple[CatalogRow, ...]:
+    """Start the runtime if this process has none (``flows.runtime.start_runtime(**runtime)``), run one model."""
+    check_calibration((model,), sweep)
+    start_runtime(**runtime)
+    return compress_model(model, sweep, store)
+
+
+def run_fleet(fleet: FleetConfig, **runtime: Any) -> tuple[CatalogRow, ...]:
+    start_runtime(**runtime)
+    return compress_fleet(fleet)
+
+
+class _Sweep:
+    """The bookkeeping of one ``compress_model`` run: futures and outcomes by artifact id."""
+
+    def __init__(self, model: ModelSpec, sweep: SweepSpec, store: str):
+        import ray
+
+        self.model, self.sweep, self.store_uri = model, sweep, store
+        self.store: ObjectStore = open_store(store)
+        self.log = get_run_logger()
+        resources = ray.cluster_resources()
+        # Group tasks take a GPU where the cluster has one (their math runs there); calibration and
+        # evaluation run their model on the CPU and take none.
+        self.gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+        self.memory_cap = int(resources.get("memory", 8 << 30))
+        self.failures: dict[str, BaseException] = {}
+        self.inputs = read_inputs(model)
+
+    def run(self) -> tuple[CatalogRow, ...]:
+        targets = [make_target(self.model, self.inputs, v, self.sweep.group_bytes) for v in self.sweep.variants()]
+        catalog = Catalog(self.store)
+        done = {row.artifact_id: row for row in catalog.rows(self.model.name) if row.status == "ok"}
+        todo = [t for t in targets if t.artifact_id not in done]
+        for name in targets[0].plan.unknown:
+            self.log.warning(
+                "%s: tensor %r matches no rule of its architecture policy; stored dense", self.model.name, name
+            )
+        self.log.info(
+            "%s: %d variants (%d already in the catalog), %d layer groups each; %s GPU per task",
+            self.model.name,
+            len(targets),
+            len(targets) - len(todo),
+            len(targets[0].plan.groups),
+            self.gpus,
+        )
+        committed = {t.artifact_id: read_commit(self.store, t.prefix) for t in todo}
+        pending = [t for t in todo if committed[t.artifact_id] is None]
+        calibrations = self._calibrate(pending)
+        staged = {t.artifact_id: self._stage(t, calibrations.get(t.gradient_key)) for t in pending}
+        allocations = {
+            t.artifact_id: self._allocate(t, staged, calibrations.get(t.gradient_key))
+            for t in pending
+            if t.variant.allocation == "global"
+        }
+        evaluations: dict[str, PrefectFuture[EvalRecord]] = {}
+        for t in todo:
+            commit = committed[t.artifact_id] or self._commit(
+                t, staged.get(t.artifact_id), allocations.get(t.artifact_id)
+            )
+            committed[t.artifact_id] = commit
+            if commit is not None and self.model.eval is not None:
+                evaluations[t.artifact_id] = self._evaluate(t, commit)
+        rows = dict(done)
+        for number, t in enumerate(todo, start=1):
+            row = self._row(t, committed[t.artifact_id], evaluations.get(t.artifact_id))
+            catalog.append([row])
+            rows[t.artifact_id] = row
+            outcome = f"accuracy {row.accuracy:.4f}" if row.accuracy is not None else row.status
+            self.log.info(
+                "[%d/%d] %s %s: %s, %s bytes",
+                number,
+                len(todo),
+                self.model.name,
+                t.variant.label,
+                outcome,
+                f"{row.bytes:,}",
+            )
+        return tuple(rows[t.artifact_id] for t in targets)
+
+    def _calibrate(self, targets: Sequence[Target]) -> dict[str | None, PrefectFuture[str]]:
+        """One calibration task per distinct gradient key (normally one per model)."""
+        futures: dict[str | None, PrefectFuture[str]] = {}
+        for t in targets:
+            key = t.gradient_key
+            if key is None or key in futures:
+                continue
+            job = CalibrationJob(
+                self.model.name, self.inputs.pair, self.model.calibration or "", t.variant.config, self.store_uri, key
+            )
+            futures[key] = submit(calibrate_task, job, gpus=0, memory_cap=self.memory_cap)
+        return futures
+
+    def _stage(self, t: Target, calibration: PrefectFuture[str] | None) -> list[PrefectFuture[Any]]:
+        """Phase 1 (measure, global allocation) or the only phase (compress, uniform), per group."""
+        task_ = measure_group_task if t.variant.allocation == "global" else compress_group_task
+        return [
+            submit(task_, self._job(t, group), gpus=self.gpus, memory_cap=self.memory_cap, calibration=calibration)
+            for group in t.plan.groups
+        ]
+
+    def _allocate(
+        self, t: Target, staged: dict[str, list[PrefectFuture[Any]]], calibration: PrefectFuture[str] | None
+    ) -> Allocation | None:
+        """Gather the curves, spend the model's bits, and replace the measurements by phase 2."""
+        measurements = staged.pop(t.artifact_id)
+        try:
+            curves = {curve.name: curve.options for future in measurements for curve in future.result()}
+            allocation = allocate(curves, t.plan.total_bits, baseline=t.plan.budgets)
+        except Exception as exc:  # noqa: BLE001 - recorded as this variant's failure
+            self._fail(t, exc)
+            return None
+        uniform = best_within(curves, t.plan.budgets)
+        self.log.info(
+            "%s %s: allocated %s of %s bits; estimated damage %.4g (uniform: %.4g)",
+            self.model.name,
+            t.variant.label,
+            f"{allocation.bits:,}",
+            f"{t.plan.total_bits:,}",
+            allocation.cost,
+            uniform.cost,
+        )
+        budgets = tuple(allocation.budgets.items())
+        staged[t.artifact_id] = [
+            submit(
+                compress_group_task,
+                self._job(t, group, budgets),
+                gpus=self.gpus,
+                memory_cap=self.memory_cap,
+                calibration=calibration,
+            )
+            for group in t.plan.groups
+        ]
+        return allocation
+
+    def _commit(
+        self, t: Target, futures: list[PrefectFuture[GroupResult]] | None, allocation: Allocation | None
+    ) -> CommittedDelta | None:
+        if futures is None or t.artifact_id in self.failures:
+            return None
+        try:
+            results = [future.result() for future in futures]
+            commit = commit_task(self.model, self.inputs, t, results, self.side_files, self.store_uri, allocation)
+        except Exception as exc:  # noqa: BLE001 - recorded as this variant's failure
+            self._fail(t, exc)
+            return None
+        devices = ", ".join(sorted({result.device for result in results}))
+        seconds = sum(result.seconds for result in results)
+        self.log.info(
+            "%s %s: committed %s (%d groups, %.1f s on %s)",
+            self.model.name,
+            t.variant.label,
+            commit.uri,
+            len(results),
+            seconds,
+            devices,
+        )
+        return commit
+
+    def _evaluate(self, t: Target, commit: CommittedDelta) -> PrefectFuture[EvalRecord]:
+        job = EvalJob(
+            self.model.name,
+            t.variant.label,
+            self.inputs.pair,
+            self.store_uri,
+            t.prefix,
+            commit.manifest_sha256,
+            self.model.eval or "",
+        )
+        return submit(evaluate_task, job, gpus=0, memory_cap=self.memory_cap)
+
+    def _row(
+        self, t: Target, commit: CommittedDelta | None, evaluation: PrefectFuture[EvalRecord] | None
+    ) -> CatalogRow:
+        record = None
+        if evaluation is not None:
+            try:
+                record = evaluation.result()
+            except Exception as exc:  # noqa: BLE001 - the delta stays; its row says evaluation failed
+                self._fail(t, exc)
+        config, pair = t.variant.config, self.inputs.pair
+        params: dict[str, Any] = {
+            "config": config.to_dict(),
+            "prefix": t.prefix,
+            "delta_id": t.delta_id,
+            "base_sha256": pair.base_identity["sha256"],
+            "finetuned_sha256": pair.finetuned_identity["sha256"],
+        }
+        if record is not None:
+            params.update(macro_f1=record.macro_f1, eval_rows=record.rows, eval_seconds=round(record.seconds, 3))
+        if t.artifact_id in self.failures:
+            error = self.failures[t.artifact_id]
+            params["error"] = f"{type(error).__name__}: {error}"
+        return CatalogRow(
+            model=self.model.name,
+            revision=self.inputs.revision,
+            base=pair.base_identity["path"],
+            method=config.method,
+            rank=config.rank,
+            extra_rank=config.extra_rank,
+            allocation=t.variant.allocation,
+            budget_bits=commit.budget_bits if commit else t.plan.total_bits,
+            paper_bits=commit.paper_bits if commit else 0,
+            bytes=commit.bytes if commit else 0,
+            accuracy=record.accuracy if record else None,
+            metric=METRIC,
+            eval_data=self.inputs.eval_sha256 or "",
+            uri=commit.uri if commit else "",
+            sha256=commit.manifest_sha256 if commit else "",
+            artifact_id=t.artifact_id,
+            status="failed" if t.artifact_id in self.failures else "ok",
+            params=params,
+        )
+
+    def _job(self, t: Target, group: LayerGroup, budgets: tuple[tuple[str, int], ...] = ()) -> GroupJob:
+        wanted = {layer.name for layer in group.layers}
+        return GroupJob(
+            self.model.name,
+            t.variant.label,
+            group,
+            t.variant.config,
+            self.store_uri,
+            t.prefix,
+            tuple((name, bits) for name, bits in budgets if name in wanted),
+        )
+
+    def _fail(self, t: Target, exc: BaseException) -> None:
+        self.failures.setdefault(t.artifact_id, exc)
+        self.log.error("%s %s failed: %s: %s", self.model.name, t.variant.label, type(exc).__name__, exc)
+
+    @cached_property
+    def side_files(self) -> dict[str, bytes]:
+        return side_files(self.inputs.pair.base, self.inputs.pair.finetuned)

@@ -1,0 +1,98 @@
+"""The per-model bit allocator: pure functions over error-vs-bits curves."""
+
+import random
+
+import pytest
+
+from flows.allocate import MULTIPLIERS, Option, allocate, best_within, candidate_budgets
+from osd_core.budget import layer_budget
+from osd_core.errors import BudgetError, ConfigError
+
+
+def curve(*points):
+    return [Option(bits, cost) for bits, cost in points]
+
+
+def test_bits_go_to_the_layer_whose_error_falls_fastest():
+    curves = {
+        "steep": curve((10, 100.0), (20, 10.0), (40, 1.0)),
+        "flat": curve((10, 100.0), (20, 99.0), (40, 98.0)),
+    }
+    result = allocate(curves, 60)
+    assert result.budgets == {"flat": 20, "steep": 40}
+    assert result.bits == 60 and result.cost == pytest.approx(100.0)
+
+
+def test_a_zero_delta_gets_no_bits_and_its_share_goes_elsewhere():
+    curves = {"zero": curve((0, 0.0)), "busy": curve((10, 50.0), (20, 20.0), (40, 5.0))}
+    assert allocate(curves, 40).budgets == {"busy": 40, "zero": 0}
+
+
+def test_the_total_is_never_exceeded_on_random_curves():
+    rng = random.Random(0)
+    for _ in range(200):
+        curves = {}
+        for layer in range(rng.randint(1, 8)):
+            bits = sorted(rng.sample(range(1, 200), rng.randint(1, 5)))
+            cost = sorted((rng.uniform(0, 100) for _ in bits), reverse=True)
+            curves[f"l{layer}"] = curve(*zip(bits, cost, strict=True))
+        cheapest = sum(min(o.bits for o in c) for c in curves.values())
+        total = cheapest + rng.randint(0, 300)
+        result = allocate(curves, total)
+        assert result.bits <= total
+        assert result.bits == sum(result.budgets.values())
+        chosen = {name: {o.bits for o in c} for name, c in curves.items()}
+        assert all(result.budgets[name] in chosen[name] for name in curves)
+
+
+def test_more_total_bits_never_cost_more_damage_on_convex_curves():
+    curves = {f"l{i}": curve(*[(b, 100.0 / (b * (i + 1))) for b in (1, 2, 4, 8)]) for i in range(4)}
+    costs = [allocate(curves, total).cost for total in range(4, 33)]
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(costs, costs[1:], strict=False))
+
+
+def test_never_worse_than_the_baseline_where_greedy_is_trapped():
+    # Greedy buys b's cheap upgrade first and can no longer afford a's big one; uniform (a=10, b=1) is better.
+    curves = {"a": curve((1, 10.0), (2, 9.9), (10, 0.0)), "b": curve((1, 10.0), (5, 2.0))}
+    assert allocate(curves, 11).cost == pytest.approx(11.9)
+    result = allocate(curves, 11, baseline={"a": 10, "b": 1})
+    assert result.budgets == {"a": 10, "b": 1} and result.cost == pytest.approx(10.0)
+
+
+def test_best_within_takes_the_least_damage_inside_each_limit():
+    curves = {"a": curve((1, 5.0), (2, 3.0), (4, 1.0)), "b": curve((3, 2.0))}
+    result = best_within(curves, {"a": 3, "b": 1})
+    assert result.budgets == {"a": 2, "b": 3}  # b has nothing within its limit: its cheapest
+    assert result.cost == pytest.approx(5.0)
+
+
+def test_cheapest_options_above_the_total_are_refused():
+    with pytest.raises(BudgetError, match="need 20 bits, more than the total 15"):
+        allocate({"a": curve((10, 1.0)), "b": curve((10, 1.0))}, 15)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"a": []}, "layer 'a' has no budget options"),
+        ({"a": curve((-1, 1.0))}, "bits >= 0"),
+        ({"a": curve((1, float("nan")))}, "finite cost"),
+        ({"a": curve((1, -2.0))}, "finite cost >= 0"),
+    ],
+)
+def test_bad_curves_are_refused_naming_the_layer(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        allocate(bad, 100)
+
+
+def test_candidates_of_truncsvd_are_whole_ranks_at_their_exact_cost():
+    budgets = candidate_budgets("truncsvd", 2, 2, (64, 32))
+    assert budgets == tuple(layer_budget(64, 32, r) for r in (1, 2, 4, 8))
+
+
+def test_candidates_of_relaxed_methods_stop_at_the_dense_rank_k_cost():
+    uniform = layer_budget(64, 32, 1)
+    budgets = candidate_budgets("osd", 1, 3, (64, 32))
+    assert uniform in budgets and max(budgets) == 32 * 3 * (64 + 32)
+    assert budgets == tuple(sorted({min(round(m * uniform), 32 * 3 * 96) for m in MULTIPLIERS}))
+    assert max(candidate_budgets("sparse", 1, 3, (4, 4))) == 32 * 16

@@ -1,0 +1,160 @@
+"""Compress or measure one layer group: read its tensors by reference, write its payload.
+
+Per tensor this is the loop body of ``osd_core.compress.compress_checkpoint`` (same reads, checks
+and calls, including its private ``_dense`` and ``_calibration`` helpers until osd_core exposes
+a per-tensor function), so a delta made by the fleet reconstructs to the same weights; the tests
+hold both paths to that. What differs is where bytes come from (byte ranges of local files or
+S3 objects) and where the payload goes (the object store).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from functools import lru_cache
+
+import torch
+
+from flows.allocate import Option, candidate_budgets
+from flows.plan import LayerJob
+from flows.sources import local_copy
+from flows.storage import ObjectStore, open_store
+from osd_core.artifact import encode_payload
+from osd_core.budget import VALUE_BITS
+from osd_core.calibration_data import GradientFile
+from osd_core.compress import _calibration, _dense, relative_error, resolve_device
+from osd_core.config import CompressionConfig
+from osd_core.errors import BudgetError, CheckpointError, ConfigError
+from osd_core.factorize import compress_matrix
+from osd_core.layer import CompressedLayer
+from workers.jobs import GroupJob, GroupResult, LayerCurve
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=16)
+def store_at(uri: str) -> ObjectStore:
+    """One store (and S3 client) per URI and worker process."""
+    return open_store(uri)
+
+
+def compress_group(job: GroupJob, calibration: str | None) -> GroupResult:
+    """Compress every tensor of the group and PUT the group's payload; return its record."""
+    started = time.perf_counter()
+    device = resolve_device(job.device)
+    calib = _gradients(job, calibration)
+    budgets = dict(job.budgets)
+    encoded = []
+    for layer in job.group.layers:
+        compressed, error = compress_layer(layer, job.config, calib, budgets.get(layer.name), device)
+        encoded.append(
+            (compressed, {"role": layer.plan.role.value, "dtype": layer.plan.dtype, "rel_error": round(error, 6)})
+        )
+    payload = encode_payload(job.group.payload_name, encoded)
+    info = store_at(job.store).put_bytes(f"{job.prefix}/{payload.name}", payload.data)
+    seconds = time.perf_counter() - started
+    log.info("%s: %d tensors, %d payload bytes in %.2f s on %s", job.name, len(encoded), info.size, seconds, device)
+    return GroupResult(payload.name, info.sha256 or "", info.size, payload.layers, seconds, str(device))
+
+
+def measure_group(job: GroupJob, calibration: str | None) -> tuple[LayerCurve, ...]:
+    """Damage (squared Frobenius error of the delta) of each factorised tensor at candidate budgets.
+
+    A zero delta costs nothing at zero bits, so a global allocation gives its bits to others.
+    """
+    device = resolve_device(job.device)
+    calib = _gradients(job, calibration)
+    curves = []
+    for layer in job.group.layers:
+        if layer.plan.action != "factorise":
+            continue
+        delta = _delta(layer)
+        if not bool(delta.any()):
+            curves.append(LayerCurve(layer.name, (Option(0, 0.0),)))
+            continue
+        grad, rows, cov = _calibration(calib, layer.name, job.config)
+        options = []
+        for budget in candidate_budgets(job.config.method, job.config.rank, job.config.k, layer.plan.shape):
+            try:
+                approx = compress_matrix(
+                    layer.name,
+                    delta,
+                    layer_config(job.config, layer.plan.shape, budget),
+                    grad,
+                    budget_bits=budget,
+                    row_weight=rows,
+                    input_cov=cov,
+                    device=device,
+                )
+            except BudgetError:
+                continue  # too small to hold one entry per factor: not an option
+            damage = float(torch.linalg.vector_norm(delta - approx.delta().reshape(delta.shape))) ** 2
+            options.append(Option(budget, damage))
+        if not options:
+            raise BudgetError(f"{layer.name}: no candidate budget can hold its {job.config.method} factorisation")
+        curves.append(LayerCurve(layer.name, tuple(options)))
+    return tuple(curves)
+
+
+def compress_layer(
+    layer: LayerJob,
+    config: CompressionConfig,
+    calib: GradientFile | None,
+    budget: int | None,
+    device: torch.device,
+) -> tuple[CompressedLayer, float]:
+    """One tensor's compressed record and relative error, as ``compress_checkpoint`` makes it."""
+    name = layer.name
+    tuned = layer.finetuned.read()
+    _require_finite(layer.finetuned.uri, name, tuned)
+    if layer.plan.action == "replace":
+        return _dense(name, tuned.float(), "replace"), 0.0
+    delta = _delta(layer, tuned)
+    if layer.plan.action == "factorise":
+        grad, rows, cov = _calibration(calib, name, config)
+        compressed = compress_matrix(
+            name,
+            delta,
+            layer_config(config, layer.plan.shape, budget),
+            grad,
+            budget_bits=budget,
+            row_weight=rows,
+            input_cov=cov,
+            device=device,
+        )
+    else:
+        compressed = _dense(name, delta, "dense")
+    return compressed, relative_error(delta, compressed)
+
+
+def layer_config(config: CompressionConfig, shape: tuple[int, ...], budget: int | None) -> CompressionConfig:
+    """``truncsvd`` spends a budget as whole ranks (its ``k`` is ``r``); other methods take it as is."""
+    if budget is None or config.method != "truncsvd":
+        return config
+    n, d = shape
+    return replace(config, rank=max(1, budget // (VALUE_BITS * (n + d))))
+
+
+def _delta(layer: LayerJob, tuned: torch.Tensor | None = None) -> torch.Tensor:
+    if layer.base is None:
+        raise CheckpointError(f"{layer.name}: no base tensor to subtract (planned as {layer.plan.action})")
+    tuned = layer.finetuned.read() if tuned is None else tuned
+    delta = tuned.float() - layer.base.read().float()
+    _require_finite(layer.base.uri, layer.name, delta)
+    return delta
+
+
+def _gradients(job: GroupJob, uri: str | None) -> GradientFile | None:
+    """The calibration output, read lazily from a local (or locally cached) copy."""
+    if not job.config.needs_gradients:
+        return None
+    if uri is None:
+        raise ConfigError(f"{job.name}: method {job.config.method!r} needs calibration gradients; none were given")
+    return GradientFile(local_copy(uri))
+
+
+def _require_finite(where: str, name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(f"{where}: tensor {name!r} contains {bad} NaN or Inf values")

@@ -1,0 +1,28 @@
+"""Score a committed delta: download it, rebuild the fine-tune on its base, evaluate on JSONL rows.
+
+Evaluation uses the one evaluator of ``workloads.evaluate``, so catalog accuracies are
+comparable with the workloads' own base and fine-tune scores.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from flows.artifacts import download_delta
+from flows.sources import fetch_file, materialize
+from osd_core.reconstruct import reconstruct_checkpoint
+from workers.compress import store_at
+from workers.jobs import EvalJob, EvalRecord
+
+
+def evaluate(job: EvalJob) -> EvalRecord:
+    from workloads.evaluate import evaluate_checkpoint  # imports transformers: only here
+
+    with tempfile.TemporaryDirectory(prefix="osd-fleet-eval-") as scratch:
+        root = Path(scratch)
+        delta = download_delta(store_at(job.store), job.prefix, root / "delta", expected_sha256=job.manifest_sha256)
+        base = materialize(job.pair.base, job.pair.base_identity["sha256"])
+        model = reconstruct_checkpoint(base, delta, root / "model", expected_sha256=job.manifest_sha256)
+        result = evaluate_checkpoint(model, fetch_file(job.data, root / "data"), progress=False)
+    return EvalRecord(result.accuracy, result.macro_f1, result.n, result.seconds)

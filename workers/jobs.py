@@ -1,0 +1,99 @@
+"""Job specs and result records that travel between the flow and Ray workers.
+
+Specs carry URIs, byte ranges and configurations; results carry names, checksums and manifest
+entries. Tensors never travel: workers read their inputs from storage and write their outputs
+there themselves (shared/STACK.md: returned tensors go through Ray's object store).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from flows.allocate import Option
+from flows.plan import LayerGroup, PairLayout
+from osd_core.config import CompressionConfig
+
+
+@dataclass(frozen=True)
+class GroupJob:
+    """Compress (or measure) one layer group of one model under one configuration.
+
+    ``budgets`` gives per-tensor budget bits from a global allocation; empty means the paper's
+    uniform per-layer budget. ``prefix`` is the delta's key prefix in the store at ``store``.
+    """
+
+    model: str
+    variant: str
+    group: LayerGroup
+    config: CompressionConfig
+    store: str
+    prefix: str
+    budgets: tuple[tuple[str, int], ...] = ()
+    device: str = "auto"
+
+    @property
+    def name(self) -> str:
+        """Model, layer group and budget: what the Prefect UI and the Ray dashboard show."""
+        return f"{self.model} {self.group.label} {self.variant}"
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """What a worker wrote: payload file name, its sha256 and size, and its layers' manifest entries."""
+
+    payload: str
+    sha256: str
+    bytes: int
+    layers: dict[str, dict[str, Any]]
+    seconds: float
+    device: str
+
+
+@dataclass(frozen=True)
+class LayerCurve:
+    """Damage of one tensor at each measured budget (phase 1 of global allocation)."""
+
+    name: str
+    options: tuple[Option, ...]
+
+
+@dataclass(frozen=True)
+class CalibrationJob:
+    """Compute a model's calibration gradients once and store them at ``key`` for workers to read."""
+
+    model: str
+    pair: PairLayout
+    calibration: str
+    config: CompressionConfig
+    store: str
+    key: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.model} calibration"
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """Reconstruct a committed delta on its base and score it on labelled JSONL rows."""
+
+    model: str
+    variant: str
+    pair: PairLayout
+    store: str
+    prefix: str
+    manifest_sha256: str
+    data: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.model} {self.variant}"
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    accuracy: float
+    macro_f1: float
+    rows: int
+    seconds: float
