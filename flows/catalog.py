@@ -78,7 +78,7 @@ def _package_version() -> str:
 
 
 def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -136,7 +136,7 @@ class CatalogRow:
             set_("accuracy", float(self.accuracy))
         if not isinstance(self.created, dt.datetime) or self.created.tzinfo is None:
             raise ValueError(f"created must be a timezone-aware datetime, got {self.created!r}")
-        created = self.created.astimezone(dt.timezone.utc)
+        created = self.created.astimezone(dt.UTC)
         if hasattr(created, "to_pydatetime"):  # pandas.Timestamp -> plain datetime
             created = created.to_pydatetime()
         set_("created", created)

@@ -19,7 +19,7 @@ from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from osd_core.config import GRADIENT_POINTS, METHODS, SIGMA_PLACEMENTS, SVD_METHODS
+from osd_core.config import GRADIENT_POINTS, METHODS, SIGMA_PLACEMENTS, SVD_METHODS, VALUE_DTYPES
 
 if TYPE_CHECKING:
     from flows.catalog import CatalogRow
@@ -91,7 +91,7 @@ def add_fleet_commands(commands: Any) -> None:
 
     demo = commands.add_parser("demo", help="the whole pipeline on packaged workloads, on this machine, no setup")
     demo.add_argument("--workloads", default="tiny", help="comma-separated workload names (default: tiny)")
-    _add_sweep_arguments(demo, budgets="1,2", allocations="uniform,global")  # 8 variants: about 3 minutes here
+    _add_sweep_arguments(demo, budgets="1,2", allocations="uniform,global")  # 12 variants: about 4 minutes here
     demo.add_argument("--store", default=str(DEMO_STORE), help=f"artifact store (default: {DEMO_STORE})")
     demo.add_argument(
         "--min-accuracy",
@@ -106,9 +106,12 @@ def _add_sweep_arguments(
     parser: argparse.ArgumentParser, *, budgets: str = "1,2,4", allocations: str = "uniform"
 ) -> None:
     parser.add_argument("--budgets", default=budgets, help="budget ranks r, comma-separated: 32·r·(n+d) bits per layer")
-    parser.add_argument("--methods", default="osd,truncsvd", help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--methods", default="magtruncsvd,osd,truncsvd",
+                        help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--allocations", default=allocations, help="comma-separated, of uniform, global")
-    parser.add_argument("--extra-rank", type=int, default=2, help="c: relaxed methods factor at k = r + c")
+    parser.add_argument("--extra-rank", type=int, default=1, help="c: relaxed methods factor at k = r + c")
+    parser.add_argument("--value-dtype", choices=tuple(VALUE_DTYPES), default="float32",
+                        help="value width of the relaxed methods (truncsvd, which defines the budget, stays float32)")
     parser.add_argument("--sigma", choices=SIGMA_PLACEMENTS, default="sqrt")
     parser.add_argument("--gradient-at", choices=GRADIENT_POINTS, default="finetuned")
     parser.add_argument("--svd", choices=SVD_METHODS, default="auto")
@@ -174,7 +177,8 @@ def sweep_from_args(args: argparse.Namespace) -> SweepSpec:
     from osd_core.config import CompressionConfig
 
     template = CompressionConfig(
-        extra_rank=args.extra_rank, sigma=args.sigma, gradient_at=args.gradient_at, svd=args.svd, seed=args.seed
+        extra_rank=args.extra_rank, sigma=args.sigma, gradient_at=args.gradient_at, svd=args.svd, seed=args.seed,
+        value_dtype=args.value_dtype,
     )
     return SweepSpec(
         ranks=parse_csv(args.budgets, int, "--budgets"),

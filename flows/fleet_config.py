@@ -84,7 +84,7 @@ class SweepSpec:
     """Budgets (ranks) × methods × allocations, on top of one template configuration."""
 
     ranks: tuple[int, ...] = (1, 2, 4)
-    methods: tuple[str, ...] = ("osd", "truncsvd")
+    methods: tuple[str, ...] = ("magtruncsvd", "osd", "truncsvd")
     allocations: tuple[str, ...] = ("uniform",)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     group_bytes: int = DEFAULT_GROUP_BYTES
@@ -121,6 +121,8 @@ class SweepSpec:
                     # truncsvd factors at k = r: c is meaningless there, so it must not change identities
                     extra_rank=0 if method == "truncsvd" else self.compression.extra_rank,
                     allocation=self.compression.allocation if method == "osd" else "equal",
+                    # truncsvd defines the budget in float32 values; it is the reference, not a variant
+                    value_dtype="float32" if method == "truncsvd" else self.compression.value_dtype,
                 )
                 out.extend(Variant(config, allocation) for allocation in dict.fromkeys(self.allocations))
         return tuple(out)

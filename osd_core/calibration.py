@@ -56,11 +56,13 @@ def read_rows(path: str | Path, *, num_labels: int | None = None) -> list[Labell
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise CalibrationError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str) or type(record.get("label")) is not int:
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str) \
+                or type(record.get("label")) is not int:
             raise CalibrationError(f"{path}:{number}: expected an object with a string 'text' and an integer 'label'")
         if num_labels is not None and not 0 <= record["label"] < num_labels:
             raise CalibrationError(
-                f"{path}:{number}: label {record['label']} is outside the model's {num_labels} classes [0, {num_labels})"
+                f"{path}:{number}: label {record['label']} is outside the model's {num_labels} classes "
+                f"[0, {num_labels})"
             )
         rows.append(LabelledRow(record["text"], record["label"]))
     if not rows:

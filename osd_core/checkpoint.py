@@ -44,7 +44,9 @@ class Checkpoint:
             header: Header = read_header(file)
             for name, entry in header.tensors.items():
                 if name in tensors:
-                    raise CheckpointError(f"{path}: tensor {name!r} appears in both {tensors[name].file.name} and {file.name}")
+                    raise CheckpointError(
+                        f"{path}: tensor {name!r} appears in both {tensors[name].file.name} and {file.name}"
+                    )
                 tensors[name] = entry
         if not tensors:
             raise CheckpointError(f"{path}: the checkpoint holds no tensors")

@@ -147,20 +147,9 @@ def compress_checkpoint(
             if plan.action == "copy":
                 continue
             tuned = finetuned.load(plan.name)
-            _require_finite(finetuned.path, plan.name, tuned)
-            if plan.action == "replace":
-                layer = _dense(plan.name, tuned.float(), "replace")
-                error = 0.0
-            else:
-                delta = tuned.float() - base.load(plan.name).float()
-                _require_finite(base.path, plan.name, delta)
-                if plan.action == "factorise":
-                    grad, rows, cov = _calibration(gradients, plan.name, config)
-                    layer = compress_matrix(plan.name, delta, config, grad, row_weight=rows, input_cov=cov,
-                                            device=run_on)
-                else:
-                    layer = _dense(plan.name, delta, "dense")
-                error = relative_error(delta, layer)
+            base_tensor = None if plan.action == "replace" else base.load(plan.name)
+            layer, error = compress_tensor(plan, tuned, base_tensor, config, gradients, device=run_on,
+                                           where=(finetuned.path, base.path))
             report = LayerReport(
                 plan.name, plan.role.value, layer.kind, plan.shape, layer.k, layer.budget_bits,
                 layer.paper_bits, layer.nbytes, error,
@@ -173,7 +162,8 @@ def compress_checkpoint(
             writer.add_file(name, data)
         unknown = tuple(p.name for p in plans if p.role is Role.UNKNOWN)
         for name in unknown:
-            log.warning("%s: tensor %r matches no rule of the %r policy; stored dense", finetuned.path, name, finetuned.model_type)
+            log.warning("%s: tensor %r matches no rule of the %r policy; stored dense",
+                        finetuned.path, name, finetuned.model_type)
         writer.commit(
             config=config.to_dict(),
             base=base.identity(),
@@ -195,6 +185,38 @@ def compress_checkpoint(
         unknown=unknown,
         layers=tuple(reports),
     )
+
+
+def compress_tensor(
+    plan: LayerPlan,
+    tuned: torch.Tensor,
+    base: torch.Tensor | None,
+    config: CompressionConfig,
+    gradients: Mapping[str, torch.Tensor] | None,
+    *,
+    budget_bits: int | None = None,
+    device: torch.device | str = "cpu",
+    where: tuple[object, object] = ("fine-tune", "base"),
+) -> tuple[CompressedLayer, float]:
+    """Compress one planned tensor pair; returns the record and its relative Frobenius error.
+
+    The unit of work both the single-process path and the fleet's workers run. ``where`` names
+    the fine-tune and base locations in error messages.
+    """
+    _require_finite(where[0], plan.name, tuned)
+    if plan.action == "replace":
+        return dense_layer(plan.name, tuned.float(), "replace"), 0.0
+    if base is None:
+        raise MissingTensorError(f"{where[1]}: no base tensor {plan.name!r} to take a delta against")
+    delta = tuned.float() - base.float()
+    _require_finite(where[1], plan.name, delta)
+    if plan.action == "factorise":
+        grad, rows, cov = calibration_inputs(gradients, plan.name, config)
+        layer = compress_matrix(plan.name, delta, config, grad, budget_bits=budget_bits, row_weight=rows,
+                                input_cov=cov, device=device)
+    else:
+        layer = dense_layer(plan.name, delta, "dense")
+    return layer, relative_error(delta, layer)
 
 
 def relative_error(delta: torch.Tensor, layer: CompressedLayer) -> float:
@@ -220,7 +242,7 @@ def _fits_rank(shape: tuple[int, ...], config: CompressionConfig) -> bool:
     return len(shape) == 2 and (config.method == "sparse" or config.k <= min(shape))
 
 
-def _dense(name: str, values: torch.Tensor, kind: str) -> CompressedLayer:
+def dense_layer(name: str, values: torch.Tensor, kind: str) -> CompressedLayer:
     """Store a tensor whole in fp16, or fp32 where fp16 would overflow or lose it entirely."""
     if kind == "dense" and not bool(values.any()):
         return CompressedLayer(name, "zero", tuple(values.shape))
@@ -230,7 +252,7 @@ def _dense(name: str, values: torch.Tensor, kind: str) -> CompressedLayer:
                            paper_bits=stored.numel() * stored.element_size() * 8)
 
 
-def _calibration(
+def calibration_inputs(
     gradients: Mapping[str, torch.Tensor] | None, name: str, config: CompressionConfig
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradient, row weights and input covariance of tensor ``name``, as the config's metric asks."""
@@ -260,7 +282,7 @@ def metric_weights(stats: Mapping[str, torch.Tensor], metric: str) -> tuple[torc
     return (fisher if use_fisher else None), cov
 
 
-def _require_finite(where: Path, name: str, tensor: torch.Tensor) -> None:
+def _require_finite(where: object, name: str, tensor: torch.Tensor) -> None:
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise CheckpointError(f"{where}: tensor {name!r} contains {bad} NaN or Inf values")

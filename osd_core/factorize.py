@@ -39,7 +39,8 @@ def compress_matrix(
     ``grad`` is the task-loss gradient with respect to this weight (same shape), required by
     ``osd``. ``budget_bits`` overrides the uniform per-layer budget (a model-level allocator
     spends bits unevenly). ``row_weight`` (n) and ``input_cov`` (d×d) define the output error a
-    delta error causes (from calibration; see ``OutputMetric``); they default to plain Frobenius. Work runs on ``device`` (a GPU
+    delta error causes (from calibration; see ``OutputMetric``); they default to plain Frobenius.
+    Work runs on ``device`` (a GPU
     when available); the record is returned on the CPU.
     """
     if delta.ndim != 2:
@@ -102,7 +103,7 @@ class OutputMetric:
 
     @classmethod
     def build(cls, name: str, shape: tuple[int, int], rows: torch.Tensor | None, cov: torch.Tensor | None,
-              device) -> "OutputMetric":
+              device) -> OutputMetric:
         n, d = shape
         if rows is None:
             weights = torch.ones(n, device=device)
@@ -196,7 +197,7 @@ def refit_kept(
         if metric.cov is None:
             v = _masked_least_squares(gram, rhs, mask_v)
         else:
-            v = _masked_cg(lambda p: metric.cov @ p @ gram, metric.cov @ rhs, v, mask_v)
+            v = _masked_cg(lambda p, g=gram: metric.cov @ p @ g, metric.cov @ rhs, v, mask_v)
     return u, v
 
 

@@ -39,22 +39,20 @@ class ArchitecturePolicy:
 
 _BERT_PREFIX = r"(?:bert\.)?"
 _BERT_LAYER = _BERT_PREFIX + r"encoder\.layer\.\d+\."
+_BERT_LINEARS = (
+    r"(?:attention\.self\.(?:query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+)
 
 BERT = ArchitecturePolicy(
     model_type="bert",
     rules=(
         (_BERT_PREFIX + r"embeddings\.(?:word|position|token_type)_embeddings\.weight", Role.EMBEDDING),
-        (
-            _BERT_LAYER
-            + r"(?:attention\.self\.(?:query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
-            + r"\.weight",
-            Role.LINEAR,
-        ),
+        (_BERT_LAYER + _BERT_LINEARS + r"\.weight", Role.LINEAR),
         (_BERT_PREFIX + r"pooler\.dense\.weight", Role.LINEAR),
         (_BERT_PREFIX + r"embeddings\.(?:position_ids|token_type_ids)", Role.BUFFER),
         (_BERT_PREFIX + r"embeddings\.LayerNorm\.(?:weight|bias)", Role.DENSE),
         (_BERT_LAYER + r"(?:attention\.)?output\.LayerNorm\.(?:weight|bias)", Role.DENSE),
-        (_BERT_LAYER + r"(?:attention\.self\.(?:query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)\.bias", Role.DENSE),
+        (_BERT_LAYER + _BERT_LINEARS + r"\.bias", Role.DENSE),
         (_BERT_PREFIX + r"pooler\.dense\.bias", Role.DENSE),
         (r"classifier\.(?:weight|bias)", Role.HEAD),
     ),

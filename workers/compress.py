@@ -1,9 +1,8 @@
 """Compress or measure one layer group: read its tensors by reference, write its payload.
 
-Per tensor this is the loop body of ``osd_core.compress.compress_checkpoint`` (same reads, checks
-and calls, including its private ``_dense`` and ``_calibration`` helpers until osd_core exposes
-a per-tensor function), so a delta made by the fleet reconstructs to the same weights; the tests
-hold both paths to that. What differs is where bytes come from (byte ranges of local files or
+Per tensor this is ``osd_core.compress.compress_tensor``, the unit ``compress_checkpoint`` runs
+too, so a delta made by the fleet reconstructs to the same weights; the tests hold both paths to
+that. What differs is where bytes come from (byte ranges of local files or
 S3 objects) and where the payload goes (the object store).
 """
 
@@ -23,7 +22,7 @@ from flows.storage import ObjectStore, open_store
 from osd_core.artifact import encode_payload
 from osd_core.budget import VALUE_BITS
 from osd_core.calibration_data import GradientFile
-from osd_core.compress import _calibration, _dense, relative_error, resolve_device
+from osd_core.compress import calibration_inputs, compress_tensor, resolve_device
 from osd_core.config import CompressionConfig
 from osd_core.errors import BudgetError, CheckpointError, ConfigError
 from osd_core.factorize import compress_matrix
@@ -73,7 +72,7 @@ def measure_group(job: GroupJob, calibration: str | None) -> tuple[LayerCurve, .
         if not bool(delta.any()):
             curves.append(LayerCurve(layer.name, (Option(0, 0.0),)))
             continue
-        grad, rows, cov = _calibration(calib, layer.name, job.config)
+        grad, rows, cov = calibration_inputs(calib, layer.name, job.config)
         options = []
         for budget in candidate_budgets(job.config.method, job.config.rank, job.config.k, layer.plan.shape):
             try:
@@ -104,28 +103,14 @@ def compress_layer(
     budget: int | None,
     device: torch.device,
 ) -> tuple[CompressedLayer, float]:
-    """One tensor's compressed record and relative error, as ``compress_checkpoint`` makes it."""
-    name = layer.name
-    tuned = layer.finetuned.read()
-    _require_finite(layer.finetuned.uri, name, tuned)
-    if layer.plan.action == "replace":
-        return _dense(name, tuned.float(), "replace"), 0.0
-    delta = _delta(layer, tuned)
-    if layer.plan.action == "factorise":
-        grad, rows, cov = _calibration(calib, name, config)
-        compressed = compress_matrix(
-            name,
-            delta,
-            layer_config(config, layer.plan.shape, budget),
-            grad,
-            budget_bits=budget,
-            row_weight=rows,
-            input_cov=cov,
-            device=device,
-        )
-    else:
-        compressed = _dense(name, delta, "dense")
-    return compressed, relative_error(delta, compressed)
+    """One tensor's compressed record and relative error: ``compress_tensor`` on tensors read by reference."""
+    if layer.plan.action != "replace" and layer.base is None:
+        raise CheckpointError(f"{layer.name}: no base tensor to subtract (planned as {layer.plan.action})")
+    base = None if layer.plan.action == "replace" else layer.base.read()
+    return compress_tensor(
+        layer.plan, layer.finetuned.read(), base, layer_config(config, layer.plan.shape, budget), calib,
+        budget_bits=budget, device=device, where=(layer.finetuned.uri, layer.base.uri if layer.base else "base"),
+    )
 
 
 def layer_config(config: CompressionConfig, shape: tuple[int, ...], budget: int | None) -> CompressionConfig:
