@@ -100,7 +100,8 @@ def build_manifest(payloads: Sequence[Payload], files: dict[str, bytes], **field
         "layers": dict(sorted(layers.items())),
         "payloads": {p.name: p.info for p in sorted(payloads, key=lambda p: p.name) if p.layers},
         "files": {
-            name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in sorted(files.items())
+            name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+            for name, data in sorted(files.items())
         },
         "totals": {
             "budget_bits": sum(v["budget_bits"] for v in compressed),

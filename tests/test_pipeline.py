@@ -212,6 +212,8 @@ def test_osd_on_a_real_model_from_s3_through_the_cli(
             "1",
             "--methods",
             "osd",
+            "--extra-rank",
+            "2",
             "--calibration",
             calib_uri,
             "--eval",

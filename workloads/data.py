@@ -18,7 +18,6 @@ import importlib.util
 import io
 import logging
 import re
-import sys
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -29,9 +28,6 @@ from workloads.errors import DataFormatError, MissingPackageError, UnknownWorklo
 from workloads.jsonl import Row
 
 log = logging.getLogger(__name__)
-
-# Drug reviews run to thousands of characters; the csv module's default field limit is 128 KiB.
-csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
 def _collapse_space(text: str) -> str:

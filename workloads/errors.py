@@ -7,8 +7,10 @@ debugger. The subclasses also derive from the matching built-in, so callers that
 
 from __future__ import annotations
 
+from osd_core.errors import OSDError
 
-class WorkloadError(Exception):
+
+class WorkloadError(OSDError):
     """Base class for every error raised by the ``workloads`` package."""
 
 

@@ -70,11 +70,13 @@ def evaluate_model(
 ) -> EvalResult:
     """Score an in-memory model on ``rows``; the model's train/eval mode is restored after.
 
-    Rows are batched longest first so each batch pads to similar lengths (2-3x faster on CPU
-    than file order); the order does not change any score.
+    Rows are batched longest first so each batch pads to similar lengths and little compute goes
+    to padding; the order does not change any score.
     """
     if not rows:
         raise ValueError("evaluate_model needs at least one row")
+    if batch_size < 1 or max_length < 1:
+        raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
     num_labels = model.config.num_labels
     if not num_labels:
         raise WorkloadError(f"{type(model).__name__}: config has no num_labels; not a classifier")

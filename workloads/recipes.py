@@ -119,14 +119,13 @@ WORKLOADS: dict[str, Recipe] = {
         ),
         Recipe(name="l6-rt", dataset="rotten-tomatoes", steps=300, lr=5e-5),
         Recipe(name="l6-tweets", dataset="tweets", steps=250, lr=5e-5),
-        # 499 training reviews, often long: shorter batches of longer sequences, ~6 epochs.
+        # 499 training reviews, ~7.7 epochs. Max length stays 64 like every workload, so callers
+        # of evaluate_checkpoint that keep its default reproduce the recorded scores.
         Recipe(
             name="l6-drug",
             dataset="drug-reviews",
-            steps=200,
+            steps=120,
             lr=5e-5,
-            batch_size=16,
-            max_length=128,
             eval_rows=None,
             val_rows=100,
             calib_rows=128,
