@@ -12,6 +12,7 @@ directory (a key prefix on S3) in Hugging Face layout: ``config.json`` plus
 
 from __future__ import annotations
 
+import math
 import hashlib
 import json
 import logging
@@ -126,10 +127,7 @@ class TensorRef:
 
     @property
     def numel(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count
+        return math.prod(self.shape)
 
     def read(self) -> torch.Tensor:
         """The tensor, read with one ranged GET (S3) or one seek and read (local)."""

@@ -7,6 +7,7 @@ then streams shard by shard, so peak memory is one tensor pair plus its factors,
 
 from __future__ import annotations
 
+import math
 import logging
 import re
 import time
@@ -180,7 +181,7 @@ def compress_checkpoint(
         paper_bits=sum(r.paper_bits for r in factorised),
         payload_bytes=sum(r.bytes for r in reports),
         bytes_written=sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
-        dense_bytes_fp16=sum(_numel(p.shape) * 2 for p in plans if p.action != "copy"),
+        dense_bytes_fp16=sum(math.prod(p.shape) * 2 for p in plans if p.action != "copy"),
         seconds=time.perf_counter() - started,
         unknown=unknown,
         layers=tuple(reports),
@@ -302,9 +303,3 @@ def _side_files(base_dir: Path, finetuned_dir: Path) -> dict[str, bytes]:
             files[path.name] = data
     return files
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count

@@ -15,6 +15,7 @@ that holds them; values are float32 as in the paper's accounting.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -73,7 +74,7 @@ class CompressedLayer:
         if self.kind in ("dense", "replace"):
             return self.tensors["values"].to(device=device, dtype=torch.float32).reshape(self.shape)
         if self.kind == "sparse":
-            numel = _numel(self.shape)
+            numel = math.prod(self.shape)
             flat = _scatter(self.tensors["index"], self.tensors["values"], numel, self.name, "delta")
             return flat.to(device).view(self.shape)
         u, v = self.factors()
@@ -87,13 +88,6 @@ def index_dtype(positions: int) -> torch.dtype:
     if positions <= torch.iinfo(torch.int32).max + 1:
         return torch.int32
     return torch.int64
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    numel = 1
-    for size in shape:
-        numel *= size
-    return numel
 
 
 def _scatter(index: torch.Tensor, values: torch.Tensor, numel: int, name: str, what: str) -> torch.Tensor:

@@ -8,6 +8,7 @@ refused with a message naming the file and tensor, and so that a tensor is read 
 
 from __future__ import annotations
 
+import math
 import json
 import struct
 from dataclasses import dataclass
@@ -51,10 +52,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
