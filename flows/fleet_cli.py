@@ -1,4 +1,4 @@
-"""The fleet subcommands of ``osd-fleet``: run, run-fleet, catalog, fetch and demo.
+"""The fleet subcommands of ``osd-fleet``: run, run-fleet, catalog, fetch, notify, scan, serve and demo.
 
 Kept apart from ``flows.cli`` so the single-model commands stay as they are; registered there by
 :func:`add_fleet_commands`. Handlers import Prefect, Ray, boto3 and pandas only when they run,
@@ -10,6 +10,7 @@ exits 1 after printing them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -89,6 +90,46 @@ def add_fleet_commands(commands: Any) -> None:
     fetch.add_argument("--overwrite", action="store_true")
     fetch.set_defaults(handler=_guarded(run_fetch))
 
+    notify = commands.add_parser(
+        "notify", help="announce a saved checkpoint: the event that starts the compress deployment"
+    )
+    notify.add_argument("--checkpoint", required=True, help="the fine-tuned checkpoint: directory or s3://bucket/prefix")
+    notify.add_argument("--base", required=True, help="its base checkpoint: directory or s3://bucket/prefix")
+    notify.add_argument("--model", required=True, help="the model's name in the catalog")
+    notify.add_argument("--store", help="artifact store (default: the deployment's $OSD_FLEET_STORE)")
+    notify.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                        help="read the checkpoint's headers first and refuse an incomplete one")
+    notify.add_argument("--prefect-api-url", default=os.environ.get("PREFECT_API_URL"),
+                        help="the Prefect API the deployments run on (default: $PREFECT_API_URL)")
+    notify.add_argument("--json", action="store_true", help="print the event as one JSON object")
+    notify.set_defaults(handler=_guarded(run_notify))
+
+    scan = commands.add_parser("scan", help="compress every checkpoint under a prefix that the catalog lacks")
+    scan.add_argument("--prefix", required=True, help="where checkpoints appear: directory or s3://bucket/prefix")
+    scan.add_argument("--base", required=True, help="base checkpoint of them all: directory or s3://bucket/prefix")
+    scan.add_argument("--calibration", help="JSONL rows {text, label}, path or s3:// (needed by osd)")
+    scan.add_argument("--eval", help="JSONL rows {text, label} to score each delta on, path or s3://")
+    scan.add_argument("--retry-failed", action=argparse.BooleanOptionalAction, default=False,
+                      help="compress again checkpoints whose catalog rows say failed")
+    _add_sweep_arguments(scan, methods="magtruncsvd,truncsvd", budgets="1,2")
+    scan.add_argument("--store", required=True, help="artifact store and catalog: directory or s3://bucket/prefix")
+    _add_runtime_arguments(scan)
+    scan.add_argument("--json", action="store_true", help="print the scan report as one JSON object")
+    scan.set_defaults(handler=_guarded(run_scan_command))
+
+    serve = commands.add_parser(
+        "serve", help="serve the scan (cron) and compress-on-event deployments from this process"
+    )
+    serve.add_argument("--prefix", required=True, help="where checkpoints appear: directory or s3://bucket/prefix")
+    serve.add_argument("--base", required=True, help="base checkpoint: directory or s3://bucket/prefix")
+    serve.add_argument("--store", required=True, help="artifact store and catalog: directory or s3://bucket/prefix")
+    serve.add_argument("--cron", default="*/30 * * * *", help="scan schedule (default: every 30 minutes, UTC)")
+    serve.add_argument("--calibration", help="JSONL rows {text, label}, path or s3:// (needed by osd)")
+    serve.add_argument("--eval", help="JSONL rows {text, label} to score each delta on, path or s3://")
+    _add_sweep_arguments(serve, methods="magtruncsvd,truncsvd", budgets="1,2")
+    _add_runtime_arguments(serve)
+    serve.set_defaults(handler=_guarded(run_serve))
+
     demo = commands.add_parser("demo", help="the whole pipeline on packaged workloads, on this machine, no setup")
     demo.add_argument("--workloads", default="tiny", help="comma-separated workload names (default: tiny)")
     _add_sweep_arguments(demo, budgets="1,2", allocations="uniform,global")  # 12 variants: about 4 minutes here
@@ -103,11 +144,14 @@ def add_fleet_commands(commands: Any) -> None:
 
 
 def _add_sweep_arguments(
-    parser: argparse.ArgumentParser, *, budgets: str = "1,2,4", allocations: str = "uniform"
+    parser: argparse.ArgumentParser,
+    *,
+    budgets: str = "1,2,4",
+    allocations: str = "uniform",
+    methods: str = "magtruncsvd,osd,truncsvd",
 ) -> None:
     parser.add_argument("--budgets", default=budgets, help="budget ranks r, comma-separated: 32·r·(n+d) bits per layer")
-    parser.add_argument("--methods", default="magtruncsvd,osd,truncsvd",
-                        help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--methods", default=methods, help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--allocations", default=allocations, help="comma-separated, of uniform, global")
     parser.add_argument("--extra-rank", type=int, default=1, help="c: relaxed methods factor at k = r + c")
     parser.add_argument("--value-dtype", choices=tuple(VALUE_DTYPES), default="float32",
@@ -275,6 +319,57 @@ def run_demo_command(args: argparse.Namespace) -> int:
         min_accuracy=args.min_accuracy,
         runtime=runtime_options(args),
     )
+
+
+def run_notify(args: argparse.Namespace) -> int:
+    from flows.operations import notify_checkpoint
+
+    event = notify_checkpoint(
+        args.checkpoint, args.base, args.model, store=args.store, verify=args.verify, api_url=args.prefect_api_url
+    )
+    if args.json:
+        print(json.dumps(event.model_dump(mode="json"), sort_keys=True))
+    else:
+        print(f"{event.event} {args.model}: {args.checkpoint} (event {event.id})")
+    return 0
+
+
+def run_scan_command(args: argparse.Namespace) -> int:
+    from flows.operations import run_scan
+
+    report = run_scan(
+        args.prefix, args.base, args.store, sweep_from_args(args), calibration=args.calibration, eval=args.eval,
+        retry_failed=args.retry_failed, **runtime_options(args),
+    )
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report), sort_keys=True))
+    else:
+        print(report.summary)
+    for name, error in {**report.failed, **report.not_ready}.items():
+        print(f"osd-fleet: {name}: {error}", file=sys.stderr)
+    return EXIT_FAILED if report.failed else 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from flows.serve import serve_deployments
+
+    serve_deployments(
+        prefix_uri=args.prefix, base_uri=args.base, store_uri=args.store, cron=args.cron,
+        sweep=sweep_table(sweep_from_args(args)), calibration=args.calibration, eval=args.eval,
+        runtime=runtime_options(args),
+    )
+    return 0
+
+
+def sweep_table(sweep: SweepSpec) -> dict[str, Any]:
+    """A sweep as the ``[sweep]`` table of a fleet file: the JSON form deployments take as a parameter."""
+    return {
+        "ranks": list(sweep.ranks),
+        "methods": list(sweep.methods),
+        "allocations": list(sweep.allocations),
+        "group_mib": sweep.group_bytes / (1 << 20),
+        "compression": sweep.compression.to_dict(),
+    }
 
 
 def row_json(row: CatalogRow) -> dict[str, Any]:

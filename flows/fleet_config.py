@@ -216,6 +216,11 @@ def _sweep(data: Any) -> SweepSpec:
     return SweepSpec(**kwargs)
 
 
+def sweep_from_dict(data: Any) -> SweepSpec:
+    """A sweep from a mapping shaped like a fleet file's ``[sweep]`` table (deployment parameters, JSON)."""
+    return _sweep(data)
+
+
 def _table(data: Any, where: str, allowed: set[str] | None) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where} must be a table/object")
