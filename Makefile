@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock requirements-data.txt pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench reliability
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# docs/reliability.md: the fault and bad-input tests' own figures (about 3 minutes on 2 cores)
+reliability: $(STAMP)
+	OSD_RELIABILITY_OUT=docs/reliability.md $(PY) -m pytest -m reliability
 
 bench: $(STAMP)
 	$(PY) bench/svd_speed.py

@@ -1,6 +1,6 @@
 """Accuracy per byte on real fine-tunes: every method at equal paper-accounted bits.
 
-    python bench/quality.py --quick                       # CI: the `tiny` workload, a few minutes
+    python bench/quality.py --quick                       # CI: the `l3-rt` workload, a few minutes
     python bench/quality.py --workloads l6-rt,l6-tweets,l6-drug --ranks 1,2,4 --split eval
 
 For each workload, variant, budget rank r and extra rank c it runs the real path: calibration
@@ -34,40 +34,50 @@ from osd_core.compress import compress_checkpoint  # noqa: E402
 from osd_core.config import CompressionConfig  # noqa: E402
 from osd_core.reconstruct import reconstruct_checkpoint  # noqa: E402
 
-# Named variants: the baselines, the paper's OSD as we read it, and the measured alternatives.
+# Named variants: the baselines, the paper's OSD as we read it, and the measured alternatives. Every
+# variant names its encoding, so changing the library's defaults never changes what a name measures.
+PAPER = {"value_dtype": "float32", "positions": "index"}  # the paper: float32 values, flat indices
+PACKED = {"value_dtype": "int8", "positions": "auto"}  # the default: int8 values, bitmap or index
+FISHER_DAMAGE = {"method": "osd", "importance": "damage", "metric": "fisher", "allocation": "joint", "refit": 2}
 VARIANTS: dict[str, dict] = {
     "truncsvd": {"method": "truncsvd"},
-    "magtruncsvd": {"method": "magtruncsvd"},
-    "magtruncsvd-sigma-u": {"method": "magtruncsvd", "sigma": "u"},
-    "magtruncsvd-sigma-v": {"method": "magtruncsvd", "sigma": "v"},
-    "magtruncsvd-fp16": {"method": "magtruncsvd", "value_dtype": "float16"},
-    "sparse": {"method": "sparse"},
-    "osd-taylor": {"method": "osd", "importance": "taylor"},
-    "osd-taylor-at-rank-k": {"method": "osd", "importance": "taylor", "gradient_at": "reconstruction"},
-    "osd-path": {"method": "osd", "importance": "taylor", "gradient_at": "path"},
-    "osd-path-joint": {"method": "osd", "importance": "taylor", "gradient_at": "path", "allocation": "joint"},
+    "sparse": {"method": "sparse", **PAPER},
+    "magtruncsvd": {"method": "magtruncsvd", **PAPER},
+    "osd-taylor": {"method": "osd", "importance": "taylor", **PAPER},
+    # the default encoding, and the same masks in it
+    "magtruncsvd-int8": {"method": "magtruncsvd", **PACKED},
+    "osd-taylor-int8": {"method": "osd", "importance": "taylor", **PACKED},
+    "osd-fisher-damage-joint+refit-int8": {**FISHER_DAMAGE, **PACKED},
+    "sparse-int8": {"method": "sparse", **PACKED},
+    # other encodings
+    "magtruncsvd-fp16": {"method": "magtruncsvd", "value_dtype": "float16", "positions": "index"},
+    "magtruncsvd-bitmap": {"method": "magtruncsvd", "value_dtype": "float32", "positions": "auto"},
+    "magtruncsvd-fp16-bitmap": {"method": "magtruncsvd", "value_dtype": "float16", "positions": "auto"},
+    # where the singular values go
+    "magtruncsvd-sigma-u": {"method": "magtruncsvd", "sigma": "u", **PAPER},
+    "magtruncsvd-sigma-v": {"method": "magtruncsvd", "sigma": "v", **PAPER},
+    "magtruncsvd+refit": {"method": "magtruncsvd", "refit": 2, **PAPER},
+    # the paper's inferred choices and the importance directions of issue #7
+    "osd-taylor-at-rank-k": {"method": "osd", "importance": "taylor", "gradient_at": "reconstruction", **PAPER},
+    "osd-path": {"method": "osd", "importance": "taylor", "gradient_at": "path", **PAPER},
+    "osd-path-joint": {"method": "osd", "importance": "taylor", "gradient_at": "path", "allocation": "joint",
+                       **PAPER},
     "osd-path-joint+refit": {"method": "osd", "importance": "taylor", "gradient_at": "path", "allocation": "joint",
-                             "refit": 2},
-    "magtruncsvd+refit": {"method": "magtruncsvd", "refit": 2},
-    "osd-damage": {"method": "osd", "importance": "damage"},
-    "osd-damage-joint": {"method": "osd", "importance": "damage", "allocation": "joint"},
-    "osd-damage+refit": {"method": "osd", "importance": "damage", "refit": 2},
-    "osd-damage-joint+refit": {"method": "osd", "importance": "damage", "allocation": "joint", "refit": 2},
-    "osd-activation-damage-joint+refit": {"method": "osd", "importance": "damage", "metric": "activation",
-                                          "allocation": "joint", "refit": 2},
-    "osd-fisher-damage-joint+refit": {"method": "osd", "importance": "damage", "metric": "fisher",
-                                      "allocation": "joint", "refit": 2},
-    "osd-fisher-damage-joint+refit-fp16": {"method": "osd", "importance": "damage", "metric": "fisher",
-                                           "allocation": "joint", "refit": 2, "value_dtype": "float16"},
-    "osd-kfac-damage-joint+refit": {"method": "osd", "importance": "damage", "metric": "kfac",
-                                    "allocation": "joint", "refit": 2},
-    "osd-frobenius-damage-joint+refit": {"method": "osd", "importance": "damage", "metric": "frobenius",
-                                         "allocation": "joint", "refit": 2},
-    "osd-fisher-whiten-damage-joint+refit": {"method": "osd", "importance": "damage", "metric": "fisher",
-                                             "whiten": True, "allocation": "joint", "refit": 2},
-    "osd-whiten-damage+refit": {"method": "osd", "importance": "damage", "whiten": True, "refit": 2},
+                             "refit": 2, **PAPER},
+    "osd-damage": {"method": "osd", "importance": "damage", **PAPER},
+    "osd-damage-joint": {"method": "osd", "importance": "damage", "allocation": "joint", **PAPER},
+    "osd-damage+refit": {"method": "osd", "importance": "damage", "refit": 2, **PAPER},
+    "osd-damage-joint+refit": {"method": "osd", "importance": "damage", "allocation": "joint", "refit": 2,
+                               **PAPER},
+    "osd-fisher-damage-joint+refit": {**FISHER_DAMAGE, **PAPER},
+    "osd-fisher-damage-joint+refit-fp16": {**FISHER_DAMAGE, "value_dtype": "float16", "positions": "index"},
+    "osd-activation-damage-joint+refit": {**FISHER_DAMAGE, "metric": "activation", **PAPER},
+    "osd-kfac-damage-joint+refit": {**FISHER_DAMAGE, "metric": "kfac", **PAPER},
+    "osd-frobenius-damage-joint+refit": {**FISHER_DAMAGE, "metric": "frobenius", **PAPER},
+    "osd-fisher-whiten-damage-joint+refit": {**FISHER_DAMAGE, "whiten": True, **PAPER},
+    "osd-whiten-damage+refit": {"method": "osd", "importance": "damage", "whiten": True, "refit": 2, **PAPER},
     "osd-whiten-damage-joint+refit": {"method": "osd", "importance": "damage", "whiten": True,
-                                      "allocation": "joint", "refit": 2},
+                                      "allocation": "joint", "refit": 2, **PAPER},
 }
 
 
@@ -76,14 +86,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workloads", default="l6-rt")
     parser.add_argument("--variants", default="truncsvd,magtruncsvd,sparse,osd-taylor")
     parser.add_argument("--ranks", default="1,2")
-    parser.add_argument("--extra-ranks", default="2", help="c values swept for the relaxed methods")
+    parser.add_argument("--extra-ranks", default="auto",
+                        help="c values swept for the relaxed methods; auto: the default rule (3r for int8)")
     parser.add_argument("--split", choices=("val", "eval"), default="val")
     parser.add_argument("--results", type=Path, default=Path(".osd-fleet/quality.jsonl"))
-    parser.add_argument("--quick", action="store_true", help="tiny workload, r=1, a few variants (CI)")
+    parser.add_argument("--calib-rows", type=int, default=None,
+                        help="calibrate on the first N training rows in calibration order (default: the workload's)")
+    parser.add_argument("--quick", action="store_true", help="the l3-rt workload, r=1, a few variants (CI)")
+    parser.add_argument("--report", type=Path, metavar="JSONL",
+                        help="print the markdown tables of earlier results and exit (what README shows)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.workloads, args.ranks, args.extra_ranks = "tiny", "1", "2"
-        args.variants = "truncsvd,magtruncsvd,osd-taylor,osd-damage-joint+refit"
+        args.workloads, args.ranks, args.extra_ranks = "l3-rt", "1", "auto"
+        args.variants = "truncsvd,magtruncsvd,osd-taylor,magtruncsvd-int8"
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
@@ -102,7 +117,27 @@ def scale_row(workload) -> dict:
     }
 
 
-def run_point(workload, variant: str, config: CompressionConfig, split: str, scratch: Path, grads_cache: dict) -> dict:
+def calibration_file(workload, rows: int | None, scratch: Path) -> Path:
+    """The workload's calibration rows, or its first ``rows`` training rows in calibration order.
+
+    The workload's own calibration file is a prefix of that order, so more rows than it holds
+    extend it with further training rows (never validation or evaluation rows).
+    """
+    if rows is None:
+        return workload.calib_path
+    from workloads.data import load_splits
+    from workloads.jsonl import write_jsonl
+    from workloads.recipes import workload_recipe
+
+    recipe = workload_recipe(workload.name)
+    sizes = replace(recipe.sizes, calib=rows)
+    path = scratch / f"calib-{rows}.jsonl"
+    write_jsonl(load_splits(recipe.dataset, sizes, recipe.seed).calib, path)
+    return path
+
+
+def run_point(workload, variant: str, config: CompressionConfig, split: str, scratch: Path, grads_cache: dict,
+              calib_rows: int | None = None) -> dict:
     from workloads.evaluate import evaluate_checkpoint
 
     started = time.perf_counter()
@@ -111,11 +146,12 @@ def run_point(workload, variant: str, config: CompressionConfig, split: str, scr
         key = (config.gradient_at, config.k if config.gradient_at == "reconstruction" else None)  # noqa: E501
         if key not in grads_cache:
             t0 = time.perf_counter()
-            path = calibration_gradients(workload.base_dir, workload.finetuned_dir, workload.calib_path, config,
+            path = calibration_gradients(workload.base_dir, workload.finetuned_dir,
+                                         calibration_file(workload, calib_rows, scratch), config,
                                          scratch / f"grads-{len(grads_cache)}.safetensors")
             grads_cache[key] = (GradientFile(path), time.perf_counter() - t0)
         gradients, calib_seconds = grads_cache[key]
-    delta = scratch / f"delta-{variant}-{config.rank}-{config.extra_rank}"
+    delta = scratch / f"delta-{variant}-{config.rank}-{config.c}"
     report = compress_checkpoint(workload.base_dir, workload.finetuned_dir, delta, config, gradients=gradients,
                                  overwrite=True)
     restored = reconstruct_checkpoint(workload.base_dir, delta, scratch / "restored", overwrite=True)
@@ -123,17 +159,48 @@ def run_point(workload, variant: str, config: CompressionConfig, split: str, scr
     result = evaluate_checkpoint(restored, data, progress=False, tokenizer_dir=workload.base_dir)
     return {
         "workload": workload.name, "variant": variant, "r": config.rank,
-        "c": 0 if config.method == "truncsvd" else config.extra_rank, "split": split,
+        "c": config.c, "split": split,
         "budget_bits": report.budget_bits, "paper_bits": report.paper_bits, "bytes": report.bytes_written,
         "accuracy": result.accuracy, "macro_f1": result.macro_f1, "n": result.n,
-        "calibration_seconds": round(calib_seconds, 1), "seconds": round(time.perf_counter() - started, 1),
+        "calibration_rows": calib_rows, "calibration_seconds": round(calib_seconds, 1),
+        "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def report(path: Path) -> str:
+    """Markdown tables of the result rows in ``path``: per workload and split, variants by rank.
+
+    Each cell is the accuracy, its fraction of the full fine-tune and the delta's real bytes; the
+    c of the relaxed variants is given per rank (it follows r by default).
+    """
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for workload, split in dict.fromkeys((r["workload"], r["split"]) for r in rows):
+        group = [r for r in rows if (r["workload"], r["split"]) == (workload, split)]
+        first, ranks = group[0], sorted({r["r"] for r in group})
+        sizes = [first[key] / 1e6 for key in ("finetuned_bytes", "delta_fp16_bytes", "delta_fp16_zstd_bytes")]
+        out += [f"**{workload}**, {split} split ({first['n']:,} rows), full fine-tune {first['full_accuracy']:.4f}; "
+                "fine-tune {:.1f} MB, fp16 dense delta {:.1f} MB, zstd fp16 delta {:.1f} MB".format(*sizes),
+                "", "| variant | " + " | ".join(f"r = {r}" for r in ranks) + " |", "|---|" + "---|" * len(ranks)]
+        for variant in sorted({r["variant"] for r in group}, key=list(VARIANTS).index):
+            cells = []
+            for rank in ranks:
+                found = [r for r in group if r["variant"] == variant and r["r"] == rank]
+                cells.append(" / ".join(
+                    f"{r['accuracy']:.4f} ({r['accuracy'] / r['full_accuracy']:.1%}, {r['bytes'] / 1e3:,.0f} KB"
+                    + (f", c={r['c']})" if r["c"] else ")") for r in found) or "–")
+            out.append(f"| {variant} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     from workloads import build_workload
 
     args = parse_args(argv)
+    if args.report:
+        print(report(args.report))
+        return 0
     args.results.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.workloads.split(","):
@@ -149,11 +216,13 @@ def main(argv: list[str] | None = None) -> int:
             grads_cache: dict = {}
             for r in (int(x) for x in args.ranks.split(",")):
                 for variant in args.variants.split(","):
-                    spec = VARIANTS[variant]
-                    extras = [0] if spec["method"] in ("truncsvd", "sparse") else [int(c) for c in args.extra_ranks.split(",")]
+                    spec = dict(VARIANTS[variant])
+                    relaxed = spec["method"] not in ("truncsvd", "sparse")
+                    extras = [None if c == "auto" else int(c) for c in args.extra_ranks.split(",")] if relaxed else [0]
                     for c in extras:
                         config = replace(CompressionConfig(), rank=r, extra_rank=c, **spec)
-                        row = run_point(workload, variant, config, args.split, Path(tmp), grads_cache)
+                        row = run_point(workload, variant, config, args.split, Path(tmp), grads_cache,
+                                        args.calib_rows)
                         row.update(full_accuracy=full, **scale)
                         rows.append(row)
                         with args.results.open("a") as handle:

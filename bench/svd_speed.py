@@ -10,6 +10,7 @@ size the exact SVD is computed once (its cost does not depend on k); the randomi
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import time
 
 import torch
@@ -55,19 +56,19 @@ def main() -> None:
         n, d = (int(x) for x in size.split("x"))
         delta = synthetic_delta(n, d, args.device)
         grad = torch.randn(n, d, device=args.device)
-        exact_time, exact = timed(lambda: truncated_svd(delta, min(n, d), method="exact"), args.device, repeat=1)
+        exact_time, exact = timed(partial(truncated_svd, delta, min(n, d), method="exact"), args.device, repeat=1)
         norm = torch.linalg.norm(delta)
         for k in ranks:
             if k > min(n, d):
                 continue
-            rand_time, approx = timed(lambda: truncated_svd(delta, k, method="randomized"), args.device)
+            rand_time, approx = timed(partial(truncated_svd, delta, k, method="randomized"), args.device)
             best = torch.linalg.norm(delta - (exact.u[:, :k] * exact.s[:k]) @ exact.v[:, :k].T) / norm
             got = torch.linalg.norm(delta - (approx.u * approx.s) @ approx.v.T) / norm
             sigma_err = float(((approx.s - exact.s[:k]).abs() / exact.s[:k]).max())
-            tsvd_time, _ = timed(lambda: compress_matrix("w", delta, CompressionConfig(method="truncsvd", rank=k),
-                                                         device=args.device), args.device)
+            tsvd_time, _ = timed(partial(compress_matrix, "w", delta, CompressionConfig(method="truncsvd", rank=k),
+                                         device=args.device), args.device)
             osd_config = CompressionConfig(method="osd", rank=max(1, k // 2), extra_rank=k - max(1, k // 2))
-            osd_time, _ = timed(lambda: compress_matrix("w", delta, osd_config, grad, device=args.device), args.device)
+            osd_time, _ = timed(partial(compress_matrix, "w", delta, osd_config, grad, device=args.device), args.device)
             print(f"{size:>10} {k:>3} {exact_time:8.3f} {rand_time:8.4f} {exact_time / rand_time:7.1f}x "
                   f"{float(got / best - 1):10.2e} {sigma_err:9.2e} {osd_time / tsvd_time:7.2f}x")
 

@@ -259,7 +259,13 @@ class Catalog:
         return [k for k in self.store.list(PARTS_PREFIX) if k.endswith(".parquet")]
 
     def _read_part(self, key: str) -> pa.Table:
-        table = pq.read_table(pa.BufferReader(self.store.get_bytes(key, verify=True)))
+        data = self.store.get_bytes(key, verify=True)
+        try:
+            table = pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowException, OSError) as exc:  # a foreign or damaged object: refused, never guessed at
+            raise CatalogError(
+                f"catalog part {self.store.uri_for(key)} is not a readable parquet file: {exc}"
+            ) from None
         version = int((table.schema.metadata or {}).get(_FORMAT_KEY, b"0"))
         if version > CATALOG_FORMAT:
             raise CatalogError(

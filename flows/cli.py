@@ -19,7 +19,7 @@ from tqdm import tqdm
 from flows.fleet_cli import add_fleet_commands
 from osd_core import __version__
 from osd_core.config import (
-    ALLOCATIONS, GRADIENT_POINTS, IMPORTANCES, METHODS, METRICS, SIGMA_PLACEMENTS, SVD_METHODS, VALUE_DTYPES,
+    ALLOCATIONS, GRADIENT_POINTS, IMPORTANCES, METHODS, METRICS, POSITIONS, SIGMA_PLACEMENTS, SVD_METHODS, VALUE_DTYPES,
     CompressionConfig,
 )
 from osd_core.errors import ConfigError, OSDError
@@ -90,7 +90,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = CompressionConfig()
     parser.add_argument("--method", choices=METHODS, default=defaults.method)
     parser.add_argument("--rank", type=int, default=defaults.rank, help="budget rank r: 32·r·(n+d) bits per layer")
-    parser.add_argument("--extra-rank", type=int, default=defaults.extra_rank, help="c: factor at k = r + c")
+    parser.add_argument("--extra-rank", type=int, default=defaults.extra_rank,
+                        help="c: k = r + c (default: what dense factors of the value width fill; 3r for int8)")
     parser.add_argument("--sigma", choices=SIGMA_PLACEMENTS, default=defaults.sigma, help="where singular values go")
     parser.add_argument("--allocation", choices=ALLOCATIONS, default=defaults.allocation)
     parser.add_argument("--gradient-at", choices=GRADIENT_POINTS, default=defaults.gradient_at)
@@ -101,7 +102,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=defaults.whiten)
     parser.add_argument("--refit", type=int, default=defaults.refit, help="least-squares refit rounds")
     parser.add_argument("--value-dtype", choices=tuple(VALUE_DTYPES), default=defaults.value_dtype,
-                        help="stored value width (the paper counts float32)")
+                        help="stored value width (the paper counts float32; int8 adds a scale per column)")
+    parser.add_argument("--positions", choices=POSITIONS, default=defaults.positions,
+                        help="how kept entries are located: flat index (the paper), bitmap, or auto per layer")
     parser.add_argument("--svd", choices=SVD_METHODS, default=defaults.svd)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--compress-embeddings", action=argparse.BooleanOptionalAction,
@@ -113,7 +116,7 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
         method=args.method, rank=args.rank, extra_rank=args.extra_rank, sigma=args.sigma,
         allocation=args.allocation, gradient_at=args.gradient_at, svd=args.svd, seed=args.seed,
         importance=args.importance, metric=args.metric, whiten=args.whiten, refit=args.refit,
-        value_dtype=args.value_dtype,
+        value_dtype=args.value_dtype, positions=args.positions,
         compress_embeddings=args.compress_embeddings,
     )
 
@@ -142,7 +145,7 @@ def run_compress(args: argparse.Namespace) -> int:
                 overwrite=args.overwrite, on_layer=lambda layer, done, total: _advance(bar, done, total),
             )
     summary = {
-        "method": config.method, "r": config.rank, "c": config.extra_rank if config.method != "truncsvd" else 0,
+        "method": config.method, "r": config.rank, "c": config.c,
         "budget_bits": report.budget_bits, "paper_bits": report.paper_bits,
         "bytes_written": report.bytes_written, "payload_bytes": report.payload_bytes,
         "dense_bytes_fp16": report.dense_bytes_fp16, "seconds": round(report.seconds, 3),

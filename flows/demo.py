@@ -34,7 +34,7 @@ def run_demo(
     models, floors = [], {}
     for name in workloads:
         _say(f"workload {name}: loading (the first build fine-tunes it: a few minutes)")
-        workload = build_workload(name, progress=False)
+        workload = build_workload(name, progress=sys.stderr.isatty())  # the first build trains for minutes
         base, tuned = workload.scores["base"]["eval"], workload.scores["finetuned"]["eval"]
         _say(f"  base accuracy {base.accuracy:.4f}, fine-tune {tuned.accuracy:.4f} on {tuned.n} eval rows")
         models.append(

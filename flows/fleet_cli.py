@@ -20,7 +20,9 @@ from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from osd_core.config import GRADIENT_POINTS, METHODS, SIGMA_PLACEMENTS, SVD_METHODS, VALUE_DTYPES
+from osd_core.config import (
+    GRADIENT_POINTS, METHODS, POSITIONS, SIGMA_PLACEMENTS, SVD_METHODS, VALUE_DTYPES, CompressionConfig,
+)
 
 if TYPE_CHECKING:
     from flows.catalog import CatalogRow
@@ -68,17 +70,22 @@ def add_fleet_commands(commands: Any) -> None:
     catalog = commands.add_parser("catalog", help="query the artifact catalog")
     queries = catalog.add_subparsers(dest="query", required=True)
     smallest = queries.add_parser("smallest", help="the smallest artifact of a model meeting an accuracy floor")
-    smallest.add_argument("--store", required=True)
+    _add_store_argument(smallest)
     smallest.add_argument("--model", required=True)
     smallest.add_argument("--min-accuracy", required=True, type=float)
     smallest.add_argument("--metric", help="when a model has several metrics")
     smallest.add_argument("--json", action="store_true", help="print the row as one JSON object")
     smallest.set_defaults(handler=_guarded(run_smallest))
     listing = queries.add_parser("list", help="every catalog row (one per artifact)")
-    listing.add_argument("--store", required=True)
+    _add_store_argument(listing)
     listing.add_argument("--model", help="only this model's rows")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(handler=_guarded(run_list))
+    plot = queries.add_parser("plot", help="accuracy versus size of a model's deltas with the Pareto front, as PNG")
+    _add_store_argument(plot)
+    plot.add_argument("--model", required=True)
+    plot.add_argument("--out", required=True, type=Path, help="PNG file to write")
+    plot.set_defaults(handler=_guarded(run_plot))
 
     fetch = commands.add_parser("fetch", help="restore a model from its base and its smallest delta meeting a floor")
     fetch.add_argument("--store", required=True)
@@ -153,14 +160,25 @@ def _add_sweep_arguments(
     parser.add_argument("--budgets", default=budgets, help="budget ranks r, comma-separated: 32·r·(n+d) bits per layer")
     parser.add_argument("--methods", default=methods, help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--allocations", default=allocations, help="comma-separated, of uniform, global")
-    parser.add_argument("--extra-rank", type=int, default=1, help="c: relaxed methods factor at k = r + c")
-    parser.add_argument("--value-dtype", choices=tuple(VALUE_DTYPES), default="float32",
+    defaults = CompressionConfig()
+    parser.add_argument("--extra-rank", type=int, default=defaults.extra_rank,
+                        help="c: relaxed methods factor at k = r + c (default: 3r for int8 values, r for 16-bit)")
+    parser.add_argument("--value-dtype", choices=tuple(VALUE_DTYPES), default=defaults.value_dtype,
                         help="value width of the relaxed methods (truncsvd, which defines the budget, stays float32)")
+    parser.add_argument("--positions", choices=POSITIONS, default=defaults.positions,
+                        help="how the relaxed methods locate kept entries: index (the paper), bitmap, or auto")
     parser.add_argument("--sigma", choices=SIGMA_PLACEMENTS, default="sqrt")
     parser.add_argument("--gradient-at", choices=GRADIENT_POINTS, default="finetuned")
     parser.add_argument("--svd", choices=SVD_METHODS, default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--group-mib", type=float, default=32.0, help="layer-group size (float32 MiB per task)")
+
+
+def _add_store_argument(parser: argparse.ArgumentParser) -> None:
+    """``--store``, by default the ``$OSD_FLEET_STORE`` that deployments and ``infra/local-stack.sh`` set."""
+    default = os.environ.get("OSD_FLEET_STORE")
+    parser.add_argument("--store", default=default, required=default is None,
+                        help="artifact store and catalog: directory or s3://bucket/prefix (default: $OSD_FLEET_STORE)")
 
 
 def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
@@ -218,11 +236,10 @@ def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def sweep_from_args(args: argparse.Namespace) -> SweepSpec:
     from flows.fleet_config import SweepSpec, parse_csv
-    from osd_core.config import CompressionConfig
 
     template = CompressionConfig(
         extra_rank=args.extra_rank, sigma=args.sigma, gradient_at=args.gradient_at, svd=args.svd, seed=args.seed,
-        value_dtype=args.value_dtype,
+        value_dtype=args.value_dtype, positions=args.positions,
     )
     return SweepSpec(
         ranks=parse_csv(args.budgets, int, "--budgets"),
@@ -279,6 +296,23 @@ def run_list(args: argparse.Namespace) -> int:
             print(json.dumps(row_json(row), sort_keys=True))
     else:
         print(format_rows(rows) if rows else "(the catalog is empty)")
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from flows.catalog import Catalog
+    from flows.report import comparable_rows, finetuned_accuracy, pareto_front, plot_png
+    from flows.storage import open_store
+
+    rows = comparable_rows(Catalog(open_store(args.store)).rows(), args.model)
+    png = plot_png(rows, reference=finetuned_accuracy(rows))
+    try:
+        args.out.write_bytes(png)
+    except OSError as exc:
+        print(f"osd-fleet: error: cannot write {args.out}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    front = pareto_front([(row.bytes, row.accuracy) for row in rows])  # type: ignore[misc]
+    print(f"{args.out}: {len(rows)} deltas of {args.model}, {len(front)} on the Pareto front")
     return 0
 
 

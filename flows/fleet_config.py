@@ -75,7 +75,7 @@ class Variant:
 
     @property
     def label(self) -> str:
-        extra = f"+{self.config.extra_rank}" if self.config.method != "truncsvd" else ""
+        extra = f"+{self.config.c}" if self.config.method != "truncsvd" else ""
         return f"{self.config.method} r={self.config.rank}{extra} {self.allocation}"
 
 
@@ -121,8 +121,6 @@ class SweepSpec:
                     # truncsvd factors at k = r: c is meaningless there, so it must not change identities
                     extra_rank=0 if method == "truncsvd" else self.compression.extra_rank,
                     allocation=self.compression.allocation if method == "osd" else "equal",
-                    # truncsvd defines the budget in float32 values; it is the reference, not a variant
-                    value_dtype="float32" if method == "truncsvd" else self.compression.value_dtype,
                 )
                 out.extend(Variant(config, allocation) for allocation in dict.fromkeys(self.allocations))
         return tuple(out)

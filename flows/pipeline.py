@@ -11,6 +11,11 @@
 4. commit, in the flow: payloads verified, side files, then the manifest (``flows.artifacts``).
 5. evaluate, one Ray task per delta: reconstruct on the base, score on the eval rows.
 6. catalog, in the flow: one row per delta, appended after its manifest exists.
+7. report, in the flow: the run's rows as a table artifact and the model's accuracy-versus-size
+   plot (``flows.report``), stored next to the catalog and embedded in a markdown artifact.
+
+With eval data the fine-tune itself is scored too (one more evaluation task), so rows record the
+reference their accuracy is a fraction of (``params["finetuned_accuracy"]``).
 
 Every variant's work is submitted before any result is awaited, so Ray keeps all workers busy
 across variants; the flow blocks only where it needs a result (allocation, commit, catalog).
@@ -47,6 +52,16 @@ from flows.plan import (
     delta_id,
     gradient_key,
     plan_model,
+)
+from flows.report import (
+    ReportError,
+    artifact_key,
+    comparable_rows,
+    finetuned_accuracy,
+    plot_key,
+    plot_png,
+    report_markdown,
+    table_records,
 )
 from flows.runtime import start_runtime
 from flows.sources import sha256_of, side_files
@@ -195,6 +210,7 @@ class _Sweep:
         self.gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
         self.memory_cap = int(resources.get("memory", 8 << 30))
         self.failures: dict[str, BaseException] = {}
+        self.reference: PrefectFuture[EvalRecord] | None = None
         self.inputs = read_inputs(model)
 
     def run(self) -> tuple[CatalogRow, ...]:
@@ -224,6 +240,8 @@ class _Sweep:
             if t.variant.allocation == "global"
         }
         evaluations: dict[str, PrefectFuture[EvalRecord]] = {}
+        if todo and self.model.eval is not None:
+            self.reference = self._evaluate_finetuned()
         for t in todo:
             commit = committed[t.artifact_id] or self._commit(
                 t, staged.get(t.artifact_id), allocations.get(t.artifact_id)
@@ -246,7 +264,43 @@ class _Sweep:
                 outcome,
                 f"{row.bytes:,}",
             )
-        return tuple(rows[t.artifact_id] for t in targets)
+        ordered = tuple(rows[t.artifact_id] for t in targets)
+        self._publish(ordered, {t.artifact_id for t in todo}, catalog)
+        return ordered
+
+    def _publish(self, rows: Sequence[CatalogRow], new: set[str], catalog: Catalog) -> None:
+        """Table and plot artifacts for the Prefect UI; the PNG also goes to the store next to the catalog.
+
+        The plot only when this run added rows: a rerun that compressed nothing writes nothing to the
+        store. A view of the catalog, which is already written: a failure here warns and changes no outcome.
+        """
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+        name = self.model.name
+        try:
+            create_table_artifact(
+                table_records(rows, new=new, reference=self.finetuned_accuracy),
+                key=artifact_key("osd-fleet-rows", name),
+                description=f"Catalog rows of {name} for this run's sweep (new: compressed by this run).",
+            )
+            if not new:
+                return
+            plot = artifact_key("osd-fleet-plot", name)
+            try:
+                comparable = comparable_rows(catalog.rows(name), name)
+            except ReportError as exc:
+                create_markdown_artifact(f"### {name}: no plot\n\n{exc}", key=plot)
+                return
+            reference = finetuned_accuracy(comparable)
+            png = plot_png(comparable, reference=reference)
+            self.store.put_bytes(plot_key(name), png)
+            markdown = report_markdown(
+                comparable, png, plot_uri=self.store.uri_for(plot_key(name)), store_uri=self.store_uri,
+                reference=reference,
+            )
+            create_markdown_artifact(markdown, key=plot, description=f"Accuracy versus size of {name}'s deltas.")
+        except Exception as exc:  # noqa: BLE001 - a report must not fail a run whose catalog rows are written
+            self.log.warning("%s: publishing the report failed: %s: %s", name, type(exc).__name__, exc)
 
     def _calibrate(self, targets: Sequence[Target]) -> dict[str | None, PrefectFuture[str]]:
         """One calibration task per distinct gradient key (normally one per model)."""
@@ -327,6 +381,24 @@ class _Sweep:
         )
         return commit
 
+    def _evaluate_finetuned(self) -> PrefectFuture[EvalRecord]:
+        """Score the fine-tune itself on the eval rows: the reference of each delta's "of full"."""
+        job = EvalJob(self.model.name, "fine-tune", self.inputs.pair, self.store_uri, None, None, self.model.eval or "")
+        return submit(evaluate_task, job, gpus=0, memory_cap=self.memory_cap)
+
+    @cached_property
+    def finetuned_accuracy(self) -> float | None:
+        """The fine-tune's own accuracy this run measured; None without eval data or when scoring it failed."""
+        if self.reference is None:
+            return None
+        try:
+            return self.reference.result().accuracy
+        except Exception as exc:  # noqa: BLE001 - the deltas' rows stand without their reference
+            self.log.warning(
+                "%s: scoring the fine-tune itself failed: %s: %s", self.model.name, type(exc).__name__, exc
+            )
+            return None
+
     def _evaluate(self, t: Target, commit: CommittedDelta) -> PrefectFuture[EvalRecord]:
         job = EvalJob(
             self.model.name,
@@ -358,6 +430,8 @@ class _Sweep:
         }
         if record is not None:
             params.update(macro_f1=record.macro_f1, eval_rows=record.rows, eval_seconds=round(record.seconds, 3))
+            if self.finetuned_accuracy is not None:
+                params["finetuned_accuracy"] = self.finetuned_accuracy
         if t.artifact_id in self.failures:
             error = self.failures[t.artifact_id]
             params["error"] = f"{type(error).__name__}: {error}"
@@ -367,7 +441,7 @@ class _Sweep:
             base=pair.base_identity["path"],
             method=config.method,
             rank=config.rank,
-            extra_rank=config.extra_rank,
+            extra_rank=config.c,
             allocation=t.variant.allocation,
             budget_bits=commit.budget_bits if commit else t.plan.total_bits,
             paper_bits=commit.paper_bits if commit else 0,

@@ -90,6 +90,9 @@ def serve_deployments(*, runtime: dict[str, Any] | None = None, **deployment: An
 
     ready = start_runtime(**(runtime or {}))
     os.environ["RAY_ADDRESS"] = ready.ray_address  # flow-run subprocesses join this Ray
+    # Ray 2.60 starts clusters with token auth, and a driver joining by address sends the token only
+    # in token mode: without this the flow runs of a Ray started here fail with InvalidAuthToken.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("OSD_FLEET_STORE", deployment["store_uri"])
     # Training jobs need this URL to notify (PREFECT_API_URL), so say it even when it was chosen here.
     print(f"osd-fleet: serving on Prefect API {ready.api_url}, Ray {ready.ray_address}", file=sys.stderr)

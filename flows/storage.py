@@ -437,6 +437,14 @@ class S3Store(ObjectStore):
             ),
         )
         self.endpoint = _redact_url(self._client.meta.endpoint_url)
+        if self.endpoint != self._client.meta.endpoint_url:
+            # They sign nothing, and botocore's own errors (chained to ours, which Prefect logs
+            # with their tracebacks) quote the endpoint URL verbatim.
+            raise StorageError(
+                f"the S3 endpoint URL {self.endpoint} carries a user name or password; remove them from "
+                "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "or AWS_PROFILE instead"
+            )
         self._transfer_config = TransferConfig(
             multipart_threshold=multipart_threshold, multipart_chunksize=multipart_chunksize
         )

@@ -33,11 +33,14 @@ from safetensors.torch import save
 from . import __version__
 from .checkpoint import sha256_file
 from .errors import ArtifactError, CheckpointError, OSDError
-from .layer import PARTS, CompressedLayer
+from .layer import CompressedLayer
 from .safetensors_io import read_header, read_tensor
 
 FORMAT_NAME = "osd-fleet-delta"
-FORMAT_VERSION = 1
+# Version 2 added bitmap positions and int8 values with per-column scales; version 1 deltas
+# (indices and float values only) are a subset and stay readable.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 SHARD_BYTES = 1 << 30
 PAYLOAD_NAME = re.compile(r"payload-[A-Za-z0-9_.-]{1,100}\.safetensors")
@@ -226,11 +229,10 @@ class DeltaArtifact:
                 if info["file"] not in headers:
                     headers = {info["file"]: read_header(self.path / info["file"])}
                 entries = headers[info["file"]].tensors
-                for part in PARTS[info["kind"]]:
-                    key = f"{name}::{part}"
-                    if key not in entries:
-                        raise ArtifactError(f"{self.path / info['file']}: payload lacks tensor {key!r}")
-                    tensors[part] = read_tensor(entries[key])
+                tensors = {key.split("::", 1)[1]: read_tensor(entry) for key, entry in entries.items()
+                           if key.split("::", 1)[0] == name}
+                if not tensors:
+                    raise ArtifactError(f"{self.path / info['file']}: payload lacks the tensors of {name!r}")
             try:
                 yield CompressedLayer(
                     name, info["kind"], tuple(info["shape"]), tensors, k=info["k"],
@@ -244,10 +246,10 @@ def _check_manifest(manifest: Any, where: Path) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{where}: not an osd-fleet delta manifest (format must be {FORMAT_NAME!r})")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ArtifactError(
             f"{where}: format version {version!r} is not supported; this osd-fleet {__version__} reads "
-            f"version {FORMAT_VERSION}"
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
     for key in ("layers", "payloads", "files", "config", "base", "finetuned"):
         if not isinstance(manifest.get(key), dict):

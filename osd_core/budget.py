@@ -1,27 +1,60 @@
 """Bit accounting: the one place that says what a layer's encoding costs.
 
-Values default to 32 bits as in the paper; narrower values (``value_bits=16``) are a measured
-option beyond the paper, charged by the same rules against the same fp32-defined budget.
-
 Every method is charged by these functions, so methods compete under identical rules. The cost
 model is the paper's (arXiv 2511.02681, as summarised in shared/OSD.md): each kept entry of a
 sparse factor costs a 32-bit value plus one flat position index of ``ceil(log2(positions))`` bits.
 A factor kept whole needs no positions, which is why a dense rank-r truncated SVD costs exactly
 ``32·r·(n+d)`` bits: that is the per-layer budget ``B``.
 
-The real bytes of the on-disk encoding are reported separately (see ``osd_core.layer``); they
-differ from these paper bits and both are shown to users.
+Beyond the paper, an ``Encoding`` may store values narrower (16-bit floats, or 8-bit integers
+with one 32-bit scale per column) and positions as a bitmap of the factor (one bit per slot)
+instead of indices. These are charged by the same rules against the same fp32-defined budget, so
+an encoding earns its place only by fitting more of the delta into the same bits. The stored
+bytes follow these bits closely (bitmaps are packed; indices are 16- or 32-bit integers, see
+``osd_core.layer``); both are shown to users.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .errors import BudgetError, ConfigError
 
 VALUE_BITS = 32
+POSITION_ENCODINGS = ("index", "bitmap")
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How kept entries of one matrix are stored, as far as the bit count is concerned.
+
+    ``scale_bits`` is charged once per column of the encoded matrix (8-bit values carry a 32-bit
+    scale per column, that is per singular vector of a factor).
+    """
+
+    value_bits: int = VALUE_BITS
+    positions: str = "index"
+    scale_bits: int = 0
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITION_ENCODINGS:
+            raise ConfigError(f"positions must be one of {', '.join(POSITION_ENCODINGS)}; got {self.positions!r}")
+        if self.value_bits < 1 or self.scale_bits < 0:
+            raise ConfigError(f"value_bits must be >= 1 and scale_bits >= 0, got {self.value_bits}, {self.scale_bits}")
+
+    def entry_bits(self, rows: int, cols: int) -> int:
+        """Bits of one more kept entry of a ``rows × cols`` matrix that is not kept whole."""
+        return self.value_bits + (index_bits(rows * cols) if self.positions == "index" else 0)
+
+    def fixed_bits(self, rows: int, cols: int) -> int:
+        """Bits a sparse ``rows × cols`` matrix costs before its first entry: bitmap and scales."""
+        return (rows * cols if self.positions == "bitmap" else 0) + self.scale_bits * cols
+
+
+PAPER = Encoding()
 
 
 def index_bits(positions: int) -> int:
@@ -31,24 +64,24 @@ def index_bits(positions: int) -> int:
     return math.ceil(math.log2(positions))
 
 
-def factor_bits(rows: int, k: int, kept: int, value_bits: int = VALUE_BITS) -> int:
-    """Paper-accounted bits of an ``rows × k`` factor with ``kept`` entries kept."""
+def factor_bits(rows: int, k: int, kept: int, encoding: Encoding = PAPER) -> int:
+    """Bits of an ``rows × k`` factor with ``kept`` entries kept (paper accounting by default)."""
     total = rows * k
     if not 0 <= kept <= total:
         raise ConfigError(f"kept entries must lie in [0, {total}], got {kept}")
     if kept == total:
-        return value_bits * kept
-    return (value_bits + index_bits(total)) * kept
+        return encoding.value_bits * kept + encoding.scale_bits * k
+    return encoding.fixed_bits(rows, k) + encoding.entry_bits(rows, k) * kept
 
 
-def factored_bits(n: int, d: int, k: int, s_u: int, s_v: int, value_bits: int = VALUE_BITS) -> int:
-    """Paper bits of ``U`` (n×k, ``s_u`` kept) and ``V`` (d×k, ``s_v`` kept): the paper's ``mu``."""
-    return factor_bits(n, k, s_u, value_bits) + factor_bits(d, k, s_v, value_bits)
+def factored_bits(n: int, d: int, k: int, s_u: int, s_v: int, encoding: Encoding = PAPER) -> int:
+    """Bits of ``U`` (n×k, ``s_u`` kept) and ``V`` (d×k, ``s_v`` kept): the paper's ``mu``."""
+    return factor_bits(n, k, s_u, encoding) + factor_bits(d, k, s_v, encoding)
 
 
-def sparse_bits(n: int, d: int, kept: int, value_bits: int = VALUE_BITS) -> int:
-    """Paper bits of ``kept`` entries of an n×d matrix stored as values plus flat indices."""
-    return factor_bits(n, d, kept, value_bits)
+def sparse_bits(n: int, d: int, kept: int, encoding: Encoding = PAPER) -> int:
+    """Bits of ``kept`` entries of an n×d matrix stored as values plus positions."""
+    return factor_bits(n, d, kept, encoding)
 
 
 def layer_budget(n: int, d: int, rank: int) -> int:
@@ -58,19 +91,19 @@ def layer_budget(n: int, d: int, rank: int) -> int:
     return VALUE_BITS * rank * (n + d)
 
 
-def equal_density_counts(n: int, d: int, k: int, budget: int, value_bits: int = VALUE_BITS) -> tuple[int, int]:
+def equal_density_counts(n: int, d: int, k: int, budget: int, encoding: Encoding = PAPER) -> tuple[int, int]:
     """The largest equal-density counts ``(s_u, s_v)`` of a rank-``k`` factorisation within ``budget``.
 
     Both factors keep the same fraction of their entries. When the whole factorisation fits the
     budget densely it is kept whole (so rank ``k = r`` reproduces the truncated SVD exactly).
     """
-    if factored_bits(n, d, k, n * k, d * k, value_bits) <= budget:
+    if factored_bits(n, d, k, n * k, d * k, encoding) <= budget:
         return n * k, d * k
-    cost_u = value_bits + index_bits(n * k)
-    cost_v = value_bits + index_bits(d * k)
-    density = min(budget / (n * k * cost_u + d * k * cost_v), 1.0)
-    s_u, s_v = math.floor(density * n * k), math.floor(density * d * k)
-    while s_u > 0 and s_v > 0 and factored_bits(n, d, k, s_u, s_v, value_bits) > budget:
+    free = budget - encoding.fixed_bits(n, k) - encoding.fixed_bits(d, k)
+    per_density = n * k * encoding.entry_bits(n, k) + d * k * encoding.entry_bits(d, k)
+    density = min(max(free, 0) / per_density, 1.0)
+    s_u, s_v = min(math.floor(density * n * k), n * k - 1), min(math.floor(density * d * k), d * k - 1)
+    while s_u > 0 and s_v > 0 and factored_bits(n, d, k, s_u, s_v, encoding) > budget:
         if s_u * d >= s_v * n:
             s_u -= 1
         else:
@@ -80,42 +113,43 @@ def equal_density_counts(n: int, d: int, k: int, budget: int, value_bits: int = 
 
 
 def joint_counts(
-    score_u: torch.Tensor, score_v: torch.Tensor, budget: int, value_bits: int = VALUE_BITS
+    score_u: torch.Tensor, score_v: torch.Tensor, budget: int, encoding: Encoding = PAPER
 ) -> tuple[int, int]:
     """Counts that keep the highest-scoring entries of both factors together within ``budget``.
 
     Scores of ``U`` and ``V`` must be commensurate (the Taylor estimates of loss change are). The
-    entries are ranked jointly and taken in order while the paper bits stay within budget; the best
+    entries are ranked jointly and taken in order while the bits stay within budget; the best
     entry of each factor always comes first, since a factor with nothing kept zeroes the product.
     When the whole factorisation fits it is kept whole.
     """
     (n, k), (d, _) = score_u.shape, score_v.shape
-    if factored_bits(n, d, k, n * k, d * k, value_bits) <= budget:
+    if factored_bits(n, d, k, n * k, d * k, encoding) <= budget:
         return n * k, d * k
-    cost_u = value_bits + index_bits(n * k)
-    cost_v = value_bits + index_bits(d * k)
+    cost_u, cost_v = encoding.entry_bits(n, k), encoding.entry_bits(d, k)
+    free = budget - encoding.fixed_bits(n, k) - encoding.fixed_bits(d, k)
     scores = torch.cat([score_u.reshape(-1), score_v.reshape(-1)]).float()
     scores[int(score_u.reshape(-1).argmax())] = float("inf")
     scores[n * k + int(score_v.reshape(-1).argmax())] = float("inf")
     from_u = torch.cat([torch.ones(n * k, dtype=torch.bool), torch.zeros(d * k, dtype=torch.bool)])
     order = torch.argsort(scores, descending=True, stable=True)
     costs = torch.where(from_u[order], cost_u, cost_v).to(torch.int64)
-    taken = int(torch.searchsorted(torch.cumsum(costs, 0), budget, right=True))
-    s_u = int(from_u[order[:taken]].sum())
-    s_v = taken - s_u
+    taken = int(torch.searchsorted(torch.cumsum(costs, 0), max(free, 0), right=True))
+    s_u = min(int(from_u[order[:taken]].sum()), n * k - 1)
+    s_v = min(taken - int(from_u[order[:taken]].sum()), d * k - 1)
     _require_entries(s_u, s_v, n, d, k, budget)
     return s_u, s_v
 
 
-def sparse_count(n: int, d: int, budget: int, value_bits: int = VALUE_BITS) -> int:
-    """How many entries of an n×d matrix (values plus flat indices) fit in ``budget`` bits."""
-    if value_bits * n * d <= budget:
+def sparse_count(n: int, d: int, budget: int, encoding: Encoding = PAPER) -> int:
+    """How many entries of an n×d matrix (values plus positions) fit in ``budget`` bits."""
+    if factor_bits(n, d, n * d, encoding) <= budget:
         return n * d
-    kept = min(budget // (value_bits + index_bits(n * d)), n * d - 1)
+    free = budget - encoding.fixed_bits(n, d)
+    kept = min(max(free, 0) // encoding.entry_bits(n, d), n * d - 1)
     if kept < 1:
         raise BudgetError(
             f"a budget of {budget} bits cannot hold one entry of a {n}x{d} matrix "
-            f"({value_bits + index_bits(n * d)} bits each)"
+            f"({encoding.entry_bits(n, d)} bits each after {encoding.fixed_bits(n, d)} fixed)"
         )
     return kept
 

@@ -94,7 +94,7 @@ def calibration_gradients(
     base, finetuned = Checkpoint.open(base_dir), Checkpoint.open(finetuned_dir)
     names = [p.name for p in plan_pair(base, finetuned, config) if p.action == "factorise"]
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(finetuned.path), use_safetensors=True, torch_dtype=torch.float32
+        str(finetuned.path), use_safetensors=True, dtype=torch.float32
     )
     rows = read_rows(calibration, num_labels=model.config.num_labels)
     tokenizer = AutoTokenizer.from_pretrained(str(finetuned.path))

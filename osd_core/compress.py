@@ -92,7 +92,7 @@ def plan_pair(base: Checkpoint, finetuned: Checkpoint, config: CompressionConfig
         raise MissingTensorError(
             f"{finetuned.path}: lacks {len(missing)} tensor(s) of the base, e.g. {missing[0]!r}"
         )
-    plans = []
+    plans, compressible = [], []
     for name, entry in finetuned.tensors.items():
         role = policy.role(name)
         if name not in base.tensors:
@@ -112,9 +112,17 @@ def plan_pair(base: Checkpoint, finetuned: Checkpoint, config: CompressionConfig
             action = "copy"
         elif role in FACTORISED_ROLES and (role is Role.LINEAR or config.compress_embeddings):
             action = "factorise" if _fits_rank(entry.shape, config) else "dense"
+            compressible.append(entry.shape)
         else:
             action = "dense"
         plans.append(LayerPlan(name, role, action, entry.shape, entry.dtype))
+    if compressible and not any(plan.action == "factorise" for plan in plans):
+        # Small matrices (a 2-class head) are stored dense by design; every matrix is a mistaken rank.
+        largest = max(min(shape) for shape in compressible)
+        raise ConfigError(
+            f"rank k = {config.k} exceeds min(n, d) of every matrix to compress (the largest is {largest}); "
+            "nothing would be compressed: lower --rank or --extra-rank"
+        )
     return plans
 
 

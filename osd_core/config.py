@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .budget import VALUE_BITS, Encoding
 from .errors import ConfigError
 
 METHODS = ("truncsvd", "magtruncsvd", "sparse", "osd")
@@ -13,7 +14,8 @@ ALLOCATIONS = ("equal", "joint")
 GRADIENT_POINTS = ("finetuned", "reconstruction", "path")
 IMPORTANCES = ("taylor", "damage")
 METRICS = ("frobenius", "activation", "fisher", "kfac")
-VALUE_DTYPES = {"float32": 32, "float16": 16, "bfloat16": 16}
+VALUE_DTYPES = {"float32": 32, "float16": 16, "bfloat16": 16, "int8": 8}
+POSITIONS = ("index", "bitmap", "auto")
 SVD_METHODS = ("auto", "exact", "randomized")
 
 
@@ -22,7 +24,8 @@ class CompressionConfig:
     """How to compress every compressible matrix of one model.
 
     ``rank`` (r) fixes the per-layer budget ``32·r·(n+d)`` bits; the relaxed methods factor at
-    ``k = rank + extra_rank`` and sparsify. The documented-but-inferred choices of the method
+    ``k = rank + c`` and sparsify (``c``: ``extra_rank``, or by default the rank dense factors of
+    the value width would fill). The documented-but-inferred choices of the method
     (shared/OSD.md) are parameters so the quality benchmark can settle them by measurement:
 
     - ``sigma``: where singular values go (``"sqrt"`` on both sides, into ``"u"`` or ``"v"``).
@@ -39,15 +42,19 @@ class CompressionConfig:
       diagonal, as Fisher-weighted SVD) or ``"kfac"`` (both).
     - ``whiten``: factor the delta in that metric instead of plain Frobenius.
     - ``refit``: rounds of alternating least squares on the kept values after masking.
-    - ``value_dtype``: width of stored values. The paper counts 32-bit values; 16-bit values buy
-      more entries under the same budget (beyond the paper; measured, see README).
+    - ``value_dtype``: width of stored values. The paper counts 32-bit values; 16-bit floats, or
+      8-bit integers with a 32-bit scale per singular vector (``"int8"``), buy more entries under
+      the same budget (beyond the paper; measured, see README).
+    - ``positions``: kept entries located by flat ``"index"`` (the paper), by a ``"bitmap"`` of
+      the factor, or ``"auto"``: per layer, whichever keeps more entries within the budget.
     """
 
-    # The default is the method that measured best per byte (README, "Results"); "osd" is the
-    # paper's method as we read it, kept selectable and measured beside it.
+    # The defaults are what measured best per byte on validation splits (README, "Results"):
+    # magnitude masks of a rank-4r factorisation, int8 values, positions by bitmap or index.
+    # "osd" with float32 values and indices is the paper's method as we read it, measured beside it.
     method: str = "magtruncsvd"
     rank: int = 1
-    extra_rank: int = 2
+    extra_rank: int | None = None
     sigma: str = "sqrt"
     allocation: str = "equal"
     gradient_at: str = "finetuned"
@@ -55,7 +62,8 @@ class CompressionConfig:
     metric: str = "fisher"
     whiten: bool = False
     refit: int = 0
-    value_dtype: str = "float32"
+    value_dtype: str = "int8"
+    positions: str = "auto"
     svd: str = "auto"
     power_iters: int = 4
     seed: int = 0
@@ -70,25 +78,50 @@ class CompressionConfig:
         _choice("importance", self.importance, IMPORTANCES)
         _choice("metric", self.metric, METRICS)
         _choice("value_dtype", self.value_dtype, tuple(VALUE_DTYPES))
+        _choice("positions", self.positions, POSITIONS)
         if not isinstance(self.refit, int) or self.refit < 0:
             raise ConfigError(f"refit must be an integer >= 0, got {self.refit!r}")
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ConfigError(f"rank must be an integer >= 1, got {self.rank!r}")
-        if not isinstance(self.extra_rank, int) or self.extra_rank < 0:
-            raise ConfigError(f"extra_rank must be an integer >= 0, got {self.extra_rank!r}")
+        if self.extra_rank is not None and (not isinstance(self.extra_rank, int) or self.extra_rank < 0):
+            raise ConfigError(f"extra_rank must be an integer >= 0 (or None: fill the budget), got {self.extra_rank!r}")
         if self.power_iters < 0:
             raise ConfigError(f"power_iters must be >= 0, got {self.power_iters}")
         if self.allocation == "joint" and self.method != "osd":
             raise ConfigError("allocation='joint' needs commensurate scores: only method 'osd' has them")
 
     @property
+    def c(self) -> int:
+        """The extra rank: ``extra_rank``, or by default the rank dense factors of the stored value
+        width would fill (``32/bits - 1`` times r: 3r for int8, r for 16-bit), at least 1."""
+        if self.method == "truncsvd":
+            return 0
+        if self.extra_rank is not None:
+            return self.extra_rank
+        return max(1, self.rank * (VALUE_BITS // self.value_bits - 1))
+
+    @property
     def k(self) -> int:
         """The factorisation rank: ``r`` for truncsvd, ``r + c`` for the relaxed methods."""
-        return self.rank if self.method == "truncsvd" else self.rank + self.extra_rank
+        return self.rank + self.c
+
+    @property
+    def stored_dtype(self) -> str:
+        """The value type written: ``value_dtype``, except float32 for truncsvd, which defines the
+        budget as dense float32 factors (narrower values would leave most of it unspent)."""
+        return "float32" if self.method == "truncsvd" else self.value_dtype
 
     @property
     def value_bits(self) -> int:
-        return VALUE_DTYPES[self.value_dtype]
+        return VALUE_DTYPES[self.stored_dtype]
+
+    @property
+    def encodings(self) -> tuple[Encoding, ...]:
+        """The bit encodings a layer may use: one, or both position encodings under ``"auto"``."""
+        scale = 32 if self.stored_dtype == "int8" else 0
+        positions = "index" if self.method == "truncsvd" else self.positions
+        kinds = ("index", "bitmap") if positions == "auto" else (positions,)
+        return tuple(Encoding(self.value_bits, kind, scale) for kind in kinds)
 
     @property
     def needs_gradients(self) -> bool:

@@ -12,15 +12,19 @@ truncated SVD, top-s masks), so they differ only where the methods differ:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
-from .budget import equal_density_counts, factored_bits, joint_counts, layer_budget, sparse_bits, sparse_count
-from .config import VALUE_DTYPES, CompressionConfig
-from .errors import CheckpointError, ConfigError
-from .layer import CompressedLayer, index_dtype
+from .budget import Encoding, equal_density_counts, factored_bits, joint_counts, layer_budget, sparse_bits, sparse_count
+from .config import CompressionConfig
+from .errors import BudgetError, CheckpointError, ConfigError
+from .layer import CompressedLayer, index_dtype, pack_bitmap
 from .svd import Factors, truncated_svd
+
+T = TypeVar("T")
 
 
 def compress_matrix(
@@ -57,11 +61,11 @@ def compress_matrix(
         if not bool(delta.any()):
             return CompressedLayer(name, "zero", (n, d), budget_bits=budget)
         if config.method == "sparse":
-            return _sparse(name, delta, budget, config.value_dtype)
+            return _sparse(name, delta, budget, config)
         metric = OutputMetric.build(name, (n, d), row_weight, input_cov, device)
         u, v = _factor(delta, config, metric)
         if config.method == "truncsvd":
-            return _factored(name, (n, d), u, v, None, None, budget, config.value_dtype)
+            return _factored(name, (n, d), u, v, None, None, budget, config, config.encodings[0])
         if config.method == "magtruncsvd":
             score_u, score_v = u.abs(), v.abs()
         elif config.importance == "damage":
@@ -74,14 +78,35 @@ def compress_matrix(
             grad = grad.to(device=device, dtype=torch.float32)
             _require_finite(name, "gradient", grad)
             score_u, score_v = taylor_scores(u, v, grad)
-        if config.allocation == "joint":
-            s_u, s_v = joint_counts(score_u.cpu(), score_v.cpu(), budget, config.value_bits)
-        else:
-            s_u, s_v = equal_density_counts(n, d, config.k, budget, config.value_bits)
+        (s_u, s_v), encoding = _most_entries(
+            config.encodings, lambda enc: _counts(score_u, score_v, budget, config, enc), total=sum
+        )
         keep_u, keep_v = _top(score_u, s_u), _top(score_v, s_v)
         if config.refit:
             u, v = refit_kept(delta, u, v, keep_u, keep_v, metric, rounds=config.refit)
-        return _factored(name, (n, d), u, v, keep_u, keep_v, budget, config.value_dtype)
+        return _factored(name, (n, d), u, v, keep_u, keep_v, budget, config, encoding)
+
+
+def _most_entries(encodings: tuple[Encoding, ...], counts: Callable[[Encoding], T],
+                  total: Callable[[T], int]) -> tuple[T, Encoding]:
+    """The counts (and encoding) that keep the most entries; an encoding that fits none is skipped."""
+    fitted, refusal = [], None
+    for encoding in encodings:
+        try:
+            fitted.append((counts(encoding), encoding))
+        except BudgetError as exc:
+            refusal = exc
+    if not fitted:
+        raise refusal  # type: ignore[misc]
+    return max(fitted, key=lambda found: total(found[0]))
+
+
+def _counts(score_u: torch.Tensor, score_v: torch.Tensor, budget: int, config: CompressionConfig,
+            encoding: Encoding) -> tuple[int, int]:
+    """Kept entries of each factor under ``encoding``: equal density, or ranked jointly by score."""
+    if config.allocation == "joint":
+        return joint_counts(score_u.cpu(), score_v.cpu(), budget, encoding)
+    return equal_density_counts(score_u.shape[0], score_v.shape[0], config.k, budget, encoding)
 
 
 # Calibration statistics are normalised to mean 1 and floored (a ridge for the covariance), so rows
@@ -274,33 +299,54 @@ def _factored(
     keep_u: torch.Tensor | None,
     keep_v: torch.Tensor | None,
     budget: int,
-    value_dtype: str,
+    config: CompressionConfig,
+    encoding: Encoding,
 ) -> CompressedLayer:
     (n, d), k = shape, u.shape[1]
-    u_index, u_values = _encode(u, keep_u, value_dtype)
-    v_index, v_values = _encode(v, keep_v, value_dtype)
-    bits = factored_bits(n, d, k, u_values.numel(), v_values.numel(), VALUE_DTYPES[value_dtype])
-    tensors = {"u.index": u_index, "u.values": u_values, "v.index": v_index, "v.values": v_values}
+    tensors = {**_encode(u, keep_u, config.stored_dtype, encoding, "u."),
+               **_encode(v, keep_v, config.stored_dtype, encoding, "v.")}
+    bits = factored_bits(n, d, k, tensors["u.values"].numel(), tensors["v.values"].numel(), encoding)
     return CompressedLayer(name, "factored", shape, tensors, k=k, budget_bits=budget, paper_bits=bits)
 
 
-def _encode(factor: torch.Tensor, keep: torch.Tensor | None, value_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values and flat positions of the kept entries; a factor kept whole stores no positions."""
-    flat = factor.reshape(-1)
-    dtype = getattr(torch, value_dtype)
-    if keep is None or keep.numel() == flat.numel():
-        return torch.empty(0, dtype=index_dtype(flat.numel())), flat.to(dtype).cpu().clone()
-    return keep.to(device="cpu", dtype=index_dtype(flat.numel())), flat[keep].to(dtype).cpu().clone()
+def _encode(matrix: torch.Tensor, keep: torch.Tensor | None, value_dtype: str, encoding: Encoding,
+            prefix: str) -> dict[str, torch.Tensor]:
+    """The payload parts of the kept entries of ``matrix`` (flat positions ``keep``; ``None``: all).
+
+    A matrix kept whole stores no positions (an empty index). int8 values are scaled per column so
+    that the column's largest kept magnitude maps to 127.
+    """
+    rows, cols = matrix.shape
+    flat = matrix.reshape(-1)
+    whole = keep is None or keep.numel() == flat.numel()
+    keep = torch.arange(flat.numel(), device=flat.device) if whole else keep.to(flat.device)
+    parts: dict[str, torch.Tensor] = {}
+    if whole or encoding.positions == "index":
+        index = torch.empty(0) if whole else keep
+        parts[f"{prefix}index"] = index.to(device="cpu", dtype=index_dtype(flat.numel()))
+    else:
+        mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        mask[keep] = True
+        parts[f"{prefix}bitmap"] = pack_bitmap(mask).cpu()
+    values = flat[keep]
+    if value_dtype == "int8":
+        column = keep % cols
+        peak = torch.zeros(cols, device=flat.device).scatter_reduce(0, column, values.abs(), "amax")
+        scale = peak / 127
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        parts[f"{prefix}values"] = (values / safe[column]).round().clamp(-127, 127).to(torch.int8).cpu()
+        parts[f"{prefix}scale"] = scale.float().cpu()
+    else:
+        parts[f"{prefix}values"] = values.to(getattr(torch, value_dtype)).cpu().clone()
+    return parts
 
 
-def _sparse(name: str, delta: torch.Tensor, budget: int, value_dtype: str) -> CompressedLayer:
+def _sparse(name: str, delta: torch.Tensor, budget: int, config: CompressionConfig) -> CompressedLayer:
     n, d = delta.shape
-    value_bits = VALUE_DTYPES[value_dtype]
-    kept = sparse_count(n, d, budget, value_bits)
-    index, values = _encode(delta, _top(delta.abs(), kept), value_dtype)
+    kept, encoding = _most_entries(config.encodings, lambda enc: sparse_count(n, d, budget, enc), total=int)
+    parts = _encode(delta, _top(delta.abs(), kept), config.stored_dtype, encoding, "")
     return CompressedLayer(
-        name, "sparse", (n, d), {"index": index, "values": values}, budget_bits=budget,
-        paper_bits=sparse_bits(n, d, kept, value_bits),
+        name, "sparse", (n, d), parts, budget_bits=budget, paper_bits=sparse_bits(n, d, kept, encoding),
     )
 
 

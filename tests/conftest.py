@@ -16,14 +16,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-pytest_plugins = ["tests.s3_server"]
+pytest_plugins = ["tests.s3_server", "tests.reliability"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def perturb(state: dict[str, torch.Tensor], seed: int, *, rank: int = 4, scale: float = 0.02) -> dict[str, torch.Tensor]:
+def perturb(
+    state: dict[str, torch.Tensor], seed: int, *, rank: int = 4, scale: float = 0.02
+) -> dict[str, torch.Tensor]:
     """A fine-tune-like delta: low rank plus a little sparse noise on matrices, noise on vectors."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
@@ -75,7 +77,8 @@ def calibration_file(tmp_path_factory) -> Path:
 
 
 def write_bert_like(path: Path, *, layers: int, hidden: int, intermediate: int, vocab: int, seed: int,
-                    shard_bytes: int | None = None, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                    shard_bytes: int | None = None,
+                    base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """A synthetic checkpoint with BERT tensor names (no transformers), optionally sharded."""
     gen = torch.Generator().manual_seed(seed)
     shapes = {"bert.embeddings.word_embeddings.weight": (vocab, hidden),

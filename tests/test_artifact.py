@@ -3,6 +3,7 @@
 import json
 import random
 import shutil
+import time
 
 import pytest
 import torch
@@ -15,10 +16,12 @@ from osd_core.layer import CompressedLayer
 from osd_core.reconstruct import reconstruct_checkpoint
 
 
-@pytest.fixture
-def delta(synthetic_pair, tmp_path):
+@pytest.fixture(params=[{}, {"value_dtype": "int8", "positions": "bitmap"}], ids=["paper", "int8-bitmap"])
+def delta(synthetic_pair, tmp_path, request):
+    """A delta in the paper's encoding (indices, float32) and in the packed one (bitmaps, int8)."""
     base, tuned = synthetic_pair
-    compress_checkpoint(base, tuned, tmp_path / "delta", CompressionConfig(method="magtruncsvd", rank=1, extra_rank=2))
+    config = CompressionConfig(method="magtruncsvd", rank=1, extra_rank=2, **request.param)
+    compress_checkpoint(base, tuned, tmp_path / "delta", config)
     return tmp_path / "delta"
 
 
@@ -30,7 +33,7 @@ def rewrite_manifest(path, change):
 
 def test_manifest_records_provenance_and_checksums(delta):
     manifest = DeltaArtifact.open(delta).manifest
-    assert manifest["format"] == "osd-fleet-delta" and manifest["format_version"] == 1
+    assert manifest["format"] == "osd-fleet-delta" and manifest["format_version"] == 2
     assert manifest["config"]["method"] == "magtruncsvd" and manifest["osd_fleet_version"]
     assert len(manifest["base"]["sha256"]) == 64 and len(manifest["finetuned"]["sha256"]) == 64
     assert all(len(info["sha256"]) == 64 for info in manifest["payloads"].values())
@@ -38,8 +41,8 @@ def test_manifest_records_provenance_and_checksums(delta):
 
 
 def test_newer_format_version_is_refused(delta):
-    rewrite_manifest(delta, lambda m: m.update(format_version=2))
-    with pytest.raises(ArtifactError, match="format version 2 is not supported"):
+    rewrite_manifest(delta, lambda m: m.update(format_version=3))
+    with pytest.raises(ArtifactError, match="format version 3 is not supported"):
         DeltaArtifact.open(delta)
 
 
@@ -90,13 +93,14 @@ def test_payload_names_cannot_escape_the_delta():
         encode_payload("../evil.safetensors", [])
 
 
-def test_fuzzed_artifacts_fail_cleanly_or_reconstruct_exactly(synthetic_pair, delta, tmp_path):
+def test_fuzzed_artifacts_fail_cleanly_or_reconstruct_exactly(synthetic_pair, delta, tmp_path, reliability):
     """Random truncations and bit flips anywhere: always an OSDError, never different weights."""
+    started = time.monotonic()
     base, _ = synthetic_pair
     reference = reconstruct_checkpoint(base, delta, tmp_path / "reference") / "model.safetensors"
     files = sorted(p for p in delta.rglob("*") if p.is_file())
     rng = random.Random(1234)
-    outcomes = {"refused": 0, "identical": 0}
+    outcomes = {"refused": 0, "identical": 0, "wrong": 0}
     for trial in range(60):
         copy = tmp_path / f"fuzz{trial}"
         shutil.copytree(delta, copy)
@@ -113,10 +117,18 @@ def test_fuzzed_artifacts_fail_cleanly_or_reconstruct_exactly(synthetic_pair, de
         except OSDError:
             outcomes["refused"] += 1
             continue
-        assert (restored / "model.safetensors").read_bytes() == reference.read_bytes()
-        outcomes["identical"] += 1
+        same = (restored / "model.safetensors").read_bytes() == reference.read_bytes()
+        outcomes["identical" if same else "wrong"] += 1
         shutil.rmtree(copy)
-    assert outcomes["refused"] >= 50  # manifest whitespace flips may legitimately change nothing
+    reliability.fault(
+        "delta fuzzed: a random truncation or bit flip in one of its files",
+        tried=60,
+        survived=outcomes["refused"] + outcomes["identical"],
+        checked=f"{outcomes['refused']} refused with a clean error, {outcomes['identical']} rebuilt identical weights "
+        f"(a flip the format ignores), {outcomes['wrong']} rebuilt different weights",
+        seconds=time.monotonic() - started,
+    )
+    assert outcomes["wrong"] == 0 and outcomes["refused"] >= 50  # manifest whitespace flips may change nothing
 
 
 def test_manifest_pinned_by_its_catalog_checksum(delta):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from osd_core.budget import (
-    equal_density_counts, factor_bits, factored_bits, index_bits, joint_counts, layer_budget, sparse_bits, sparse_count,
+    Encoding, equal_density_counts, factor_bits, factored_bits, index_bits, joint_counts, layer_budget, sparse_bits,
+    sparse_count,
 )
 from osd_core.errors import BudgetError, ConfigError
 
@@ -71,3 +72,43 @@ def test_invalid_rank_and_counts_are_refused():
         layer_budget(4, 4, 0)
     with pytest.raises(ConfigError, match="kept entries"):
         factor_bits(4, 2, 9)
+
+
+ENCODINGS = [Encoding(32, "bitmap"), Encoding(16, "bitmap"), Encoding(8, "bitmap", 32), Encoding(8, "index", 32)]
+
+
+def test_bitmap_and_scale_costs():
+    # a bitmap costs one bit per slot whatever is kept; int8 values add a 32-bit scale per column
+    assert factor_bits(1024, 3, 10, Encoding(16, "bitmap")) == 3072 + 16 * 10
+    assert factor_bits(1024, 3, 10, Encoding(8, "bitmap", 32)) == 3072 + 3 * 32 + 8 * 10
+    assert factor_bits(1024, 3, 3072, Encoding(8, "bitmap", 32)) == 3 * 32 + 8 * 3072  # whole: no positions
+    assert factor_bits(1024, 3, 10, Encoding(8, "index", 32)) == 3 * 32 + (8 + 12) * 10
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS, ids=lambda e: f"{e.value_bits}-{e.positions}")
+@pytest.mark.parametrize("n,d,r,c", [(384, 1536, 1, 2), (1536, 384, 1, 5), (1024, 1024, 2, 4), (7, 13, 1, 1)])
+def test_equal_density_counts_fit_and_spend_the_budget_under_every_encoding(encoding, n, d, r, c):
+    k, budget = r + c, layer_budget(n, d, r)
+    if factored_bits(n, d, k, n * k, d * k, encoding) <= budget:
+        assert equal_density_counts(n, d, k, budget, encoding) == (n * k, d * k)
+        return
+    s_u, s_v = equal_density_counts(n, d, k, budget, encoding)
+    assert factored_bits(n, d, k, s_u, s_v, encoding) <= budget
+    assert factored_bits(n, d, k, min(s_u + 1, n * k - 1), min(s_v + 1, d * k - 1), encoding) > budget or (
+        s_u == n * k - 1 and s_v == d * k - 1)
+
+
+def test_joint_counts_charge_the_bitmap_once():
+    gen = torch.Generator().manual_seed(0)
+    score_u, score_v = torch.rand(100, 3, generator=gen), torch.rand(50, 3, generator=gen)
+    budget = layer_budget(100, 50, 1)
+    encoding = Encoding(16, "bitmap")
+    s_u, s_v = joint_counts(score_u, score_v, budget, encoding)
+    assert factored_bits(100, 50, 3, s_u, s_v, encoding) <= budget < factored_bits(100, 50, 3, s_u + 1, s_v, encoding)
+
+
+def test_bad_encodings_are_refused():
+    with pytest.raises(ConfigError, match="positions must be one of index, bitmap"):
+        Encoding(8, "bits")
+    with pytest.raises(ConfigError, match="value_bits must be >= 1"):
+        Encoding(0)

@@ -29,7 +29,7 @@ from flows.storage import ObjectStore, open_store
 
 pytest_plugins = ["tests.s3_server"]
 
-T0 = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
 
 
 def make_row(**overrides: Any) -> CatalogRow:
@@ -72,7 +72,7 @@ def test_row_parquet_dataframe_row_round_trip(accuracy: float | None) -> None:
 def test_created_is_normalised_to_utc() -> None:
     tz = dt.timezone(dt.timedelta(hours=2))
     row = make_row(created=dt.datetime(2026, 1, 1, 14, 0, tzinfo=tz))
-    assert row.created == dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+    assert row.created == dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
     assert row.created.utcoffset() == dt.timedelta(0)
     assert make_row(created=pd.Timestamp("2026-01-01T12:00Z")).created == row.created
 
@@ -83,7 +83,7 @@ def test_defaults() -> None:
         del values[name]
     row = CatalogRow(**values)
     assert (row.accuracy, row.status, row.params) == (None, "ok", "{}")
-    assert row.created.tzinfo is dt.timezone.utc and row.osd_fleet_version
+    assert row.created.tzinfo is dt.UTC and row.osd_fleet_version
 
 
 @pytest.mark.parametrize(
@@ -230,7 +230,7 @@ def _append_rows(uri: str, writer: int, barrier: Any) -> None:
     catalog = Catalog(open_store(uri))
     barrier.wait(timeout=120)
     for i in range(ROWS_EACH):
-        catalog.append([make_row(artifact_id=f"w{writer}-r{i}", created=dt.datetime.now(dt.timezone.utc))])
+        catalog.append([make_row(artifact_id=f"w{writer}-r{i}", created=dt.datetime.now(dt.UTC))])
 
 
 def _check_all_rows(store: ObjectStore) -> None:

@@ -43,6 +43,17 @@ def test_osd_compress_and_reconstruct_end_to_end(capsys, real_pair, calibration_
     assert code == 0 and (tmp_path / "r" / "model.safetensors").is_file()
 
 
+BAD_CHECKPOINTS = {
+    "shape": "base and fine-tune tensors of different shapes",
+    "missing": "a tensor of the base missing from the fine-tune",
+    "nan": "NaN weight in the fine-tune",
+    "inf": "Inf weight in the fine-tune",
+    "pickle": "pickle-only fine-tune (pytorch_model.bin, never unpickled)",
+    "truncated": "truncated safetensors file",
+    "architecture": "base and fine-tune of different architectures",
+}
+
+
 def corrupt(kind, base, tuned, tmp_path):
     """Make a bad fine-tune directory of the given kind; returns (path, expected message)."""
     bad = tmp_path / f"bad-{kind}"
@@ -76,8 +87,9 @@ def corrupt(kind, base, tuned, tmp_path):
     return bad, message
 
 
-@pytest.mark.parametrize("kind", ["shape", "missing", "nan", "inf", "pickle", "truncated", "architecture"])
-def test_bad_checkpoints_exit_2_with_a_clear_line_and_leave_nothing(capsys, synthetic_pair, tmp_path, kind):
+@pytest.mark.parametrize("kind", list(BAD_CHECKPOINTS))
+def test_bad_checkpoints_exit_2_with_a_clear_line_and_leave_nothing(capsys, synthetic_pair, tmp_path, reliability,
+                                                                    kind):
     base, tuned = synthetic_pair
     bad, message = corrupt(kind, base, tuned, tmp_path)
     out_dir = tmp_path / "delta"
@@ -86,6 +98,7 @@ def test_bad_checkpoints_exit_2_with_a_clear_line_and_leave_nothing(capsys, synt
     assert err.startswith("osd-fleet: error: ") and "Traceback" not in err
     assert re.search(message, err), err
     assert not out_dir.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".delta")]
+    reliability.refused(BAD_CHECKPOINTS[kind], err)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -96,47 +109,54 @@ def test_bad_checkpoints_exit_2_with_a_clear_line_and_leave_nothing(capsys, synt
     (["--method", "magtruncsvd", "--allocation", "joint"], "allocation='joint' needs commensurate scores"),
     (["--method", "truncsvd", "--device", "tpu"], "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
 ])
-def test_bad_parameters_exit_2(capsys, synthetic_pair, tmp_path, args, message):
+def test_bad_parameters_exit_2(capsys, synthetic_pair, tmp_path, reliability, args, message):
     base, tuned = synthetic_pair
     code, _, err = run_cli(capsys, *compress_args(base, tuned, tmp_path / "d", *args))
     assert code == 2 and "Traceback" not in err
     assert re.search(message, err), err
     assert not (tmp_path / "d").exists()
+    reliability.refused(f"parameters {' '.join(args)}", err)
 
 
-@pytest.mark.parametrize("content,message", [
-    ("", "holds no rows"),
-    ('{"text": "fine"}\n', ":1: expected an object with a string 'text' and an integer 'label'"),
-    ('{"text": "ok", "label": 1}\nnot json\n', ":2: not valid JSON"),
-    ('{"text": "ok", "label": 7}\n', "label 7 is outside the model's 2 classes"),
+@pytest.mark.parametrize("case,content,message", [
+    ("empty", "", "holds no rows"),
+    ("a row without a label", '{"text": "fine"}\n',
+     ":1: expected an object with a string 'text' and an integer 'label'"),
+    ("a row that is not JSON", '{"text": "ok", "label": 1}\nnot json\n', ":2: not valid JSON"),
+    ("a label outside the head's range", '{"text": "ok", "label": 7}\n', "label 7 is outside the model's 2 classes"),
 ])
-def test_bad_calibration_files_exit_2(capsys, real_pair, tmp_path, content, message):
+def test_bad_calibration_files_exit_2(capsys, real_pair, tmp_path, reliability, case, content, message):
     base, tuned = real_pair
     calib = tmp_path / "calib.jsonl"
     calib.write_text(content)
-    code, _, err = run_cli(capsys, *compress_args(base, tuned, tmp_path / "d", "--method", "osd", "--calibration", calib))
+    code, _, err = run_cli(capsys, *compress_args(base, tuned, tmp_path / "d", "--method", "osd",
+                                                  "--calibration", calib))
     assert code == 2 and message in err, err
     assert not (tmp_path / "d").exists()
+    reliability.refused(f"calibration file: {case}", err)
 
 
-def test_existing_output_is_not_overwritten_without_asking(capsys, synthetic_pair, tmp_path):
+def test_existing_output_is_not_overwritten_without_asking(capsys, synthetic_pair, tmp_path, reliability):
     base, tuned = synthetic_pair
     out_dir = tmp_path / "d"
     out_dir.mkdir()
     (out_dir / "precious.txt").write_text("keep me")
     code, _, err = run_cli(capsys, *compress_args(base, tuned, out_dir, "--method", "truncsvd"))
     assert code == 2 and "not empty" in err and (out_dir / "precious.txt").read_text() == "keep me"
+    reliability.refused("output directory that already holds files", err)
 
 
-def test_unknown_method_is_refused_by_the_real_console_script(synthetic_pair, tmp_path):
+def test_unknown_method_is_refused_by_the_real_console_script(synthetic_pair, tmp_path, reliability):
     base, tuned = synthetic_pair
     result = subprocess.run([sys.executable, "-m", "flows.cli", *map(str, compress_args(base, tuned, tmp_path / "d")),
                              "--method", "svd++"], capture_output=True, text=True)
     assert result.returncode == 2 and "invalid choice: 'svd++'" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "d").exists()
+    reliability.refused("unknown method", result.stderr.strip().splitlines()[-1])
 
 
-def test_nonexistent_base_is_named(capsys, synthetic_pair, tmp_path):
+def test_nonexistent_base_is_named(capsys, synthetic_pair, tmp_path, reliability):
     _, tuned = synthetic_pair
     code, _, err = run_cli(capsys, *compress_args(tmp_path / "nope", tuned, tmp_path / "d", "--method", "truncsvd"))
     assert code == 2 and "nope: checkpoint directory does not exist" in err
+    reliability.refused("base checkpoint directory that does not exist", err)

@@ -5,17 +5,19 @@ from dataclasses import replace
 import pytest
 import torch
 
-from osd_core.budget import factored_bits, layer_budget, sparse_bits
+from osd_core.budget import Encoding, factored_bits, layer_budget, sparse_bits
 from osd_core.config import CompressionConfig
-from osd_core.errors import BudgetError, CheckpointError, ConfigError
+from osd_core.errors import ArtifactError, BudgetError, CheckpointError, ConfigError
 from osd_core.factorize import compress_matrix, taylor_scores
+from osd_core.layer import CompressedLayer
 
 METHODS = ["truncsvd", "magtruncsvd", "osd", "sparse"]
 
 
 def structured_delta(n, d, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    low = torch.randn(n, 6, generator=gen) @ torch.diag(torch.tensor([8.0, 4, 2, 1, 0.5, 0.25])) @ torch.randn(6, d, generator=gen)
+    spectrum = torch.diag(torch.tensor([8.0, 4, 2, 1, 0.5, 0.25]))
+    low = torch.randn(n, 6, generator=gen) @ spectrum @ torch.randn(6, d, generator=gen)
     return (low + 0.05 * torch.randn(n, d, generator=gen)) * 1e-3
 
 
@@ -27,28 +29,41 @@ def rel_error(delta, layer):
     return float(torch.linalg.norm(delta - layer.delta()) / torch.linalg.norm(delta))
 
 
+PAPER = {"value_dtype": "float32", "positions": "index"}  # the paper's encoding; the default is packed
+
+
+def layer_encoding(layer, config):
+    """The encoding ``layer`` was charged under: the config's, with the positions it chose."""
+    prefix = "u." if layer.kind == "factored" else ""
+    positions = "bitmap" if f"{prefix}bitmap" in layer.tensors else "index"
+    return Encoding(config.value_bits, positions, 32 if config.stored_dtype == "int8" else 0)
+
+
+@pytest.mark.parametrize("encoding", [PAPER, {}], ids=["paper", "default"])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("n,d", [(64, 64), (96, 40), (40, 96), (384, 1536)])
 @pytest.mark.parametrize("r,c", [(1, 1), (1, 4), (2, 2)])
-def test_budget_is_never_exceeded_and_counts_are_exact(method, n, d, r, c):
+def test_budget_is_never_exceeded_and_counts_are_exact(method, n, d, r, c, encoding):
     delta = structured_delta(n, d)
-    layer = compress_matrix("w", delta, CompressionConfig(method=method, rank=r, extra_rank=c), gradient(n, d))
-    budget = layer_budget(n, d, r)
+    config = CompressionConfig(method=method, rank=r, extra_rank=c, **encoding)
+    layer = compress_matrix("w", delta, config, gradient(n, d))
+    budget, charged = layer_budget(n, d, r), layer_encoding(layer, config)
     assert layer.budget_bits == budget and layer.paper_bits <= budget
     if layer.kind == "factored":
         k = r if method == "truncsvd" else r + c
         s_u, s_v = layer.tensors["u.values"].numel(), layer.tensors["v.values"].numel()
-        assert layer.k == k and layer.paper_bits == factored_bits(n, d, k, s_u, s_v)
+        assert layer.k == k and layer.paper_bits == factored_bits(n, d, k, s_u, s_v, charged)
         u, v = layer.factors()
         assert int((u != 0).sum()) <= s_u and int((v != 0).sum()) <= s_v
-        assert layer.paper_bits > budget - 2 * (32 + 32)  # spends the budget, less at most one entry per factor
+        whole = (s_u, s_v) == (n * k, d * k)
+        assert whole or layer.paper_bits > budget - 2 * (32 + 32)  # spends the budget, less one entry per factor
     else:
-        assert layer.paper_bits == sparse_bits(n, d, layer.tensors["values"].numel())
+        assert layer.paper_bits == sparse_bits(n, d, layer.tensors["values"].numel(), charged)
 
 
 def test_osd_at_c_zero_is_truncated_svd():
     delta, grad = structured_delta(80, 50), gradient(80, 50)
-    osd = compress_matrix("w", delta, CompressionConfig(method="osd", rank=3, extra_rank=0), grad)
+    osd = compress_matrix("w", delta, CompressionConfig(method="osd", rank=3, extra_rank=0, **PAPER), grad)
     svd = compress_matrix("w", delta, CompressionConfig(method="truncsvd", rank=3))
     assert torch.equal(osd.delta(), svd.delta())
     assert osd.paper_bits == svd.paper_bits == layer_budget(80, 50, 3)
@@ -57,7 +72,8 @@ def test_osd_at_c_zero_is_truncated_svd():
 @pytest.mark.parametrize("method", METHODS)
 def test_error_falls_as_the_budget_grows(method):
     delta, grad = structured_delta(120, 90), gradient(120, 90)
-    errors = [rel_error(delta, compress_matrix("w", delta, CompressionConfig(method=method, rank=r, extra_rank=2), grad))
+    errors = [rel_error(delta, compress_matrix("w", delta, CompressionConfig(method=method, rank=r, extra_rank=2),
+                                               grad))
               for r in (1, 2, 4, 8)]
     assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0]
 
@@ -70,7 +86,8 @@ def test_full_rank_truncated_svd_reproduces_the_delta():
 
 def test_taylor_scores_do_not_depend_on_sigma_placement():
     delta, grad = structured_delta(70, 50), gradient(70, 50)
-    results = [compress_matrix("w", delta, CompressionConfig(method="osd", rank=1, extra_rank=3, sigma=s), grad)
+    results = [compress_matrix("w", delta, CompressionConfig(method="osd", rank=1, extra_rank=3, sigma=s, **PAPER),
+                               grad)
                for s in ("sqrt", "u", "v")]
     for other in results[1:]:
         assert torch.equal(other.tensors["u.index"], results[0].tensors["u.index"])
@@ -113,16 +130,18 @@ def test_row_sparse_delta_works(method):
     assert torch.isfinite(rebuilt).all() and rel_error(delta, layer) < 1.0
 
 
-def test_rank_beyond_the_matrix_is_refused():
-    with pytest.raises(ConfigError, match="exceeds min"):
+def test_rank_beyond_the_matrix_is_refused(reliability):
+    with pytest.raises(ConfigError, match="exceeds min") as err:
         compress_matrix("q", torch.ones(4, 10), CompressionConfig(method="magtruncsvd", rank=2, extra_rank=3))
+    reliability.refused("rank beyond one layer's matrix (library call)", str(err.value))
 
 
 @pytest.mark.parametrize("method", ["magtruncsvd", "sparse"])
-def test_budget_too_small_for_one_entry_is_refused(method):
+def test_budget_too_small_for_one_entry_is_refused(reliability, method):
     # The uniform budget 32·r·(n+d) always holds an entry; an allocator's explicit budget may not.
-    with pytest.raises(BudgetError, match="cannot hold one entry"):
+    with pytest.raises(BudgetError, match="cannot hold one entry") as err:
         compress_matrix("q", structured_delta(30, 20), CompressionConfig(method=method, extra_rank=1), budget_bits=40)
+    reliability.refused(f"budget too small for one entry ({method}, 40 bits; library call)", str(err.value))
 
 
 def test_osd_without_gradient_is_refused():
@@ -174,7 +193,8 @@ def spd(d, seed=5):
 
 def test_damage_scores_do_not_depend_on_sigma_placement():
     delta, cov = structured_delta(60, 40), spd(40)
-    layers = [compress_matrix("w", delta, CompressionConfig(method="osd", importance="damage", sigma=s, extra_rank=3),
+    config = dict(method="osd", importance="damage", extra_rank=3, **PAPER)
+    layers = [compress_matrix("w", delta, CompressionConfig(sigma=s, **config),
                               input_cov=cov) for s in ("sqrt", "u", "v")]
     for other in layers[1:]:
         assert torch.equal(other.tensors["u.index"], layers[0].tensors["u.index"])
@@ -185,14 +205,14 @@ def test_refit_never_increases_the_weighted_error():
     delta, cov, rows = structured_delta(80, 50), spd(50), torch.rand(80) + 0.5
     errors = []
     for rounds in (0, 1, 3):
-        config = CompressionConfig(method="osd", importance="damage", extra_rank=3, refit=rounds)
+        config = CompressionConfig(method="osd", importance="damage", extra_rank=3, refit=rounds, **PAPER)
         layer = compress_matrix("w", delta, config, row_weight=rows, input_cov=cov)
         from osd_core.factorize import OutputMetric
 
         metric = OutputMetric.build("w", (80, 50), rows, cov, "cpu")
         errors.append(weighted_error(delta, layer.delta(), metric.rows, metric.cov))
-        assert torch.equal(layer.tensors["u.index"], compress_matrix("w", delta, replace(config, refit=0),
-                                                                      row_weight=rows, input_cov=cov).tensors["u.index"])
+        unrefit = compress_matrix("w", delta, replace(config, refit=0), row_weight=rows, input_cov=cov)
+        assert torch.equal(layer.tensors["u.index"], unrefit.tensors["u.index"])
     assert errors[1] <= errors[0] * (1 + 1e-5) and errors[2] <= errors[1] * (1 + 1e-5) and errors[2] < errors[0]
 
 
@@ -217,10 +237,79 @@ def test_bad_calibration_statistics_are_refused():
 @pytest.mark.parametrize("method", ["magtruncsvd", "sparse"])
 def test_half_precision_values_buy_more_entries_under_the_same_budget(method):
     delta = structured_delta(384, 256)
-    wide = compress_matrix("w", delta, CompressionConfig(method=method, extra_rank=3))
-    narrow = compress_matrix("w", delta, CompressionConfig(method=method, extra_rank=3, value_dtype="float16"))
+    wide = compress_matrix("w", delta, CompressionConfig(method=method, extra_rank=3, **PAPER))
+    narrow = compress_matrix("w", delta, CompressionConfig(method=method, extra_rank=3, value_dtype="float16",
+                                                           positions="index"))
     part = "u.values" if method != "sparse" else "values"
     assert narrow.tensors[part].dtype == torch.float16
     assert narrow.paper_bits <= narrow.budget_bits == wide.budget_bits
     assert narrow.tensors[part].numel() > 1.4 * wide.tensors[part].numel()
     assert rel_error(delta, narrow) < rel_error(delta, wide)
+
+
+@pytest.mark.parametrize("method", ["magtruncsvd", "sparse"])
+def test_int8_values_with_bitmaps_fit_the_budget_in_real_bytes_and_lower_the_error(method):
+    delta = structured_delta(384, 256)
+    paper = compress_matrix("w", delta, CompressionConfig(method=method, extra_rank=2, **PAPER))
+    packed = compress_matrix("w", delta, CompressionConfig(method=method, extra_rank=5, value_dtype="int8",
+                                                            positions="auto"))
+    prefix = "u." if method == "magtruncsvd" else ""
+    assert packed.tensors[f"{prefix}values"].dtype == torch.int8 and f"{prefix}scale" in packed.tensors
+    assert packed.paper_bits <= packed.budget_bits == paper.budget_bits
+    if f"{prefix}bitmap" in packed.tensors:  # real bytes follow the bits: bitmaps are packed
+        assert packed.nbytes <= packed.budget_bits / 8 + 16
+    assert rel_error(delta, packed) < rel_error(delta, paper)
+
+
+def test_int8_decoding_matches_the_quantised_masked_factors():
+    from osd_core.factorize import split_sigma
+    from osd_core.svd import truncated_svd
+
+    delta = structured_delta(64, 48)
+    config = CompressionConfig(method="magtruncsvd", extra_rank=3, value_dtype="int8", positions="bitmap")
+    layer = compress_matrix("w", delta, config)
+    u, _ = layer.factors()
+    scale = layer.tensors["u.scale"]
+    assert torch.allclose(u.abs().amax(0), scale * 127, rtol=1e-6)  # each column's peak maps to 127
+    exact, _ = split_sigma(truncated_svd(delta, config.k, method=config.svd, power_iters=config.power_iters,
+                                         seed=config.seed), config.sigma)
+    kept = u != 0
+    assert int(kept.sum()) > 0.5 * u.numel()
+    assert bool(((u - exact).abs()[kept] <= (scale / 2 + 1e-7).expand_as(u)[kept]).all())  # rounding only
+
+
+def test_auto_positions_pick_whichever_keeps_more():
+    delta = structured_delta(384, 256)
+    wide_values = {"value_dtype": "float32", "positions": "auto"}
+    sparse_few = compress_matrix("w", delta, CompressionConfig(method="sparse", **wide_values))
+    factored_many = compress_matrix("w", delta, CompressionConfig(method="magtruncsvd", extra_rank=2, **wide_values))
+    assert "index" in sparse_few.tensors  # ~1% of the delta: indices are cheaper than a bitmap
+    assert "u.bitmap" in factored_many.tensors  # ~24% of a factor: the bitmap is cheaper
+
+
+def test_damaged_encodings_never_decode():
+    layer = compress_matrix("w", structured_delta(64, 48), CompressionConfig(
+        method="magtruncsvd", extra_rank=3, value_dtype="int8", positions="bitmap"))
+    bitmap = layer.tensors["u.bitmap"].clone()
+    bitmap[0] ^= 0xFF
+    cases = {
+        "bitmap marks": {**layer.tensors, "u.bitmap": bitmap},
+        "needs exactly one of": {**layer.tensors, "u.index": torch.zeros(3, dtype=torch.int16)},
+        "must accompany int8 values": {k: t for k, t in layer.tensors.items() if k != "u.scale"},
+        "scale must be float32": {**layer.tensors, "u.scale": layer.tensors["u.scale"][:-1]},
+        "unexpected payload tensors": {**layer.tensors, "u.extra": torch.zeros(1)},
+    }
+    for message, tensors in cases.items():
+        with pytest.raises(ArtifactError, match=message):
+            CompressedLayer("w", "factored", layer.shape, tensors, k=layer.k).delta()
+
+
+def test_default_extra_rank_is_what_dense_factors_of_the_value_width_fill():
+    config = CompressionConfig(rank=2)
+    assert (config.stored_dtype, config.c, config.k) == ("int8", 6, 8)
+    assert replace(config, rank=4).c == 12  # follows the rank, not the value it was built with
+    assert CompressionConfig(rank=3, value_dtype="float16").c == 3
+    assert CompressionConfig(rank=3, value_dtype="float32").c == 1
+    assert CompressionConfig(rank=3, extra_rank=5).c == 5
+    truncsvd = CompressionConfig(method="truncsvd", rank=3)
+    assert (truncsvd.c, truncsvd.k, truncsvd.stored_dtype, truncsvd.value_bits) == (0, 3, "float32", 32)

@@ -6,13 +6,19 @@ the same fixture object, so whichever module starts them first starts them once)
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
+from prefect.exceptions import ObjectNotFound
 
 from flows.catalog import PARTS_PREFIX, Catalog
 from flows.cli import main
@@ -29,7 +35,7 @@ from flows.operations import (
 from flows.storage import open_store
 from osd_core.errors import CheckpointError, ConfigError
 from tests.conftest import write_bert_like
-from tests.test_pipeline import fleet_runtime, upload  # noqa: F401 - the session's Prefect server and Ray
+from tests.test_pipeline import fleet_runtime, published_report, upload  # noqa: F401 - the session's server and Ray
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 TINY = dict(layers=2, hidden=32, intermediate=64, vocab=50)
@@ -216,35 +222,81 @@ def test_a_second_scan_with_nothing_new_does_nothing(fleet_runtime, tmp_path):  
     assert third.compressed == ("run-c",) and len(open_store(store).list(PARTS_PREFIX)) == len(parts) + 1
 
 
-def test_the_trigger_starts_a_run_with_the_event_payload(fleet_runtime, synthetic_pair, tmp_path):  # noqa: F811
+def test_a_notified_checkpoint_is_compressed_by_osd_fleet_serve(fleet_runtime, synthetic_pair, tmp_path):  # noqa: F811
+    """notify → event → automation → flow run → served runner → Ray → catalog rows and artifacts.
+
+    ``osd-fleet serve`` runs as a subprocess joining the session's Prefect API and Ray, as on one
+    machine (docs/operations.md); the event names no store, so the run falls back to the
+    ``$OSD_FLEET_STORE`` the served process sets.
+    """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    from flows.serve import build_deployments
+    from flows.serve import COMPRESS_DEPLOYMENT, SCAN_DEPLOYMENT
 
     base, tuned = synthetic_pair
-    _, compress = build_deployments(prefix_uri=str(tmp_path), base_uri=str(base), store_uri=str(tmp_path / "s"),
-                                    sweep=SWEEP)
-    compress.name = f"trigger-{uuid.uuid4().hex[:8]}"
-    deployment_id = compress.apply()
+    store, model = tmp_path / "store", f"served-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if k != "OSD_FLEET_STORE"}
+    env.update(RAY_AUTH_MODE="token", PREFECT_RUNNER_POLL_FREQUENCY="1")  # token: joining by address (Ray 2.60)
+    command = [
+        sys.executable, "-m", "flows.cli", "serve", "--prefix", str(tmp_path / "ckpts"), "--base", str(base),
+        "--store", str(store), "--cron", "0 0 1 1 *", "--budgets", "1", "--methods", "truncsvd",
+        "--group-mib", "0.05", "--prefect-api-url", fleet_runtime.api_url, "--ray-address", fleet_runtime.ray_address,
+        "--prefect-home", str(tmp_path / "serve-home"),
+    ]
+    log = tmp_path / "serve.log"
+    with log.open("wb") as sink:
+        served = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def alive(what: str) -> None:
+        assert served.poll() is None, f"osd-fleet serve exited ({served.returncode}) {what}:\n{log.read_text()[-3000:]}"
+
+    names = [f"compress-checkpoint/{COMPRESS_DEPLOYMENT}", f"scan-checkpoints/{SCAN_DEPLOYMENT}"]
     try:
-        model = f"trig-{uuid.uuid4().hex[:8]}"
-        time.sleep(2)  # let the automation reach the trigger engine
-        notify_checkpoint(str(tuned), str(base), model)
-        deadline = time.monotonic() + 60
         with get_client(sync_client=True) as client:
-            by_deployment = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
-            while not (runs := client.read_flow_runs(deployment_filter=by_deployment)):
-                assert time.monotonic() < deadline, "the automation created no flow run in 60 s"
+            # generous limits: on 2 shared cores under load a served run took up to 85 s; a hang still fails
+            deadline = time.monotonic() + 180
+            while True:  # served once its deployments and the trigger's automation exist
+                alive("before serving")
+                with contextlib.suppress(ObjectNotFound):
+                    deployment = client.read_deployment_by_name(names[0])
+                    if client.read_resource_related_automations(f"prefect.deployment.{deployment.id}"):
+                        break
+                assert time.monotonic() < deadline, f"not served in 180 s:\n{log.read_text()[-3000:]}"
+                time.sleep(0.5)
+            time.sleep(2)  # let the automation reach the trigger engine
+            assert main(["notify", "--checkpoint", str(tuned), "--base", str(base), "--model", model]) == 0
+
+            by_deployment = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+            deadline = time.monotonic() + 300
+            while not (runs := client.read_flow_runs(deployment_filter=by_deployment)) or not runs[0].state.is_final():
+                alive("while the flow run was pending")
+                assert time.monotonic() < deadline, f"no finished run in 300 s: {runs}\n{log.read_text()[-3000:]}"
                 time.sleep(1)
         (run,) = runs
+        assert run.state.is_completed(), f"{run.state}\n{log.read_text()[-3000:]}"
         assert run.parameters["model"] == model and run.parameters["checkpoint"] == str(tuned)
         assert run.parameters["base"] == str(base) and run.parameters["store"] is None
-        assert run.parameters["sweep"] == SWEEP  # the deployment's own parameters stay
+        assert run.parameters["sweep"]["methods"] == ["truncsvd"]  # the deployment's own parameters stay
+
+        (row,) = Catalog(open_store(str(store))).rows(model)
+        assert row.status == "ok" and row.method == "truncsvd" and row.bytes > 0 and row.uri.startswith("file://")
+        table, plot = published_report(model)
+        assert [(r["status"], r["new"], r["uri"]) for r in table] == [("ok", True, row.uri)]
+        assert "has a measured accuracy" in plot  # no eval data given: no plot, and the report says why
     finally:
+        os.killpg(served.pid, signal.SIGTERM)
+        try:
+            served.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(served.pid, signal.SIGKILL)
+            served.wait()
         with get_client(sync_client=True) as client:
-            client.delete_resource_owned_automations(f"prefect.deployment.{deployment_id}")
-            client.delete_deployment(deployment_id)
+            for name in names:
+                with contextlib.suppress(ObjectNotFound):
+                    deployment_id = client.read_deployment_by_name(name).id
+                    client.delete_resource_owned_automations(f"prefect.deployment.{deployment_id}")
+                    client.delete_deployment(deployment_id)
 
 
 # --------------------------------------------------------------------------- helpers

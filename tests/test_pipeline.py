@@ -8,6 +8,7 @@ reference path (``osd_core.compress.compress_checkpoint``).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import time
@@ -33,6 +34,7 @@ from osd_core.config import CompressionConfig
 from osd_core.errors import ConfigError
 from osd_core.reconstruct import reconstruct_checkpoint
 from tests.conftest import write_bert_like
+from tests.s3_server import S3_SECRET
 
 SMALL_GROUPS = 24 * 1024  # several layer groups even on the 2-layer synthetic model
 
@@ -228,6 +230,17 @@ def test_osd_on_a_real_model_from_s3_through_the_cli(
     (row,) = [json.loads(line) for line in out.splitlines()]
     assert row["status"] == "ok" and 0 <= row["accuracy"] <= 1 and row["params"]["eval_rows"] == 8
     assert row["paper_bits"] <= row["budget_bits"] and row["uri"].startswith("s3://")
+    full = row["params"]["finetuned_accuracy"]  # the fine-tune itself, scored on the same rows
+    assert 0 < full <= 1
+
+    table, plot = published_report("minilm")
+    (record,) = table
+    assert record["uri"] == row["uri"] and record["new"] is True and record["artifact"] == row["artifact_id"][:12]
+    assert record["of_full"] == round(row["accuracy"] / full, 4)
+    assert S3_SECRET not in json.dumps(table) + plot
+    png = open_store(store_uri).get_bytes("reports/minilm/accuracy-vs-size.png")
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and f"data:image/png;base64,{base64.b64encode(png).decode()})" in plot
+    assert f"`{store_uri}/reports/minilm/accuracy-vs-size.png`" in plot
 
     gradients = open_store(store_uri)
     (key,) = [k for k in gradients.list("gradients/")]
@@ -383,6 +396,28 @@ def main_rows(model: ModelSpec, sweep: SweepSpec, store_uri: str):
     from flows.pipeline import run_model
 
     return run_model(model, sweep, store_uri)
+
+
+def published_report(model: str, timeout: float = 20.0) -> tuple[list[dict], str]:
+    """The newest table (decoded rows) and plot (markdown) artifacts of ``model`` as the server stores them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    from flows.report import artifact_key
+
+    found = {}
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        for kind in ("osd-fleet-rows", "osd-fleet-plot"):
+            wanted = ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(kind, model)]))
+            while not (artifacts := client.read_artifacts(artifact_filter=wanted, sort=ArtifactSort.CREATED_DESC)):
+                assert time.monotonic() < deadline, f"no {kind} artifact of {model} in {timeout:g} s"
+                time.sleep(0.5)
+            found[kind] = artifacts[0]
+    table, plot = found["osd-fleet-rows"], found["osd-fleet-plot"]
+    assert (table.type, plot.type) == ("table", "markdown") and table.flow_run_id == plot.flow_run_id
+    return json.loads(table.data), plot.data
 
 
 def assert_run_names(model: str, verb: str, group: str, variant: str) -> None:

@@ -43,7 +43,9 @@ def test_full_rank_round_trip_restores_the_finetune(synthetic_pair, tmp_path):
     assert max(layer.rel_error for layer in report.layers if layer.kind == "factored") < 1e-5
 
 
-def test_transformers_loads_the_restored_model_and_logits_match_direct_application(real_pair, tmp_path, calibration_file):
+def test_transformers_loads_the_restored_model_and_logits_match_direct_application(
+    real_pair, tmp_path, calibration_file
+):
     base, tuned = real_pair
     config = CompressionConfig(method="osd", rank=1, extra_rank=2)
     grads = calibration_gradients(base, tuned, calibration_file, config, tmp_path / "g.safetensors", batch_size=4)
@@ -66,7 +68,8 @@ def test_transformers_loads_the_restored_model_and_logits_match_direct_applicati
 def test_each_method_respects_every_layer_budget_on_a_real_model(real_pair, tmp_path):
     base, tuned = real_pair
     for method in ("truncsvd", "magtruncsvd", "sparse"):
-        report = compress_checkpoint(base, tuned, tmp_path / method, CompressionConfig(method=method, rank=1, extra_rank=2))
+        config = CompressionConfig(method=method, rank=1, extra_rank=2)
+        report = compress_checkpoint(base, tuned, tmp_path / method, config)
         factorised = [layer for layer in report.layers if layer.kind in ("factored", "sparse")]
         # 6 linears per block, pooler, word and position embeddings; the 2-row token-type table
         # only where the factor rank fits in it (k <= 2) or the method does not factor

@@ -29,7 +29,10 @@ base, ft, out = sys.argv[1:4]
 config = CompressionConfig(method="magtruncsvd", rank=2, extra_rank=2)
 compress_checkpoint(base, ft, out + "-warmup", config)  # BLAS and allocator pools are set up once
 streamed, _ = peak_growth(lambda: compress_checkpoint(base, ft, out, config))
-loaded, keep = peak_growth(lambda: [t.clone() for d in (base, ft) for p in sorted(Path(d).glob("*.safetensors")) for t in load_file(p).values()])
+loaded, keep = peak_growth(
+    lambda: [t.clone() for d in (base, ft) for p in sorted(Path(d).glob("*.safetensors"))
+             for t in load_file(p).values()]
+)
 print(json.dumps({"streamed": streamed, "loaded": loaded}))
 """
 

@@ -9,7 +9,8 @@ from osd_core.svd import truncated_svd
 
 def low_rank_plus_noise(n, d, rank, noise, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, rank, generator=gen) @ torch.randn(rank, d, generator=gen) + noise * torch.randn(n, d, generator=gen)
+    low = torch.randn(n, rank, generator=gen) @ torch.randn(rank, d, generator=gen)
+    return low + noise * torch.randn(n, d, generator=gen)
 
 
 @pytest.mark.parametrize("n,d,k", [(384, 384, 2), (1536, 384, 8), (500, 300, 16)])

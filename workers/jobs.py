@@ -76,14 +76,18 @@ class CalibrationJob:
 
 @dataclass(frozen=True)
 class EvalJob:
-    """Reconstruct a committed delta on its base and score it on labelled JSONL rows."""
+    """Reconstruct a committed delta on its base and score it on labelled JSONL rows.
+
+    With no ``prefix`` the fine-tune itself is scored: the reference each delta's accuracy is a
+    fraction of ("of full" in reports).
+    """
 
     model: str
     variant: str
     pair: PairLayout
     store: str
-    prefix: str
-    manifest_sha256: str
+    prefix: str | None
+    manifest_sha256: str | None
     data: str
 
     @property

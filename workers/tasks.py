@@ -7,7 +7,11 @@ Resources are declared, not guessed at run time: one CPU, a GPU when the cluster
 memory sized from the work, so Ray (not sleeps or locks) limits how many run at once.
 
 Retries are for I/O only: a task is retried when storage was unreachable, never for a
-deterministic failure of the math or the inputs.
+deterministic failure of the math or the inputs. A worker process that dies mid-task (killed,
+out of memory, its node lost) is a system failure, which Ray retries up to
+``WORKER_LOST_RETRIES`` times: every task is idempotent (same job, same payload key, same bytes),
+so a retry after a half-done attempt gives the delta an undisturbed run gives
+(``tests/test_faults.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from workers.jobs import CalibrationJob, EvalJob, EvalRecord, GroupJob, GroupRes
 
 R = TypeVar("R")
 GIB = 1 << 30
+WORKER_LOST_RETRIES = 3  # Ray's default for tasks, declared where the pipeline relies on it
 
 
 def _storage_unreachable(task: Task[..., Any], run: TaskRun, state: State[Any]) -> bool:
@@ -74,7 +79,9 @@ def submit(
     unschedulable: Ray would wait for a node that never comes.
     """
     name = str(task_.task_run_name).format(job=job)
-    with remote_options(num_cpus=1, num_gpus=gpus, memory=min(memory_for(job), memory_cap)):
+    with remote_options(
+        num_cpus=1, num_gpus=gpus, memory=min(memory_for(job), memory_cap), max_retries=WORKER_LOST_RETRIES
+    ):
         return task_.with_options(name=name).submit(job, **inputs)
 
 

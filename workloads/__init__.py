@@ -20,6 +20,7 @@ from workloads.data import (
 from workloads.errors import (
     DataFormatError,
     MissingPackageError,
+    ModelFormatError,
     UnknownWorkloadError,
     WorkloadError,
     WorkloadNotBuiltError,
@@ -57,6 +58,7 @@ __all__ = [
     "DataFormatError",
     "EvalResult",
     "MissingPackageError",
+    "ModelFormatError",
     "Recipe",
     "Row",
     "SplitSizes",

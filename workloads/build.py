@@ -30,15 +30,17 @@ from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BertConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from workloads.data import DATASETS, Splits, load_splits
+from workloads.data import DATASETS, Splits, load_splits, package_file
 from workloads.errors import MissingPackageError, WorkloadError, WorkloadNotBuiltError
 from workloads.evaluate import EvalResult, evaluate_model
 from workloads.jsonl import write_jsonl
-from workloads.recipes import BASES, CACHE_FORMAT, Recipe, workload_recipe
+from workloads.recipes import BASES, CACHE_FORMAT, BaseSpec, Recipe, workload_recipe
 from workloads.train import fine_tune
 
 log = logging.getLogger(__name__)
@@ -179,9 +181,8 @@ def _build_into(out: Path, recipe: Recipe, *, progress: bool) -> None:
     out.mkdir(parents=True)
     for split in ("calib", "val", "eval"):
         write_jsonl(getattr(splits, split), out / f"{split}.jsonl")
-    base_path = _base_model_path(recipe.base)
-    tokenizer = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
-    model = _load_base(recipe, base_path, spec.label_names)
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(recipe.base), local_files_only=True)
+    model = load_base_model(recipe, spec.label_names)
 
     scores = {"base": _save_and_score(model, tokenizer, out / "base", splits, recipe, progress)}
     trained = fine_tune(model, tokenizer, splits.train, recipe, progress=progress)
@@ -246,7 +247,10 @@ def _save_and_score(
 
 
 def _base_model_path(base: str) -> Path:
+    """The packaged model directory of ``base``, or its ONNX file for an ONNX base."""
     spec = BASES[base]
+    if spec.onnx_file is not None:
+        return package_file(spec.module, spec.requirement, spec.onnx_file)
     try:
         module = importlib.import_module(spec.module)
     except ModuleNotFoundError as exc:
@@ -256,36 +260,77 @@ def _base_model_path(base: str) -> Path:
     return Path(module.get_model_path())
 
 
-def _load_base(recipe: Recipe, base_path: Path, label_names: tuple[str, ...]) -> PreTrainedModel:
+def _tokenizer_dir(base: str) -> Path:
+    spec = BASES[base]
+    return _base_model_path(spec.tokenizer_from or base)
+
+
+def _base_config(spec: BaseSpec, label_names: tuple[str, ...]) -> PretrainedConfig:
+    labels: dict[str, Any] = {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {label: index for index, label in enumerate(label_names)},
+    }
+    if spec.onnx_file is not None:
+        return BertConfig(**dict(spec.config), **labels)
+    return AutoConfig.from_pretrained(
+        _base_model_path(spec.name), **labels, local_files_only=True
+    )
+
+
+def _base_weights(spec: BaseSpec, model: PreTrainedModel) -> tuple[dict[str, torch.Tensor], Path]:
+    """The packaged encoder weights under ``model.base_model``'s names, and the file they are from."""
+    path = _base_model_path(spec.name)
+    if spec.onnx_file is not None:
+        from workloads.onnx_bert import TENSOR_MAPS, load_onnx_state_dict
+
+        expected = {k: tuple(v.shape) for k, v in model.base_model.state_dict().items()}
+        state = load_onnx_state_dict(
+            path, TENSOR_MAPS[spec.name], expected, not_shipped=spec.not_shipped
+        )
+        return state, path
+    weights_path = path / "model.safetensors"
+    state = load_file(weights_path)
+    for name in spec.legacy_buffers:
+        state.pop(name, None)
+    return state, weights_path
+
+
+def load_base_model(recipe: Recipe, label_names: tuple[str, ...]) -> PreTrainedModel:
     """The packaged encoder, loaded strictly, under a classification head seeded by the recipe.
 
     Loading the encoder's state dict ourselves (instead of ``from_pretrained(num_labels=...)``)
     makes a missing or unexpected tensor an error and draws the head from an explicit generator.
+    The base's ``not_shipped`` encoder parameters are drawn from the same generator, after the
+    head, as transformers initialises a Linear: normal(0, initializer_range) weights, zero bias.
     """
     base = BASES[recipe.base]
-    config = AutoConfig.from_pretrained(
-        base_path,
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={label: index for index, label in enumerate(label_names)},
-        local_files_only=True,
-    )
+    config = _base_config(base, label_names)
     model = AutoModelForSequenceClassification.from_config(config)
-    weights_path = base_path / "model.safetensors"
-    state = load_file(weights_path)
-    for name in base.legacy_buffers:
-        state.pop(name, None)
+    state, weights_path = _base_weights(base, model)
     try:
-        model.base_model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+        result = model.base_model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even when not strict
         raise WorkloadError(
             f"{weights_path}: does not match {type(model).__name__}: {exc}"
         ) from exc
+    missing = sorted(set(result.missing_keys) - set(base.not_shipped))
+    if missing or result.unexpected_keys:
+        raise WorkloadError(
+            f"{weights_path}: does not match {type(model).__name__}: missing {missing}, "
+            f"unexpected {sorted(result.unexpected_keys)}"
+        )
     head = getattr(model, base.head)
     generator = torch.Generator().manual_seed(recipe.seed)
     with torch.no_grad():
         head.weight.normal_(0.0, config.initializer_range, generator=generator)
         head.bias.zero_()
+        for name in base.not_shipped:
+            param = model.base_model.get_parameter(name)
+            if param.ndim >= 2:
+                param.normal_(0.0, config.initializer_range, generator=generator)
+            else:
+                param.zero_()
     return model.eval()
 
 
@@ -307,7 +352,10 @@ def _check_same_keys(base_dir: Path, finetuned_dir: Path) -> None:
 
 def _versions(recipe: Recipe) -> dict[str, str]:
     spec = DATASETS[recipe.dataset]
-    requirements = [BASES[recipe.base].requirement, spec.requirement]
+    base = BASES[recipe.base]
+    requirements = [base.requirement, spec.requirement]
+    if base.tokenizer_from is not None:
+        requirements.append(BASES[base.tokenizer_from].requirement)
     names = [*_VERSIONED, *(req.split("==")[0] for req in requirements)]
     versions = {"python": platform.python_version()}
     for name in names:

@@ -28,6 +28,10 @@ class DataFormatError(WorkloadError, ValueError):
     """A data file (packaged CSV/TSV or our JSONL) is missing, empty or malformed."""
 
 
+class ModelFormatError(WorkloadError, ValueError):
+    """A packaged model file does not hold the tensors declared for its base (names, shapes, dtype)."""
+
+
 class UnknownWorkloadError(WorkloadError, KeyError):
     """A workload or data set name that is not in the registry."""
 
