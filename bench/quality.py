@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.workloads.split(","):
-        workload = build_workload(name)
+        workload = build_workload(name, progress=sys.stderr.isatty())  # bars only for a person watching
         full = workload.scores["finetuned"][args.split].accuracy
         scale = scale_row(workload)
         print(f"\n{name}: full fine-tune {args.split} accuracy {full:.4f}; fine-tune {scale['finetuned_bytes']:,} B, "
