@@ -46,6 +46,10 @@ VARIANTS: dict[str, dict] = {
     "osd-taylor": {"method": "osd", "importance": "taylor", **PAPER},
     # the default encoding, and the same masks in it
     "magtruncsvd-int8": {"method": "magtruncsvd", **PACKED},
+    # The same model total spent across layers by measured error; each layer's k follows its bits.
+    "magtruncsvd-int8-global": {"method": "magtruncsvd", **PACKED, "budget_allocation": "global"},
+    "truncsvd-global": {"method": "truncsvd", "budget_allocation": "global"},
+    "osd-taylor-int8-global": {"method": "osd", "importance": "taylor", **PACKED, "budget_allocation": "global"},
     "osd-taylor-int8": {"method": "osd", "importance": "taylor", **PACKED},
     "osd-fisher-damage-joint+refit-int8": {**FISHER_DAMAGE, **PACKED},
     "sparse-int8": {"method": "sparse", **PACKED},
@@ -92,13 +96,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=Path(".osd-fleet/quality.jsonl"))
     parser.add_argument("--calib-rows", type=int, default=None,
                         help="calibrate on the first N training rows in calibration order (default: the workload's)")
-    parser.add_argument("--quick", action="store_true", help="the l3-rt workload, r=1, a few variants (CI)")
+    parser.add_argument("--quick", action="store_true", help="the l3-rt workload, r=0.25 and 1, a few variants (CI)")
     parser.add_argument("--report", type=Path, metavar="JSONL",
                         help="print the markdown tables of earlier results and exit (what README shows)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.workloads, args.ranks, args.extra_ranks = "l3-rt", "1", "auto"
-        args.variants = "truncsvd,magtruncsvd,osd-taylor,magtruncsvd-int8"
+        args.workloads, args.ranks, args.extra_ranks = "l3-rt", "0.25,1", "auto"
+        args.variants = "truncsvd,magtruncsvd,osd-taylor,magtruncsvd-int8,magtruncsvd-int8-global"
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
@@ -137,7 +141,7 @@ def calibration_file(workload, rows: int | None, scratch: Path) -> Path:
 
 
 def run_point(workload, variant: str, config: CompressionConfig, split: str, scratch: Path, grads_cache: dict,
-              calib_rows: int | None = None) -> dict:
+              calib_rows: int | None = None, allocation: str = "uniform") -> dict:
     from workloads.evaluate import evaluate_checkpoint
 
     started = time.perf_counter()
@@ -153,13 +157,13 @@ def run_point(workload, variant: str, config: CompressionConfig, split: str, scr
         gradients, calib_seconds = grads_cache[key]
     delta = scratch / f"delta-{variant}-{config.rank}-{config.c}"
     report = compress_checkpoint(workload.base_dir, workload.finetuned_dir, delta, config, gradients=gradients,
-                                 overwrite=True)
+                                 overwrite=True, allocation=allocation)
     restored = reconstruct_checkpoint(workload.base_dir, delta, scratch / "restored", overwrite=True)
     data = workload.val_path if split == "val" else workload.eval_path
     result = evaluate_checkpoint(restored, data, progress=False, tokenizer_dir=workload.base_dir)
     return {
         "workload": workload.name, "variant": variant, "r": config.rank,
-        "c": config.c, "split": split,
+        "c": config.c, "split": split, "allocation": allocation,
         "budget_bits": report.budget_bits, "paper_bits": report.paper_bits, "bytes": report.bytes_written,
         "accuracy": result.accuracy, "macro_f1": result.macro_f1, "n": result.n,
         "calibration_rows": calib_rows, "calibration_seconds": round(calib_seconds, 1),
@@ -195,6 +199,7 @@ def report(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flows.fleet_config import parse_rank
     from workloads import build_workload
 
     args = parse_args(argv)
@@ -210,24 +215,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{name}: full fine-tune {args.split} accuracy {full:.4f}; fine-tune {scale['finetuned_bytes']:,} B, "
               f"fp16 dense delta {scale['delta_fp16_bytes']:,} B, zstd fp16 delta {scale['delta_fp16_zstd_bytes']:,} B",
               flush=True)
-        print(f"{'variant':<32} {'r':>2} {'c':>2} {'budget bits':>12} {'paper bits':>12} {'bytes':>10} "
+        print(f"{'variant':<32} {'r':>4} {'c':>4} {'budget bits':>12} {'paper bits':>12} {'bytes':>10} "
               f"{'accuracy':>8} {'of full':>7} {'s':>6}", flush=True)
         with tempfile.TemporaryDirectory(prefix="osd-quality-") as tmp:
             grads_cache: dict = {}
-            for r in (int(x) for x in args.ranks.split(",")):
+            for r in (parse_rank(x) for x in args.ranks.split(",")):
                 for variant in args.variants.split(","):
                     spec = dict(VARIANTS[variant])
+                    allocation = spec.pop("budget_allocation", "uniform")
+                    if spec["method"] == "truncsvd" and not float(r).is_integer():
+                        continue  # whole singular vectors only, as in fleet sweeps
                     relaxed = spec["method"] not in ("truncsvd", "sparse")
                     extras = [None if c == "auto" else int(c) for c in args.extra_ranks.split(",")] if relaxed else [0]
                     for c in extras:
                         config = replace(CompressionConfig(), rank=r, extra_rank=c, **spec)
                         row = run_point(workload, variant, config, args.split, Path(tmp), grads_cache,
-                                        args.calib_rows)
+                                        args.calib_rows, allocation)
                         row.update(full_accuracy=full, **scale)
                         rows.append(row)
                         with args.results.open("a") as handle:
                             handle.write(json.dumps(row) + "\n")
-                        print(f"{variant:<32} {r:>2} {row['c']:>2} {row['budget_bits']:>12,} {row['paper_bits']:>12,} "
+                        print(f"{variant:<32} {r:>4} {row['c']:>4} {row['budget_bits']:>12,} {row['paper_bits']:>12,} "
                               f"{row['bytes']:>10,} {row['accuracy']:>8.4f} {row['accuracy'] / full:>7.3f} "
                               f"{row['seconds']:>6.1f}", flush=True)
     return 0

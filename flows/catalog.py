@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -57,7 +58,9 @@ __all__ = [
 ]
 
 PARTS_PREFIX = "catalog/parts/"
-CATALOG_FORMAT = 1  # stamped into each part's schema metadata; readers refuse newer formats
+# Stamped into each part's schema metadata; readers refuse newer formats. 2: rank and extra_rank
+# became float64 (fractional budgets); format-1 parts (int64) are read and cast.
+CATALOG_FORMAT = 2
 _FORMAT_KEY = b"osd_fleet.catalog_format"
 STATUSES = ("ok", "failed")
 
@@ -95,8 +98,8 @@ class CatalogRow:
     revision: str
     base: str
     method: str
-    rank: int  # r
-    extra_rank: int  # c
+    rank: float  # r (a whole number reads back as an int)
+    extra_rank: float  # c = k - r
     allocation: str
     budget_bits: int
     paper_bits: int
@@ -118,7 +121,9 @@ class CatalogRow:
             set_("params", json.dumps(dict(self.params), sort_keys=True))
         for f in dataclasses.fields(self):
             hint, value = _HINTS[f.name], getattr(self, f.name)
-            if hint is int and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            if f.name in RANK_COLUMNS:
+                set_(f.name, _rank_number(f.name, value))
+            elif hint is int and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"{f.name} must be an int >= 0, got {value!r}")
             if hint is str and not isinstance(value, str):
                 raise ValueError(f"{f.name} must be a str, got {type(value).__name__}: {value!r}")
@@ -159,6 +164,8 @@ class CatalogRow:
             value = record[name]
             if name == "accuracy":
                 value = None if value is None or pd.isna(value) else float(value)
+            elif name in RANK_COLUMNS:
+                value = _rank_number(name, value)
             elif hint is int:
                 value = int(value)
             elif hint is str:
@@ -172,6 +179,14 @@ class CatalogRow:
 
 
 _HINTS: dict[str, Any] = typing.get_type_hints(CatalogRow)
+RANK_COLUMNS = ("rank", "extra_rank")  # fractional budgets, but whole ones read back as ints
+
+
+def _rank_number(name: str, value: Any) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return int(value) if float(value).is_integer() else float(value)
 
 
 def _arrow_field(name: str, hint: Any) -> pa.Field:

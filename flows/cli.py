@@ -17,7 +17,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from flows.fleet_cli import add_fleet_commands
+from flows.fleet_config import parse_rank
 from osd_core import __version__
+from osd_core.allocate import ALLOCATIONS as MODEL_ALLOCATIONS
 from osd_core.config import (
     ALLOCATIONS, GRADIENT_POINTS, IMPORTANCES, METHODS, METRICS, POSITIONS, SIGMA_PLACEMENTS, SVD_METHODS, VALUE_DTYPES,
     CompressionConfig,
@@ -53,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--finetuned", required=True, type=Path, help="fine-tuned checkpoint directory")
     compress.add_argument("--out", required=True, type=Path, help="delta directory to create")
     add_config_arguments(compress)
+    compress.add_argument("--budget-allocation", choices=MODEL_ALLOCATIONS, default="uniform",
+                          help="across layers: the paper's 32·r·(n+d) each, or the same total spent globally "
+                               "where it cuts the most error (each layer's k follows its bits)")
     compress.add_argument("--calibration", type=Path, help="JSONL rows {text, label} (needed by osd)")
     compress.add_argument("--batch-size", type=int, default=16, help="calibration batch size")
     compress.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -89,11 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = CompressionConfig()
     parser.add_argument("--method", choices=METHODS, default=defaults.method)
-    parser.add_argument("--rank", type=int, default=defaults.rank, help="budget rank r: 32·r·(n+d) bits per layer")
+    parser.add_argument("--rank", type=_rank, default=defaults.rank,
+                        help="budget rank r: 32·r·(n+d) bits per layer; relaxed methods take fractions (0.5)")
     parser.add_argument("--extra-rank", type=int, default=defaults.extra_rank,
                         help="c: k = r + c (default: what dense factors of the value width fill; 3r for int8)")
     parser.add_argument("--sigma", choices=SIGMA_PLACEMENTS, default=defaults.sigma, help="where singular values go")
-    parser.add_argument("--allocation", choices=ALLOCATIONS, default=defaults.allocation)
+    parser.add_argument("--allocation", choices=ALLOCATIONS, default=defaults.allocation,
+                        help="within a layer: equal density in both factors, or joint ranking (osd)")
     parser.add_argument("--gradient-at", choices=GRADIENT_POINTS, default=defaults.gradient_at)
     parser.add_argument("--importance", choices=IMPORTANCES, default=defaults.importance,
                         help="osd entry score: the paper's Taylor score or the output-error damage")
@@ -139,13 +146,17 @@ def run_compress(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, progress=lambda done, total: _advance(bar, done, total),
                 )
             gradients = GradientFile(path)
-        with tqdm(desc=f"compress {args.finetuned.name}", unit="tensor", file=sys.stderr, disable=None) as bar:
+        with tqdm(desc=f"compress {args.finetuned.name}", unit="tensor", file=sys.stderr, disable=None) as bar, \
+                tqdm(desc="measure layers for the global allocation", unit="tensor", file=sys.stderr,
+                     disable=None if args.budget_allocation == "global" else True) as measuring:
             report = compress_checkpoint(
                 args.base, args.finetuned, args.out, config, gradients=gradients, device=args.device,
-                overwrite=args.overwrite, on_layer=lambda layer, done, total: _advance(bar, done, total),
+                overwrite=args.overwrite, allocation=args.budget_allocation,
+                on_layer=lambda layer, done, total: _advance(bar, done, total),
+                on_measured=lambda name, done, total: _advance(measuring, done, total),
             )
     summary = {
-        "method": config.method, "r": config.rank, "c": config.c,
+        "method": config.method, "r": config.rank, "c": config.c, "budget_allocation": args.budget_allocation,
         "budget_bits": report.budget_bits, "paper_bits": report.paper_bits,
         "bytes_written": report.bytes_written, "payload_bytes": report.payload_bytes,
         "dense_bytes_fp16": report.dense_bytes_fp16, "seconds": round(report.seconds, 3),
@@ -157,7 +168,8 @@ def run_compress(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     else:
-        print(f"{report.out_dir}: {config.method} r={config.rank} k={config.k}: {report.paper_bits:,} of "
+        print(f"{report.out_dir}: {config.method} r={config.rank} k={config.k} {args.budget_allocation}: "
+              f"{report.paper_bits:,} of "
               f"{report.budget_bits:,} budget bits; {report.bytes_written:,} bytes on disk "
               f"(dense fp16 delta: {report.dense_bytes_fp16:,}); {report.seconds:.1f} s")
     return 0
@@ -194,6 +206,13 @@ def _workloads_main(argv: list[str]) -> int:
     from workloads.__main__ import main as workloads_main
 
     return workloads_main(argv)
+
+
+def _rank(text: str) -> int | float:
+    try:
+        return parse_rank(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _advance(bar: tqdm, done: int, total: int) -> None:

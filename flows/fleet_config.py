@@ -6,7 +6,8 @@ fleet file is TOML or JSON::
     store = "s3://bucket/fleet"            # or a local directory
 
     [sweep]
-    ranks = [1, 2, 4]                      # budget ranks r: 32·r·(n+d) bits per layer
+    ranks = [0.5, 1, 2]                    # budget ranks r: 32·r·(n+d) bits per layer (fractions:
+                                           # relaxed methods only)
     methods = ["osd", "truncsvd"]
     allocations = ["uniform", "global"]
     group_mib = 32                         # layer-group size (float32 working set)
@@ -27,16 +28,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from flows.allocate import ALLOCATIONS
 from flows.keys import safe_name
 from flows.plan import DEFAULT_GROUP_BYTES
 from flows.sources import is_s3
+from osd_core.allocate import ALLOCATIONS
 from osd_core.config import METHODS, CompressionConfig
 from osd_core.errors import ConfigError
 
@@ -83,7 +85,7 @@ class Variant:
 class SweepSpec:
     """Budgets (ranks) × methods × allocations, on top of one template configuration."""
 
-    ranks: tuple[int, ...] = (1, 2, 4)
+    ranks: tuple[int | float, ...] = (1, 2, 4)
     methods: tuple[str, ...] = ("magtruncsvd", "osd", "truncsvd")
     allocations: tuple[str, ...] = ("uniform",)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
@@ -99,21 +101,30 @@ class SweepSpec:
             bad = [v for v in values if v not in allowed]
             if bad:
                 raise ConfigError(f"sweep {name} must be among {', '.join(allowed)}; got {bad[0]!r}")
-        if not self.ranks or any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in self.ranks):
-            raise ConfigError(f"sweep ranks must be integers >= 1, got {list(self.ranks)}")
+        if not self.ranks or any(not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 < r < math.inf
+                                 for r in self.ranks):
+            raise ConfigError(f"sweep ranks must be numbers > 0 (fractions for the relaxed methods), "
+                              f"got {list(self.ranks)}")
         if self.group_bytes < 1:
             raise ConfigError(f"group size must be positive, got {self.group_bytes} bytes")
-        self.variants()  # every combination must make a valid configuration
+        if not self.variants():  # every combination must make a valid configuration, and one must exist
+            raise ConfigError(f"sweep has nothing to run: truncsvd needs whole ranks, got {list(self.ranks)}")
 
     @property
     def needs_calibration(self) -> bool:
         return any(v.config.needs_gradients for v in self.variants())
 
     def variants(self) -> tuple[Variant, ...]:
-        """Every combination, in a stable order (methods, then ranks, then allocations)."""
+        """Every combination, in a stable order (methods, then ranks, then allocations).
+
+        ``truncsvd`` keeps whole singular vectors, so it runs at the sweep's whole ranks only: a
+        sweep ``ranks = [0.5, 1]`` over ``magtruncsvd`` and ``truncsvd`` compares them at r = 1.
+        """
         out = []
         for method in dict.fromkeys(self.methods):
             for rank in dict.fromkeys(self.ranks):
+                if method == "truncsvd" and not float(rank).is_integer():
+                    continue
                 config = replace(
                     self.compression,
                     method=method,
@@ -202,7 +213,7 @@ def _fleet(data: Any, root: Path) -> FleetConfig:
 def _sweep(data: Any) -> SweepSpec:
     data = _table(data, "sweep", {"ranks", "methods", "allocations", "group_mib", "compression"})
     kwargs: dict[str, Any] = {}
-    for key, kind in (("ranks", int), ("methods", str), ("allocations", str)):
+    for key, kind in (("ranks", (int, float)), ("methods", str), ("allocations", str)):
         if key in data:
             kwargs[key] = _list(data[key], kind, f"sweep.{key}")
     if "group_mib" in data:
@@ -228,10 +239,22 @@ def _table(data: Any, where: str, allowed: set[str] | None) -> dict[str, Any]:
     return dict(data)
 
 
-def _list(value: Any, kind: type[T], where: str) -> tuple[T, ...]:
+def _list(value: Any, kind: type | tuple[type, ...], where: str) -> tuple[Any, ...]:
     if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
-        raise ConfigError(f"{where} must be a list of {kind.__name__}, got {value!r}")
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ConfigError(f"{where} must be a list of {names}, got {value!r}")
     return tuple(value)
+
+
+def parse_rank(text: str) -> int | float:
+    """A budget rank as typed: ``2`` stays an integer, ``0.5`` is a fraction."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
 
 
 def parse_csv(text: str, convert: Callable[[str], T], what: str) -> tuple[T, ...]:

@@ -39,7 +39,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect_ray import RayTaskRunner
 
-from flows.allocate import Allocation, allocate, best_within
+from osd_core.allocate import Allocation, allocate, best_within
 from flows.artifacts import CommittedDelta, commit_delta, read_commit
 from flows.catalog import Catalog, CatalogRow
 from flows.fleet_config import FleetConfig, ModelSpec, SweepSpec, Variant, check_calibration

@@ -84,11 +84,12 @@ def sparse_bits(n: int, d: int, kept: int, encoding: Encoding = PAPER) -> int:
     return factor_bits(n, d, kept, encoding)
 
 
-def layer_budget(n: int, d: int, rank: int) -> int:
-    """The budget ``B = 32·r·(n+d)``: what a dense fp32 rank-``rank`` factorisation costs."""
-    if rank < 1:
-        raise ConfigError(f"rank must be >= 1, got {rank}")
-    return VALUE_BITS * rank * (n + d)
+def layer_budget(n: int, d: int, rank: float) -> int:
+    """The budget ``B = 32·r·(n+d)``: what a dense fp32 rank-``rank`` factorisation costs (rounded
+    down to whole bits for a fractional rank)."""
+    if not rank > 0:
+        raise ConfigError(f"rank must be > 0, got {rank}")
+    return math.floor(VALUE_BITS * rank * (n + d))
 
 
 def equal_density_counts(n: int, d: int, k: int, budget: int, encoding: Encoding = PAPER) -> tuple[int, int]:

@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
+from .allocate import ALLOCATIONS, Allocation, allocate, best_within, layer_config, measure_curve
 from .artifact import DeltaWriter
+from .budget import layer_budget
 from .calibration_data import INPUT_COV, OUTPUT_FISHER, ROW_WEIGHT, GradientFile
 from .checkpoint import Checkpoint
 from .config import CompressionConfig
@@ -136,20 +138,33 @@ def compress_checkpoint(
     device: str = "auto",
     overwrite: bool = False,
     provenance: Mapping[str, Any] | None = None,
+    allocation: str = "uniform",
     on_layer: Callable[[LayerReport, int, int], None] | None = None,
+    on_measured: Callable[[str, int, int], None] | None = None,
 ) -> CompressionReport:
     """Compress ``finetuned_dir − base_dir`` into the delta directory ``out_dir``.
 
     ``gradients`` maps tensor names to task-loss gradients (needed by ``osd``); it may be lazy
-    (``osd_core.calibration_data.GradientFile``). ``on_layer`` is called after each tensor with its
-    report, its position and the total, for progress display.
+    (``osd_core.calibration_data.GradientFile``). ``allocation`` spends the model's bits
+    ``"uniform"``-ly (the paper: ``32·r·(n+d)`` per layer) or ``"global"``-ly (``osd_core.allocate``:
+    the same total, measured first and spent where it cuts the most error). ``on_layer`` is called
+    after each tensor with its report, its position and the total, and ``on_measured`` after each
+    tensor a global allocation measured (name, position, total), for progress display.
     """
     started = time.perf_counter()
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     if config.needs_gradients and gradients is None:
         raise ConfigError(f"method {config.method!r} needs calibration gradients; none were given")
     base, finetuned = Checkpoint.open(base_dir), Checkpoint.open(finetuned_dir)
     plans = plan_pair(base, finetuned, config)
     run_on = resolve_device(device)
+    budgets: dict[str, int] = {}
+    if allocation == "global":
+        chosen = _global_allocation(plans, base, finetuned, config, gradients, run_on, on_measured)
+        budgets = chosen.budgets
+        provenance = {**(provenance or {}), "global_allocation": {
+            "bits": chosen.bits, "total_bits": _uniform_total(plans, config), "estimated_damage": chosen.cost}}
     reports: list[LayerReport] = []
     with DeltaWriter(out_dir, overwrite=overwrite) as writer:
         for position, plan in enumerate(plans):
@@ -157,7 +172,9 @@ def compress_checkpoint(
                 continue
             tuned = finetuned.load(plan.name)
             base_tensor = None if plan.action == "replace" else base.load(plan.name)
-            layer, error = compress_tensor(plan, tuned, base_tensor, config, gradients, device=run_on,
+            budget = budgets.get(plan.name)
+            layer, error = compress_tensor(plan, tuned, base_tensor, layer_config(config, plan.shape, budget),
+                                           gradients, budget_bits=budget, device=run_on,
                                            where=(finetuned.path, base.path))
             report = LayerReport(
                 plan.name, plan.role.value, layer.kind, plan.shape, layer.k, layer.budget_bits,
@@ -175,6 +192,7 @@ def compress_checkpoint(
                         finetuned.path, name, finetuned.model_type)
         writer.commit(
             config=config.to_dict(),
+            allocation=allocation,
             base=base.identity(),
             finetuned=finetuned.identity(),
             unknown_tensors=list(unknown),
@@ -194,6 +212,43 @@ def compress_checkpoint(
         unknown=unknown,
         layers=tuple(reports),
     )
+
+
+def _uniform_budgets(plans: list[LayerPlan], config: CompressionConfig) -> dict[str, int]:
+    return {p.name: layer_budget(*p.shape, config.rank) for p in plans if p.action == "factorise"}
+
+
+def _uniform_total(plans: list[LayerPlan], config: CompressionConfig) -> int:
+    return sum(_uniform_budgets(plans, config).values())
+
+
+def _global_allocation(
+    plans: list[LayerPlan],
+    base: Checkpoint,
+    finetuned: Checkpoint,
+    config: CompressionConfig,
+    gradients: Mapping[str, torch.Tensor] | None,
+    device: torch.device,
+    on_measured: Callable[[str, int, int], None] | None,
+) -> Allocation:
+    """Measure every factorised tensor's damage curve, then spend the uniform total where it helps."""
+    curves = {}
+    factorised = [p for p in plans if p.action == "factorise"]
+    for position, plan in enumerate(factorised):
+        tuned = finetuned.load(plan.name)
+        _require_finite(finetuned.path, plan.name, tuned)
+        delta = tuned.float() - base.load(plan.name).float()
+        _require_finite(base.path, plan.name, delta)
+        grad, rows, cov = calibration_inputs(gradients, plan.name, config)
+        curves[plan.name] = measure_curve(plan.name, delta, config, grad, row_weight=rows, input_cov=cov,
+                                          device=device)
+        if on_measured is not None:
+            on_measured(plan.name, position + 1, len(factorised))
+    uniform = _uniform_budgets(plans, config)
+    chosen = allocate(curves, sum(uniform.values()), baseline=uniform)
+    log.info("global allocation: %s of %s bits; estimated damage %.4g (uniform: %.4g)",
+             f"{chosen.bits:,}", f"{sum(uniform.values()):,}", chosen.cost, best_within(curves, uniform).cost)
+    return chosen
 
 
 def compress_tensor(

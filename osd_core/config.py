@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,8 +26,10 @@ class CompressionConfig:
 
     ``rank`` (r) fixes the per-layer budget ``32·r·(n+d)`` bits; the relaxed methods factor at
     ``k = rank + c`` and sparsify (``c``: ``extra_rank``, or by default the rank dense factors of
-    the value width would fill). The documented-but-inferred choices of the method
-    (shared/OSD.md) are parameters so the quality benchmark can settle them by measurement:
+    the value width would fill). ``truncsvd`` needs a whole rank; the relaxed methods also take a
+    fraction (``0.5``: half a rank-1 budget), since their factors need not be whole. The
+    documented-but-inferred choices of the method (shared/OSD.md) are parameters so the quality
+    benchmark can settle them by measurement:
 
     - ``sigma``: where singular values go (``"sqrt"`` on both sides, into ``"u"`` or ``"v"``).
       Taylor scores do not depend on it; magnitude scores do.
@@ -53,7 +56,7 @@ class CompressionConfig:
     # magnitude masks of a rank-4r factorisation, int8 values, positions by bitmap or index.
     # "osd" with float32 values and indices is the paper's method as we read it, measured beside it.
     method: str = "magtruncsvd"
-    rank: int = 1
+    rank: int | float = 1
     extra_rank: int | None = None
     sigma: str = "sqrt"
     allocation: str = "equal"
@@ -81,8 +84,14 @@ class CompressionConfig:
         _choice("positions", self.positions, POSITIONS)
         if not isinstance(self.refit, int) or self.refit < 0:
             raise ConfigError(f"refit must be an integer >= 0, got {self.refit!r}")
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ConfigError(f"rank must be an integer >= 1, got {self.rank!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, float)) or not self.rank > 0 \
+                or not math.isfinite(self.rank):
+            raise ConfigError(f"rank must be a number > 0, got {self.rank!r}")
+        if isinstance(self.rank, float) and self.rank.is_integer():
+            object.__setattr__(self, "rank", int(self.rank))  # 2.0 is rank 2: one spelling per budget
+        if self.method == "truncsvd" and not isinstance(self.rank, int):
+            raise ConfigError(f"method 'truncsvd' keeps whole singular vectors: rank must be an integer, "
+                              f"got {self.rank!r} (fractional budgets need a relaxed method)")
         if self.extra_rank is not None and (not isinstance(self.extra_rank, int) or self.extra_rank < 0):
             raise ConfigError(f"extra_rank must be an integer >= 0 (or None: fill the budget), got {self.extra_rank!r}")
         if self.power_iters < 0:
@@ -91,19 +100,22 @@ class CompressionConfig:
             raise ConfigError("allocation='joint' needs commensurate scores: only method 'osd' has them")
 
     @property
-    def c(self) -> int:
-        """The extra rank: ``extra_rank``, or by default the rank dense factors of the stored value
-        width would fill (``32/bits - 1`` times r: 3r for int8, r for 16-bit), at least 1."""
-        if self.method == "truncsvd":
-            return 0
-        if self.extra_rank is not None:
-            return self.extra_rank
-        return max(1, self.rank * (VALUE_BITS // self.value_bits - 1))
+    def c(self) -> int | float:
+        """The extra rank ``k - r`` (fractional when ``r`` is)."""
+        return self.k - self.rank
 
     @property
     def k(self) -> int:
-        """The factorisation rank: ``r`` for truncsvd, ``r + c`` for the relaxed methods."""
-        return self.rank + self.c
+        """The factorisation rank: ``r`` for truncsvd; for the relaxed methods ``⌈r⌉ + extra_rank``,
+        or by default the rank dense factors of the stored value width would fill: ``r·32/bits``
+        (4r for int8, 2r for 16-bit), and ``⌊r⌋ + 1`` for float32; at least 1."""
+        if self.method == "truncsvd":
+            return int(self.rank)
+        if self.extra_rank is not None:
+            return math.ceil(self.rank) + self.extra_rank
+        if self.value_bits == VALUE_BITS:
+            return math.floor(self.rank) + 1
+        return max(1, round(self.rank * VALUE_BITS / self.value_bits))
 
     @property
     def stored_dtype(self) -> str:

@@ -51,6 +51,8 @@ def compress_matrix(
         raise ConfigError(f"{name}: only 2-D matrices are factorised, got shape {tuple(delta.shape)}")
     n, d = delta.shape
     budget = layer_budget(n, d, config.rank) if budget_bits is None else budget_bits
+    if budget == 0:  # an allocator chose to drop this layer's delta
+        return CompressedLayer(name, "zero", (n, d), budget_bits=0)
     if config.method != "sparse" and config.k > min(n, d):
         raise ConfigError(
             f"{name}: rank k = {config.k} exceeds min(n, d) = {min(n, d)} of its {n}x{d} delta"

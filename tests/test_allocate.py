@@ -1,11 +1,15 @@
-"""The per-model bit allocator: pure functions over error-vs-bits curves."""
+"""The per-model bit allocator: candidate budgets, measured error curves, and the greedy spend."""
 
 import random
 
 import pytest
+import torch
 
-from flows.allocate import MULTIPLIERS, Option, allocate, best_within, candidate_budgets
+from osd_core.allocate import (
+    MULTIPLIERS, Option, allocate, best_within, candidate_budgets, layer_config, measure_curve,
+)
 from osd_core.budget import layer_budget
+from osd_core.config import CompressionConfig
 from osd_core.errors import BudgetError, ConfigError
 
 
@@ -86,13 +90,41 @@ def test_bad_curves_are_refused_naming_the_layer(bad, message):
 
 
 def test_candidates_of_truncsvd_are_whole_ranks_at_their_exact_cost():
-    budgets = candidate_budgets("truncsvd", 2, 2, (64, 32))
-    assert budgets == tuple(layer_budget(64, 32, r) for r in (1, 2, 4, 8))
+    budgets = candidate_budgets(CompressionConfig(method="truncsvd", rank=2), (64, 32))
+    assert budgets == tuple(layer_budget(64, 32, r) for r in (1, 2, 3, 4, 6, 8))
 
 
-def test_candidates_of_relaxed_methods_stop_at_the_dense_rank_k_cost():
+def test_candidates_with_a_fixed_extra_rank_stop_at_the_dense_rank_k_cost():
     uniform = layer_budget(64, 32, 1)
-    budgets = candidate_budgets("osd", 1, 3, (64, 32))
+    budgets = candidate_budgets(CompressionConfig(method="osd", rank=1, extra_rank=2), (64, 32))
     assert uniform in budgets and max(budgets) == 32 * 3 * (64 + 32)
     assert budgets == tuple(sorted({min(round(m * uniform), 32 * 3 * 96) for m in MULTIPLIERS}))
-    assert max(candidate_budgets("sparse", 1, 3, (4, 4))) == 32 * 16
+    assert max(candidate_budgets(CompressionConfig(method="sparse", rank=1), (4, 4))) == 32 * 16
+
+
+def test_with_the_default_extra_rank_a_layer_given_more_bits_factors_at_a_higher_rank():
+    config = CompressionConfig(method="magtruncsvd", rank=0.5)  # int8: k = 4r
+    budgets = candidate_budgets(config, (64, 32))
+    ranks = [layer_config(config, (64, 32), b).k for b in budgets]
+    assert budgets[0] == round(0.25 * layer_budget(64, 32, 0.5)) and layer_budget(64, 32, 0.5) in budgets
+    assert ranks == sorted(ranks) and ranks[0] == 1 and ranks[-1] == 8
+    assert layer_config(config, (64, 32), layer_budget(64, 32, 0.5)).k == config.k == 2
+    # no candidate asks for more singular vectors than the matrix has
+    assert max(layer_config(config, (8, 6), b).k for b in candidate_budgets(config, (8, 6))) <= 6
+
+
+def test_layer_config_leaves_fixed_ranks_and_dropped_layers_alone():
+    fixed = CompressionConfig(method="osd", rank=1, extra_rank=2)
+    assert layer_config(fixed, (64, 32), 10_000) is fixed
+    assert layer_config(CompressionConfig(), (64, 32), 0) == CompressionConfig()
+    assert layer_config(CompressionConfig(method="truncsvd"), (64, 32), layer_budget(64, 32, 3)).rank == 3
+
+
+def test_measured_curves_start_at_dropping_the_layer_and_fall_with_bits():
+    torch.manual_seed(0)
+    delta = torch.randn(48, 6) @ torch.randn(6, 40)
+    options = measure_curve("w", delta, CompressionConfig(method="magtruncsvd", rank=0.5))
+    assert options[0] == Option(0, pytest.approx(float(delta.pow(2).sum())))
+    costs = [o.cost for o in options]
+    assert costs[-1] < 0.01 * costs[0] and costs[1] < costs[0]
+    assert measure_curve("z", torch.zeros(8, 8), CompressionConfig()) == (Option(0, 0.0),)

@@ -68,7 +68,7 @@ def test_joint_counts_fit_and_follow_scores():
 
 
 def test_invalid_rank_and_counts_are_refused():
-    with pytest.raises(ConfigError, match="rank must be >= 1"):
+    with pytest.raises(ConfigError, match="rank must be > 0"):
         layer_budget(4, 4, 0)
     with pytest.raises(ConfigError, match="kept entries"):
         factor_bits(4, 2, 9)

@@ -54,7 +54,7 @@ def test_schema_is_derived_from_the_dataclass() -> None:
     assert SCHEMA.field("accuracy").type == pa.float64() and SCHEMA.field("accuracy").nullable
     assert SCHEMA.field("created").type == pa.timestamp("us", tz="UTC")
     assert not SCHEMA.field("model").nullable
-    assert SCHEMA.metadata[b"osd_fleet.catalog_format"] == b"1"
+    assert SCHEMA.metadata[b"osd_fleet.catalog_format"] == b"2"
 
 
 @pytest.mark.parametrize("accuracy", [0.93, None])
@@ -89,8 +89,8 @@ def test_defaults() -> None:
 @pytest.mark.parametrize(
     ("overrides", "error", "match"),
     [
-        ({"rank": -1}, ValueError, r"rank must be an int >= 0, got -1"),
-        ({"extra_rank": True}, ValueError, r"extra_rank must be an int >= 0, got True"),
+        ({"rank": -1}, ValueError, r"rank must be a number >= 0, got -1"),
+        ({"extra_rank": True}, ValueError, r"extra_rank must be a number >= 0, got True"),
         ({"bytes": 1.5}, ValueError, r"bytes must be an int >= 0, got 1.5"),
         ({"metric": None}, ValueError, r"metric must be a str, got NoneType"),
         ({"status": "done"}, ValueError, r"status must be one of \('ok', 'failed'\), got 'done'"),
@@ -216,8 +216,29 @@ def test_newer_format_refused(store: ObjectStore) -> None:
     sink = io.BytesIO()
     pq.write_table(table, sink)
     store.put_bytes(f"{PARTS_PREFIX}future.parquet", sink.getvalue())
-    with pytest.raises(CatalogError, match="has format 99; .* reads up to 1"):
+    with pytest.raises(CatalogError, match="has format 99; .* reads up to 2"):
         Catalog(store).read()
+
+
+def test_fractional_budgets_round_trip_and_whole_ones_read_back_as_ints(store: ObjectStore) -> None:
+    catalog = Catalog(store)
+    catalog.append([make_row(artifact_id="half", rank=0.5, extra_rank=1.5), make_row(artifact_id="one", rank=1.0)])
+    rows = {row.artifact_id: row for row in catalog.rows("tiny-llama")}
+    assert (rows["half"].rank, rows["half"].extra_rank) == (0.5, 1.5)
+    assert rows["one"].rank == 1 and isinstance(rows["one"].rank, int)
+    assert catalog.read().query("rank < 1")["artifact_id"].tolist() == ["half"]
+
+
+def test_format_1_parts_with_integer_ranks_are_still_read(store: ObjectStore) -> None:
+    old_schema = pa.schema([pa.field(f.name, pa.int64(), f.nullable) if f.name in ("rank", "extra_rank") else f
+                            for f in SCHEMA], metadata={b"osd_fleet.catalog_format": b"1"})
+    table = pa.Table.from_pylist([make_row(artifact_id="old").to_record()], schema=old_schema)
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    store.put_bytes(f"{PARTS_PREFIX}old.parquet", sink.getvalue())
+    Catalog(store).append([make_row(artifact_id="new", rank=0.25)])
+    ranks = {row.artifact_id: row.rank for row in Catalog(store).rows("tiny-llama")}
+    assert ranks == {"old": 8, "new": 0.25}
 
 
 # --------------------------------------------------------------------------- concurrency

@@ -34,6 +34,22 @@ def test_compress_json_reports_bits_bytes_errors_and_time(capsys, synthetic_pair
     assert 0 < report["layers"]["bert.encoder.layer.0.intermediate.dense.weight"]["rel_error"] < 1
 
 
+def test_a_fractional_budget_spent_globally(capsys, synthetic_pair, tmp_path):
+    base, tuned = synthetic_pair
+    reports = {}
+    for allocation in ("uniform", "global"):
+        code, out, _ = run_cli(capsys, *compress_args(base, tuned, tmp_path / allocation, "--rank", "0.5",
+                                                      "--budget-allocation", allocation, "--json"))
+        assert code == 0
+        reports[allocation] = json.loads(out)
+    spread = reports["global"]
+    assert (spread["r"], spread["c"], spread["budget_allocation"]) == (0.5, 1.5, "global")
+    assert 0 < spread["paper_bits"] <= spread["budget_bits"] <= reports["uniform"]["budget_bits"]
+    with pytest.raises(SystemExit) as exited:  # argparse's usage error
+        run_cli(capsys, *compress_args(base, tuned, tmp_path / "x", "--rank", "half"))
+    assert exited.value.code == 2 and "expected a number, got 'half'" in capsys.readouterr().err
+
+
 def test_osd_compress_and_reconstruct_end_to_end(capsys, real_pair, calibration_file, tmp_path):
     base, tuned = real_pair
     code, out, _ = run_cli(capsys, *compress_args(base, tuned, tmp_path / "d", "--method", "osd", "--rank", "1",
@@ -103,8 +119,9 @@ def test_bad_checkpoints_exit_2_with_a_clear_line_and_leave_nothing(capsys, synt
 
 @pytest.mark.parametrize("args,message", [
     (["--method", "osd"], "needs --calibration"),
-    (["--rank", "0"], "rank must be an integer >= 1, got 0"),
-    (["--rank", "-3"], "rank must be an integer >= 1, got -3"),
+    (["--rank", "0"], "rank must be a number > 0, got 0"),
+    (["--rank", "-3"], "rank must be a number > 0, got -3"),
+    (["--method", "truncsvd", "--rank", "0.5"], "rank must be an integer, got 0.5"),
     (["--extra-rank", "-1"], "extra_rank must be an integer >= 0"),
     (["--method", "magtruncsvd", "--allocation", "joint"], "allocation='joint' needs commensurate scores"),
     (["--method", "truncsvd", "--device", "tpu"], "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),

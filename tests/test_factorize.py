@@ -157,8 +157,11 @@ def test_non_finite_input_is_refused_with_the_tensor_name():
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("rank", 0, "rank must be an integer >= 1"),
-    ("rank", -2, "rank must be an integer >= 1"),
+    ("rank", 0, "rank must be a number > 0, got 0"),
+    ("rank", -2, "rank must be a number > 0"),
+    ("rank", float("nan"), "rank must be a number > 0"),
+    ("rank", True, "rank must be a number > 0"),
+    ("rank", "1", "rank must be a number > 0"),
     ("extra_rank", -1, "extra_rank must be"),
     ("method", "svd++", "method must be one of"),
     ("sigma", "left", "sigma must be one of"),
@@ -166,6 +169,28 @@ def test_non_finite_input_is_refused_with_the_tensor_name():
 def test_invalid_config_is_refused(field, value, message):
     with pytest.raises(ConfigError, match=message):
         CompressionConfig(**{field: value})
+
+
+def test_truncsvd_refuses_a_fractional_rank_that_relaxed_methods_take():
+    with pytest.raises(ConfigError, match="'truncsvd' keeps whole singular vectors: rank must be an integer, got 0.5"):
+        CompressionConfig(method="truncsvd", rank=0.5)
+    assert CompressionConfig(method="truncsvd", rank=2.0).rank == 2  # one spelling per budget
+    half = CompressionConfig(method="magtruncsvd", rank=0.5)  # int8 values: k = 4r
+    assert (half.k, half.c) == (2, 1.5)
+    assert CompressionConfig(rank=0.5, value_dtype="float32").k == 1
+    assert CompressionConfig(rank=1.5, extra_rank=1).k == 3
+
+
+def test_a_fractional_rank_spends_its_fraction_of_the_budget():
+    delta = structured_delta(60, 40)
+    layer = compress_matrix("w", delta, CompressionConfig(method="magtruncsvd", rank=0.5))
+    assert layer.budget_bits == layer_budget(60, 40, 0.5) == 16 * 100
+    assert 0.9 * layer.budget_bits < layer.paper_bits <= layer.budget_bits
+
+
+def test_a_zero_budget_drops_the_layer():
+    layer = compress_matrix("w", structured_delta(30, 20), CompressionConfig(), budget_bits=0)
+    assert layer.kind == "zero" and layer.budget_bits == 0 and not layer.delta().any()
 
 
 @pytest.mark.gpu

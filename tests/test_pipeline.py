@@ -158,6 +158,20 @@ def test_fleet_file_resolves_paths_and_refuses_mistakes(tmp_path):
         SweepSpec(allocations=("joint",))
 
 
+def test_fractional_budgets_sweep_the_relaxed_methods_and_truncsvd_at_whole_ranks(tmp_path):
+    (tmp_path / "fleet.toml").write_text(
+        'store = "s"\n[sweep]\nranks = [0.25, 1]\nmethods = ["magtruncsvd", "truncsvd"]\n'
+        '[[models]]\nname = "m"\nbase = "b"\nfinetuned = "f"\n'
+    )
+    labels = [v.label for v in load_fleet_config(tmp_path / "fleet.toml").sweep.variants()]
+    assert labels == ["magtruncsvd r=0.25+0.75 uniform", "magtruncsvd r=1+3 uniform", "truncsvd r=1 uniform"]
+    with pytest.raises(ConfigError, match="sweep has nothing to run: truncsvd needs whole ranks, got \\[0.5\\]"):
+        SweepSpec(ranks=(0.5,), methods=("truncsvd",))
+    for bad in ((0,), (-1.5,), (float("inf"),), (True,)):
+        with pytest.raises(ConfigError, match="sweep ranks must be numbers > 0"):
+            SweepSpec(ranks=bad)
+
+
 def test_only_unreachable_storage_is_retried():
     from prefect.states import Failed
 
@@ -351,16 +365,16 @@ def test_global_allocation_keeps_the_total_and_beats_uniform(fleet_runtime, tmp_
         {n: base_state[n] if n in frozen else t for n, t in tuned_state.items()},
         str(tmp_path / "ft" / "model.safetensors"),
     )
-    sweep = SweepSpec(
-        ranks=(1,), methods=("truncsvd", "magtruncsvd"), allocations=("uniform", "global"), group_bytes=SMALL_GROUPS
+    sweep = SweepSpec(  # truncsvd at r = 1 only; magtruncsvd at half a rank-1 budget too
+        ranks=(0.5, 1), methods=("truncsvd", "magtruncsvd"), allocations=("uniform", "global"), group_bytes=SMALL_GROUPS
     )
     rows = main_rows(ModelSpec("alloc", str(tmp_path / "base"), str(tmp_path / "ft")), sweep, str(tmp_path / "store"))
+    assert [(row.method, row.rank) for row in rows[::2]] == [("truncsvd", 1), ("magtruncsvd", 0.5), ("magtruncsvd", 1)]
     tuned = weights(tmp_path / "ft")
-    uniform_total = plan_model(
-        "alloc", PairLayout.read(str(tmp_path / "base"), str(tmp_path / "ft")), sweep.variants()[0].config
-    ).total_bits
+    layout = PairLayout.read(str(tmp_path / "base"), str(tmp_path / "ft"))
     for uniform, glob in zip(rows[::2], rows[1::2], strict=True):
         assert (uniform.allocation, glob.allocation, glob.status) == ("uniform", "global", "ok")
+        uniform_total = plan_model("alloc", layout, CompressionConfig(method=glob.method, rank=glob.rank)).total_bits
         damage = {}
         for row in (uniform, glob):
             delta = fetched(str(tmp_path / "store"), row, tmp_path / row.artifact_id)

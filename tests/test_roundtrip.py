@@ -149,3 +149,30 @@ def test_calibration_records_the_output_error_statistics(real_pair, tmp_path, ca
     table = grads.statistics("bert.embeddings.word_embeddings.weight")
     assert table["row_weight"].shape == (30522,) and float(table["row_weight"].sum()) == pytest.approx(1.0)
     assert "bert.embeddings.word_embeddings.weight" in grads and all("::" not in name for name in grads)
+
+
+def test_a_global_allocation_respends_the_uniform_total_where_it_cuts_more_error(real_pair, tmp_path):
+    base, tuned = real_pair
+    config = CompressionConfig(rank=0.5)  # int8, k = 2 at the uniform budget
+    uniform = compress_checkpoint(base, tuned, tmp_path / "uniform", config)
+    spread = compress_checkpoint(base, tuned, tmp_path / "global", config, allocation="global")
+    manifest = DeltaArtifact.open(tmp_path / "global").manifest
+    recorded = manifest["provenance"]["global_allocation"]
+    assert manifest["allocation"] == "global"
+    total = sum(layer.budget_bits for layer in uniform.layers if layer.kind in ("factored", "sparse", "zero"))
+    assert recorded["total_bits"] == total and spread.budget_bits == recorded["bits"] <= total
+    assert all(layer.paper_bits <= layer.budget_bits for layer in spread.layers if layer.kind == "factored")
+    ranks = {layer.k for layer in spread.layers if layer.kind == "factored"}
+    assert len(ranks) > 1 and max(ranks) > config.k  # k follows each layer's bits
+
+    original = load_file(tuned / "model.safetensors")
+    names = [layer.name for layer in uniform.layers if layer.kind in ("factored", "sparse", "zero")]
+
+    def squared_error(delta_dir):
+        restored = load_file(reconstruct_checkpoint(base, delta_dir, delta_dir.with_suffix(".restored"))
+                             / "model.safetensors")
+        return sum(float((original[n].float() - restored[n].float()).pow(2).sum()) for n in names)
+
+    spent_globally = squared_error(tmp_path / "global")
+    assert spent_globally < squared_error(tmp_path / "uniform")
+    assert recorded["estimated_damage"] == pytest.approx(spent_globally, rel=0.05)

@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from functools import lru_cache
 
 import torch
 
-from flows.allocate import Option, candidate_budgets
 from flows.plan import LayerJob
 from flows.sources import local_copy
 from flows.storage import ObjectStore, open_store
+from osd_core.allocate import layer_config, measure_curve
 from osd_core.artifact import encode_payload
-from osd_core.budget import VALUE_BITS
 from osd_core.calibration_data import GradientFile
 from osd_core.compress import calibration_inputs, compress_tensor, resolve_device
 from osd_core.config import CompressionConfig
-from osd_core.errors import BudgetError, CheckpointError, ConfigError
-from osd_core.factorize import compress_matrix
+from osd_core.errors import CheckpointError, ConfigError
 from osd_core.layer import CompressedLayer
 from workers.jobs import GroupJob, GroupResult, LayerCurve
 
@@ -58,41 +55,17 @@ def compress_group(job: GroupJob, calibration: str | None) -> GroupResult:
 
 
 def measure_group(job: GroupJob, calibration: str | None) -> tuple[LayerCurve, ...]:
-    """Damage (squared Frobenius error of the delta) of each factorised tensor at candidate budgets.
-
-    A zero delta costs nothing at zero bits, so a global allocation gives its bits to others.
-    """
+    """Damage of each factorised tensor of the group at its candidate budgets (``measure_curve``)."""
     device = resolve_device(job.device)
     calib = _gradients(job, calibration)
     curves = []
     for layer in job.group.layers:
         if layer.plan.action != "factorise":
             continue
-        delta = _delta(layer)
-        if not bool(delta.any()):
-            curves.append(LayerCurve(layer.name, (Option(0, 0.0),)))
-            continue
         grad, rows, cov = calibration_inputs(calib, layer.name, job.config)
-        options = []
-        for budget in candidate_budgets(job.config.method, job.config.rank, job.config.k, layer.plan.shape):
-            try:
-                approx = compress_matrix(
-                    layer.name,
-                    delta,
-                    layer_config(job.config, layer.plan.shape, budget),
-                    grad,
-                    budget_bits=budget,
-                    row_weight=rows,
-                    input_cov=cov,
-                    device=device,
-                )
-            except BudgetError:
-                continue  # too small to hold one entry per factor: not an option
-            damage = float(torch.linalg.vector_norm(delta - approx.delta().reshape(delta.shape))) ** 2
-            options.append(Option(budget, damage))
-        if not options:
-            raise BudgetError(f"{layer.name}: no candidate budget can hold its {job.config.method} factorisation")
-        curves.append(LayerCurve(layer.name, tuple(options)))
+        options = measure_curve(layer.name, _delta(layer), job.config, grad, row_weight=rows, input_cov=cov,
+                                device=device)
+        curves.append(LayerCurve(layer.name, options))
     return tuple(curves)
 
 
@@ -111,14 +84,6 @@ def compress_layer(
         layer.plan, layer.finetuned.read(), base, layer_config(config, layer.plan.shape, budget), calib,
         budget_bits=budget, device=device, where=(layer.finetuned.uri, layer.base.uri if layer.base else "base"),
     )
-
-
-def layer_config(config: CompressionConfig, shape: tuple[int, ...], budget: int | None) -> CompressionConfig:
-    """``truncsvd`` spends a budget as whole ranks (its ``k`` is ``r``); other methods take it as is."""
-    if budget is None or config.method != "truncsvd":
-        return config
-    n, d = shape
-    return replace(config, rank=max(1, budget // (VALUE_BITS * (n + d))))
 
 
 def _delta(layer: LayerJob, tuned: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flows.allocate import Option
+from osd_core.allocate import Option
 from flows.plan import LayerGroup, PairLayout
 from osd_core.config import CompressionConfig
 

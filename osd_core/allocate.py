@@ -2,12 +2,16 @@
 
 The paper gives every matrix the same budget ``B = 32·r·(n+d)`` ("uniform"). The model's total,
 ``Σ B``, can be spent better ("global"): a layer whose delta is zero or nearly low-rank gains
-little from its share, while another's error may still fall steeply. Phase-1 workers measure,
+little from its share, while another's error may still fall steeply. :func:`measure_curve` gives,
 per layer, the damage (squared Frobenius error of the delta, so errors add up over the model)
-at a few candidate budgets; :func:`allocate` then spends the total greedily by marginal damage
-reduction per bit, and phase-2 workers compress each layer with its allotted budget.
+at 0 bits and a few candidate budgets; :func:`allocate` then spends the total greedily by
+marginal damage reduction per bit, and each layer is compressed with its allotted budget
+(:func:`layer_config`). The fleet runs the measurements on workers and allocates in the flow;
+``compress_checkpoint`` runs all three in one process.
 
-Everything here is a pure function of those curves, so it is unit-tested without any worker.
+Frobenius damage, not a loss-weighted one, on purpose: weighting each layer's error by
+calibration statistics (output Fisher, input second moment, K-FAC) was measured and allocated
+worse on validation data (README, "Results"), the same verdict as for importance masks.
 """
 
 from __future__ import annotations
@@ -15,15 +19,19 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from osd_core.budget import VALUE_BITS, layer_budget
-from osd_core.errors import BudgetError, ConfigError
+import torch
+
+from .budget import VALUE_BITS, layer_budget
+from .config import CompressionConfig
+from .errors import BudgetError, ConfigError
+from .factorize import compress_matrix
 
 ALLOCATIONS = ("uniform", "global")
 # Candidate budgets as multiples of the uniform one: enough resolution to move bits, few enough
 # that measuring them stays cheap next to the compression itself.
-MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
+MULTIPLIERS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 
 
 @dataclass(frozen=True, order=True)
@@ -44,21 +52,70 @@ class Allocation:
 
 
 def candidate_budgets(
-    method: str, rank: int, k: int, shape: tuple[int, int], multipliers: Sequence[float] = MULTIPLIERS
+    config: CompressionConfig, shape: tuple[int, int], multipliers: Sequence[float] = MULTIPLIERS
 ) -> tuple[int, ...]:
-    """The budgets worth measuring for one ``n×d`` layer, ascending, always including the uniform one.
+    """The non-zero budgets worth measuring for one ``n×d`` layer, ascending, with the uniform one.
 
     ``truncsvd`` can only spend whole ranks, so its candidates are ranks ``⌊m·r⌋`` at their exact
-    cost. The relaxed methods factor at a fixed ``k``, so no budget above the dense rank-k cost
-    buys anything; ``sparse`` likewise stops at the dense matrix.
+    cost. A relaxed method with the default ``c`` factors at the rank its budget fills
+    (:func:`layer_config`), so every multiple is a candidate up to ``k = min(n, d)``. With a fixed
+    ``extra_rank`` its ``k`` is fixed and no budget above the dense rank-k cost buys anything;
+    ``sparse`` likewise stops at the dense matrix. Budget 0 (drop the layer's delta) is measured
+    separately, by :func:`measure_curve`.
     """
     n, d = shape
-    uniform = layer_budget(n, d, rank)
-    if method == "truncsvd":
-        ranks = {max(1, min(math.floor(m * rank), min(n, d))) for m in multipliers} | {rank}
+    uniform = layer_budget(n, d, config.rank)
+    if config.method == "truncsvd":
+        ranks = {max(1, min(math.floor(m * config.rank), min(n, d))) for m in multipliers} | {config.rank}
         return tuple(sorted(layer_budget(n, d, r) for r in ranks))
-    cap = VALUE_BITS * n * d if method == "sparse" else VALUE_BITS * k * (n + d)
-    return tuple(sorted({min(round(m * uniform), cap) for m in multipliers} | {min(uniform, cap)}))
+    budgets = {max(1, round(m * uniform)) for m in multipliers} | {uniform}
+    if config.method == "sparse":
+        return tuple(sorted({min(b, VALUE_BITS * n * d) for b in budgets}))
+    if config.extra_rank is not None:
+        return tuple(sorted({min(b, VALUE_BITS * config.k * (n + d)) for b in budgets}))
+    return tuple(sorted(b for b in budgets if layer_config(config, shape, b).k <= min(n, d)))
+
+
+def layer_config(config: CompressionConfig, shape: tuple[int, ...], budget: int | None) -> CompressionConfig:
+    """The configuration one layer is compressed with when an allocator gives it ``budget`` bits.
+
+    The budget is read as the rank it pays for, ``budget / (32·(n+d))``: ``truncsvd`` spends it as
+    whole ranks, and a relaxed method with the default ``c`` factors at the rank that budget fills
+    (so a layer given more bits also gets more singular vectors, not only denser ones). A fixed
+    ``extra_rank`` keeps ``k`` fixed; ``sparse`` has no rank. ``None`` or 0 leaves ``config`` as is.
+    """
+    if not budget or config.method == "sparse" or (config.method != "truncsvd" and config.extra_rank is not None):
+        return config
+    n, d = shape
+    rank = budget / (VALUE_BITS * (n + d))
+    return replace(config, rank=max(1, math.floor(rank)) if config.method == "truncsvd" else rank)
+
+
+def measure_curve(
+    name: str,
+    delta: torch.Tensor,
+    config: CompressionConfig,
+    grad: torch.Tensor | None = None,
+    *,
+    row_weight: torch.Tensor | None = None,
+    input_cov: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[Option, ...]:
+    """Damage (squared Frobenius error of the delta, so errors add up over the model) of one layer
+    at 0 bits and at each candidate budget. A zero delta costs nothing at zero bits."""
+    norm2 = float(torch.linalg.vector_norm(delta.float())) ** 2
+    options = [Option(0, norm2)]
+    if norm2 == 0.0:
+        return tuple(options)
+    for budget in candidate_budgets(config, tuple(delta.shape)):
+        try:
+            approx = compress_matrix(name, delta, layer_config(config, tuple(delta.shape), budget), grad,
+                                     budget_bits=budget, row_weight=row_weight, input_cov=input_cov, device=device)
+        except BudgetError:
+            continue  # too small to hold one entry per factor: not an option
+        error = delta.float() - approx.delta().reshape(delta.shape).to(delta.device)
+        options.append(Option(budget, float(torch.linalg.vector_norm(error)) ** 2))
+    return tuple(options)
 
 
 def allocate(
