@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import zstandard  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
@@ -99,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="the l3-rt workload, r=0.25 and 1, a few variants (CI)")
     parser.add_argument("--report", type=Path, metavar="JSONL",
                         help="print the markdown tables of earlier results and exit (what README shows)")
+    parser.add_argument("--reference", default="magtruncsvd-int8",
+                        help="with --report: the variant paired differences are taken against")
     args = parser.parse_args(argv)
     if args.quick:
         args.workloads, args.ranks, args.extra_ranks = "l3-rt", "0.25,1", "auto"
@@ -166,27 +169,31 @@ def run_point(workload, variant: str, config: CompressionConfig, split: str, scr
         "c": config.c, "split": split, "allocation": allocation,
         "budget_bits": report.budget_bits, "paper_bits": report.paper_bits, "bytes": report.bytes_written,
         "accuracy": result.accuracy, "macro_f1": result.macro_f1, "n": result.n,
+        "correct": "".join("1" if right else "0" for right in result.correct),  # per row, for paired intervals
         "calibration_rows": calib_rows, "calibration_seconds": round(calib_seconds, 1),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
 
-def report(path: Path) -> str:
+def report(path: Path, reference: str = "magtruncsvd-int8") -> str:
     """Markdown tables of the result rows in ``path``: per workload and split, variants by rank.
 
     Each cell is the accuracy, its fraction of the full fine-tune and the delta's real bytes; the
-    c of the relaxed variants is given per rank (it follows r by default).
+    c of the relaxed variants is given per rank (it follows r by default). Where rows carry their
+    per-row outcomes, a second table gives each variant's difference from ``reference`` on the
+    same rows, with a 95% paired-bootstrap interval: what separates a real gap from noise.
     """
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     out = []
     for workload, split in dict.fromkeys((r["workload"], r["split"]) for r in rows):
         group = [r for r in rows if (r["workload"], r["split"]) == (workload, split)]
         first, ranks = group[0], sorted({r["r"] for r in group})
+        variants = sorted({r["variant"] for r in group}, key=list(VARIANTS).index)
         sizes = [first[key] / 1e6 for key in ("finetuned_bytes", "delta_fp16_bytes", "delta_fp16_zstd_bytes")]
         out += [f"**{workload}**, {split} split ({first['n']:,} rows), full fine-tune {first['full_accuracy']:.4f}; "
                 "fine-tune {:.1f} MB, fp16 dense delta {:.1f} MB, zstd fp16 delta {:.1f} MB".format(*sizes),
                 "", "| variant | " + " | ".join(f"r = {r}" for r in ranks) + " |", "|---|" + "---|" * len(ranks)]
-        for variant in sorted({r["variant"] for r in group}, key=list(VARIANTS).index):
+        for variant in variants:
             cells = []
             for rank in ranks:
                 found = [r for r in group if r["variant"] == variant and r["r"] == rank]
@@ -195,7 +202,33 @@ def report(path: Path) -> str:
                     + (f", c={r['c']})" if r["c"] else ")") for r in found) or "–")
             out.append(f"| {variant} | " + " | ".join(cells) + " |")
         out.append("")
+        paired = {(r["variant"], r["r"]): r["correct"] for r in group if r.get("correct")}
+        if any(variant == reference for variant, _ in paired):
+            out += [f"Difference from `{reference}` on the same rows, points (95% paired-bootstrap interval):", "",
+                    "| variant | " + " | ".join(f"r = {r}" for r in ranks) + " |", "|---|" + "---|" * len(ranks)]
+            for variant in (v for v in variants if v != reference):
+                cells = []
+                for rank in ranks:
+                    ours, theirs = paired.get((variant, rank)), paired.get((reference, rank))
+                    if ours is None or theirs is None:
+                        cells.append("–")
+                        continue
+                    mean, low, high = paired_difference(ours, theirs)
+                    cells.append(f"{100 * mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]")
+                out.append(f"| {variant} | " + " | ".join(cells) + " |")
+            out.append("")
     return "\n".join(out)
+
+
+def paired_difference(ours: str, theirs: str, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Accuracy of ``ours`` minus ``theirs`` (per-row outcomes as "0"/"1" strings over the same
+    rows), with the 2.5 and 97.5 percentiles of that difference over rows resampled with replacement."""
+    if len(ours) != len(theirs):
+        raise ValueError(f"paired outcomes must cover the same rows, got {len(ours)} and {len(theirs)}")
+    diff = np.array([int(a) - int(b) for a, b in zip(ours, theirs, strict=True)], dtype=float)
+    means = diff[np.random.default_rng(seed).integers(0, diff.size, (resamples, diff.size))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     if args.report:
-        print(report(args.report))
+        print(report(args.report, args.reference))
         return 0
     args.results.parent.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -104,12 +104,16 @@ def equal_density_counts(n: int, d: int, k: int, budget: int, encoding: Encoding
     per_density = n * k * encoding.entry_bits(n, k) + d * k * encoding.entry_bits(d, k)
     density = min(max(free, 0) / per_density, 1.0)
     s_u, s_v = min(math.floor(density * n * k), n * k - 1), min(math.floor(density * d * k), d * k - 1)
-    while s_u > 0 and s_v > 0 and factored_bits(n, d, k, s_u, s_v, encoding) > budget:
-        if s_u * d >= s_v * n:
+    # Each factor keeps at least its best entry: an empty factor zeroes the product, and the short
+    # factor of a small matrix (a 2-row table at a fractional budget) would round down to nothing.
+    s_u, s_v = max(s_u, 1), max(s_v, 1)
+    while factored_bits(n, d, k, s_u, s_v, encoding) > budget and (s_u > 1 or s_v > 1):
+        if s_v == 1 or (s_u > 1 and s_u * d >= s_v * n):
             s_u -= 1
         else:
             s_v -= 1
-    _require_entries(s_u, s_v, n, d, k, budget)
+    if factored_bits(n, d, k, s_u, s_v, encoding) > budget:
+        _require_entries(0, 0, n, d, k, budget)
     return s_u, s_v
 
 

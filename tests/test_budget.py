@@ -112,3 +112,12 @@ def test_bad_encodings_are_refused():
         Encoding(8, "bits")
     with pytest.raises(ConfigError, match="value_bits must be >= 1"):
         Encoding(0)
+
+
+def test_a_short_factor_keeps_its_best_entry_at_a_fractional_budget():
+    # The 2x384 token-type table at a quarter of a rank-1 budget, paper encoding: equal density
+    # would round U's two slots down to none, which zeroes the product; it keeps one instead.
+    budget = layer_budget(2, 384, 0.25)
+    s_u, s_v = equal_density_counts(2, 384, 1, budget)
+    assert s_u == 1 and s_v > 1 and factored_bits(2, 384, 1, s_u, s_v) <= budget
+    assert factored_bits(2, 384, 1, s_u, s_v + 1) > budget  # and V spends the rest

@@ -38,9 +38,10 @@ def test_a_fractional_budget_spent_globally(capsys, synthetic_pair, tmp_path):
     base, tuned = synthetic_pair
     reports = {}
     for allocation in ("uniform", "global"):
-        code, out, _ = run_cli(capsys, *compress_args(base, tuned, tmp_path / allocation, "--rank", "0.5",
-                                                      "--budget-allocation", allocation, "--json"))
+        code, out, err = run_cli(capsys, *compress_args(base, tuned, tmp_path / allocation, "--rank", "0.5",
+                                                        "--budget-allocation", allocation, "--json"))
         assert code == 0
+        assert ("--budget-allocation global kept" in err) == (allocation == "uniform")  # the nudge, once
         reports[allocation] = json.loads(out)
     spread = reports["global"]
     assert (spread["r"], spread["c"], spread["budget_allocation"]) == (0.5, 1.5, "global")

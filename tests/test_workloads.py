@@ -292,6 +292,9 @@ def test_evaluate_checkpoint_matches_in_memory_model(tiny_checkpoint: Path, tmp_
     )
     assert result.n == again.n == 5
     assert (result.accuracy, result.macro_f1) == (again.accuracy, again.macro_f1)
+    # per-row outcomes in file order, whatever the batching: what paired comparisons need
+    assert result.correct == again.correct and sum(result.correct) / 5 == result.accuracy
+    assert "correct" not in result.scores()
     assert model.training  # the caller's mode is restored
 
 

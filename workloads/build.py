@@ -242,7 +242,7 @@ def _save_and_score(
             result.accuracy,
             result.macro_f1,
         )
-        scores[split] = asdict(result)
+        scores[split] = result.scores()
     return scores
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +29,19 @@ from workloads.jsonl import Row, read_jsonl
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Scores on ``n`` rows; ``seconds`` is the wall time of the forward passes."""
+    """Scores on ``n`` rows; ``seconds`` is the wall time of the forward passes. ``correct`` says,
+    row by row in file order, whether the prediction was right: what paired comparisons of two
+    models on the same rows need (``bench/quality.py`` reports their differences with intervals)."""
 
     accuracy: float
     macro_f1: float
     n: int
     seconds: float
+    correct: tuple[bool, ...] = field(default=(), repr=False, compare=False)
+
+    def scores(self) -> dict[str, float | int]:
+        """The summary numbers, as workloads record them (without the per-row outcomes)."""
+        return {"accuracy": self.accuracy, "macro_f1": self.macro_f1, "n": self.n, "seconds": self.seconds}
 
 
 def macro_f1(labels: Sequence[int] | np.ndarray, preds: Sequence[int] | np.ndarray) -> float:
@@ -118,6 +125,7 @@ def evaluate_model(
         macro_f1=macro_f1(labels, preds),
         n=len(rows),
         seconds=seconds,
+        correct=tuple(bool(c) for c in preds == labels),
     )
 
 

@@ -1,0 +1,39 @@
+"""The quality benchmark's report: paired differences with intervals, from its own result rows."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location("quality", Path(__file__).parents[1] / "bench" / "quality.py")
+quality = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(quality)
+
+
+def test_paired_difference_is_the_accuracy_gap_with_an_interval_around_it():
+    mean, low, high = quality.paired_difference("1" * 90 + "0" * 10, "1" * 80 + "0" * 20)
+    assert mean == pytest.approx(0.10) and low < 0.10 < high and low > 0  # ten more rows right, none fewer
+    assert quality.paired_difference("10" * 500, "10" * 500) == (0.0, 0.0, 0.0)
+    mean, low, high = quality.paired_difference("10" * 500, "01" * 500)  # same accuracy, every row differs
+    assert mean == 0.0 and low < -0.05 and high > 0.05
+    with pytest.raises(ValueError, match="same rows, got 3 and 2"):
+        quality.paired_difference("101", "10")
+
+
+def test_report_tables_each_variant_and_its_difference_from_the_reference(tmp_path):
+    common = {"workload": "w", "split": "eval", "r": 1, "c": 3, "n": 100, "full_accuracy": 0.9, "bytes": 1000,
+              "finetuned_bytes": 9e6, "delta_fp16_bytes": 4e6, "delta_fp16_zstd_bytes": 3e6}
+    rows = [
+        {**common, "variant": "magtruncsvd-int8", "accuracy": 0.8, "correct": "1" * 80 + "0" * 20},
+        {**common, "variant": "osd-taylor-int8", "accuracy": 0.7, "correct": "1" * 70 + "0" * 30},
+        {**common, "variant": "truncsvd", "accuracy": 0.5, "c": 0},  # an older row: no per-row outcomes
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    text = quality.report(path)
+    assert "| osd-taylor-int8 | 0.7000 (77.8%, 1 KB, c=3) |" in text
+    assert "Difference from `magtruncsvd-int8`" in text
+    line = next(line for line in text.splitlines() if line.startswith("| osd-taylor-int8 | -10.00 ["))
+    assert line.endswith("] |")
+    assert "| truncsvd | – |" in text
