@@ -97,7 +97,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=_rank, default=defaults.rank,
                         help="budget rank r: 32·r·(n+d) bits per layer; relaxed methods take fractions (0.5)")
     parser.add_argument("--extra-rank", type=int, default=defaults.extra_rank,
-                        help="c: k = r + c (default: what dense factors of the value width fill; 3r for int8)")
+                        help="c: k = ⌈r⌉ + c (default: what dense factors of the value width fill, k = 4r for int8)")
     parser.add_argument("--sigma", choices=SIGMA_PLACEMENTS, default=defaults.sigma, help="where singular values go")
     parser.add_argument("--allocation", choices=ALLOCATIONS, default=defaults.allocation,
                         help="within a layer: equal density in both factors, or joint ranking (osd)")
@@ -134,7 +134,7 @@ def run_compress(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if config.needs_gradients and args.calibration is None:
         raise ConfigError("method 'osd' needs --calibration FILE (JSONL rows with text and label)")
-    if config.rank < 1 and args.budget_allocation == "uniform":
+    if config.rank < 1 and args.budget_allocation == "uniform" and config.method != "sparse":
         print(f"osd-fleet: note: below a rank-1 budget a uniform split leaves most layers a rank-{config.k} "
               "factorisation whether they need it or not; --budget-allocation global kept 94-97% of the "
               "fine-tune at r = 0.25 where uniform kept 74-84% (README, Results)", file=sys.stderr)

@@ -95,8 +95,9 @@ def layer_budget(n: int, d: int, rank: float) -> int:
 def equal_density_counts(n: int, d: int, k: int, budget: int, encoding: Encoding = PAPER) -> tuple[int, int]:
     """The largest equal-density counts ``(s_u, s_v)`` of a rank-``k`` factorisation within ``budget``.
 
-    Both factors keep the same fraction of their entries. When the whole factorisation fits the
-    budget densely it is kept whole (so rank ``k = r`` reproduces the truncated SVD exactly).
+    Both factors keep the same fraction of their entries, except that each keeps at least one.
+    When the whole factorisation fits the budget densely it is kept whole (so rank ``k = r``
+    reproduces the truncated SVD exactly).
     """
     if factored_bits(n, d, k, n * k, d * k, encoding) <= budget:
         return n * k, d * k
@@ -113,7 +114,10 @@ def equal_density_counts(n: int, d: int, k: int, budget: int, encoding: Encoding
         else:
             s_v -= 1
     if factored_bits(n, d, k, s_u, s_v, encoding) > budget:
-        _require_entries(0, 0, n, d, k, budget)
+        raise BudgetError(
+            f"a budget of {budget} bits cannot hold one entry of each factor of a rank-{k} factorisation "
+            f"of a {n}x{d} matrix ({factored_bits(n, d, k, 1, 1, encoding)} bits); raise the rank or lower extra_rank"
+        )
     return s_u, s_v
 
 

@@ -25,7 +25,7 @@ class CompressionConfig:
     """How to compress every compressible matrix of one model.
 
     ``rank`` (r) fixes the per-layer budget ``32·r·(n+d)`` bits; the relaxed methods factor at
-    ``k = rank + c`` and sparsify (``c``: ``extra_rank``, or by default the rank dense factors of
+    ``k = ⌈rank⌉ + c`` and sparsify (``c``: ``extra_rank``, or by default the rank dense factors of
     the value width would fill). ``truncsvd`` needs a whole rank; the relaxed methods also take a
     fraction (``0.5``: half a rank-1 budget), since their factors need not be whole. The
     documented-but-inferred choices of the method (shared/OSD.md) are parameters so the quality
@@ -101,8 +101,9 @@ class CompressionConfig:
 
     @property
     def c(self) -> int | float:
-        """The extra rank ``k - r`` (fractional when ``r`` is)."""
-        return self.k - self.rank
+        """The extra rank ``k - r`` (fractional when ``r`` is; rounded so names read 0.3, not 0.30000000000000004)."""
+        c = round(self.k - self.rank, 9)
+        return int(c) if float(c).is_integer() else c
 
     @property
     def k(self) -> int:
@@ -115,7 +116,7 @@ class CompressionConfig:
             return math.ceil(self.rank) + self.extra_rank
         if self.value_bits == VALUE_BITS:
             return math.floor(self.rank) + 1
-        return max(1, round(self.rank * VALUE_BITS / self.value_bits))
+        return max(1, math.floor(self.rank * VALUE_BITS / self.value_bits + 0.5))  # halves round up
 
     @property
     def stored_dtype(self) -> str:

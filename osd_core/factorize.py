@@ -50,9 +50,13 @@ def compress_matrix(
     if delta.ndim != 2:
         raise ConfigError(f"{name}: only 2-D matrices are factorised, got shape {tuple(delta.shape)}")
     n, d = delta.shape
-    budget = layer_budget(n, d, config.rank) if budget_bits is None else budget_bits
-    if budget == 0:  # an allocator chose to drop this layer's delta
+    if budget_bits is not None and budget_bits < 0:
+        raise ConfigError(f"{name}: budget_bits must be >= 0, got {budget_bits}")
+    if budget_bits == 0:  # an allocator chose to drop this layer's delta
         return CompressedLayer(name, "zero", (n, d), budget_bits=0)
+    budget = layer_budget(n, d, config.rank) if budget_bits is None else budget_bits
+    if budget == 0:
+        raise BudgetError(f"{name}: rank {config.rank} gives its {n}x{d} delta a budget of 0 bits; raise --rank")
     if config.method != "sparse" and config.k > min(n, d):
         raise ConfigError(
             f"{name}: rank k = {config.k} exceeds min(n, d) = {min(n, d)} of its {n}x{d} delta"

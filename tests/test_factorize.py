@@ -193,6 +193,18 @@ def test_a_zero_budget_drops_the_layer():
     assert layer.kind == "zero" and layer.budget_bits == 0 and not layer.delta().any()
 
 
+def test_a_rank_too_small_to_buy_one_bit_is_refused_not_silently_dropped():
+    with pytest.raises(BudgetError, match="q: rank 0.0001 gives its 30x20 delta a budget of 0 bits"):
+        compress_matrix("q", structured_delta(30, 20), CompressionConfig(rank=1e-4))
+    with pytest.raises(ConfigError, match="budget_bits must be >= 0, got -5"):
+        compress_matrix("q", structured_delta(30, 20), CompressionConfig(), budget_bits=-5)
+
+
+def test_fractional_extra_ranks_read_cleanly():
+    assert CompressionConfig(rank=0.7, value_dtype="float16").c == 0.3  # not 0.30000000000000004
+    assert [CompressionConfig(rank=r).k for r in (0.125, 0.375, 0.625, 0.875)] == [1, 2, 3, 4]  # halves round up
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method", ["truncsvd", "magtruncsvd", "osd", "sparse"])
