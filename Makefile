@@ -10,6 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.lock requirements-data.txt 
 install: $(STAMP)
 
 $(STAMP): requirements.lock requirements-data.txt pyproject.toml
+	$(PYTHON) tools/check_requirements.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock

@@ -17,7 +17,6 @@ lists), and a rerun, which has the same delta id and so the same prefix, overwri
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 from flows.keys import check_key
 from flows.storage import ObjectStore
-from osd_core.artifact import MANIFEST, SIDE_FILE_NAME, Payload, build_manifest, manifest_bytes
+from osd_core.artifact import MANIFEST, SIDE_FILE_NAME, Payload, build_manifest, manifest_bytes, parse_manifest
 from osd_core.errors import ArtifactError
 from workers.jobs import GroupResult
 
@@ -71,7 +70,7 @@ def read_commit(store: ObjectStore, prefix: str) -> CommittedDelta | None:
     if not store.exists(key):
         return None
     raw = store.get_bytes(key)
-    return _committed(store, prefix, raw, _parse(raw, store.uri_for(key)))
+    return _committed(store, prefix, raw, parse_manifest(raw, store.uri_for(key)))
 
 
 def download_delta(store: ObjectStore, prefix: str, dest: Path, *, expected_sha256: str | None = None) -> Path:
@@ -84,7 +83,7 @@ def download_delta(store: ObjectStore, prefix: str, dest: Path, *, expected_sha2
     raw = store.get_bytes(key)
     if expected_sha256 is not None and hashlib.sha256(raw).hexdigest() != expected_sha256:
         raise ArtifactError(f"{store.uri_for(key)}: manifest differs from the one the catalog recorded")
-    manifest = _parse(raw, store.uri_for(key))
+    manifest = parse_manifest(raw, store.uri_for(key))
     (dest / "files").mkdir(parents=True, exist_ok=True)
     for name in manifest.get("payloads", {}):
         store.get_file(_key(prefix, name), dest / name)
@@ -109,13 +108,3 @@ def _committed(store: ObjectStore, prefix: str, raw: bytes, manifest: dict[str, 
         budget_bits=int(totals.get("budget_bits", 0)),
         paper_bits=int(totals.get("paper_bits", 0)),
     )
-
-
-def _parse(raw: bytes, where: str) -> dict[str, Any]:
-    try:
-        manifest = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{where}: unreadable manifest ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{where}: manifest must be a JSON object")
-    return manifest

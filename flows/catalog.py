@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 
 from flows.keys import safe_name
 from flows.storage import AlreadyExistsError, NotFoundError, ObjectStore
+from osd_core.errors import OSDError
 
 __all__ = [
     "CATALOG_FORMAT",
@@ -65,7 +66,7 @@ _FORMAT_KEY = b"osd_fleet.catalog_format"
 STATUSES = ("ok", "failed")
 
 
-class CatalogError(Exception):
+class CatalogError(OSDError):
     """The catalog cannot be read or written as asked."""
 
 

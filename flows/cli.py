@@ -1,7 +1,11 @@
 """The ``osd-fleet`` command line: parse, build the configuration, call the library.
 
-Errors a user can fix (bad input, bad artifacts) print one line naming the problem and exit with
-status 2; no traceback. Progress bars go to stderr so ``--json`` output on stdout stays parseable.
+One error boundary, in :func:`main`: every failure a user can fix (an :class:`OSDError` from any
+layer, or an ``OSError`` such as a full disk or a read-only file system) prints one line naming the
+problem and exits with status 2; no traceback. Anything else is a bug in osd-fleet: one line and
+exit 1, or its traceback with ``--verbose``. SIGTERM (what schedulers and Kubernetes send) unwinds
+like Ctrl-C, so partial outputs and scratch directories are removed on the way out. Progress bars
+go to stderr so ``--json`` output on stdout stays parseable.
 """
 
 from __future__ import annotations
@@ -9,8 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,12 +25,28 @@ from flows.fleet_config import parse_rank
 from osd_core import __version__
 from osd_core.allocate import ALLOCATIONS as MODEL_ALLOCATIONS
 from osd_core.config import (
-    ALLOCATIONS, GRADIENT_POINTS, IMPORTANCES, METHODS, METRICS, POSITIONS, SIGMA_PLACEMENTS, SVD_METHODS, VALUE_DTYPES,
+    ALLOCATIONS,
+    GRADIENT_POINTS,
+    IMPORTANCES,
+    METHODS,
+    METRICS,
+    POSITIONS,
+    SIGMA_PLACEMENTS,
+    SVD_METHODS,
+    VALUE_DTYPES,
     CompressionConfig,
 )
 from osd_core.errors import ConfigError, OSDError
+from osd_core.outputs import scratch_dir
 
+EXIT_BUG = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM so that ``finally`` blocks and context managers run."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,14 +54,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.handler(args)
-    except OSDError as exc:
-        print(f"osd-fleet: error: {exc}", file=sys.stderr)
+    except (OSDError, OSError) as exc:
+        print(f"osd-fleet: error: {describe(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("osd-fleet: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print("osd-fleet: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(f"osd-fleet: internal error (a bug in osd-fleet): {type(exc).__name__}: {exc}; rerun with "
+              "--verbose for the traceback", file=sys.stderr)
+        return EXIT_BUG
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an expected failure; an ``OSError`` names its file and the system's reason."""
+    if isinstance(exc, OSError) and not isinstance(exc, OSDError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        return f"{where}{exc.strerror}"
+    return str(exc)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="across layers: the paper's 32·r·(n+d) each, or the same total spent globally "
                                "where it cuts the most error (each layer's k follows its bits)")
     compress.add_argument("--calibration", type=Path, help="JSONL rows {text, label} (needed by osd)")
-    compress.add_argument("--batch-size", type=int, default=16, help="calibration batch size")
+    compress.add_argument("--batch-size", type=positive_int, default=16, help="calibration batch size")
     compress.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing delta directory")
     compress.add_argument("--json", action="store_true", help="print one JSON object with the report")
@@ -78,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--base", required=True, type=Path)
     evaluate.add_argument("--delta", required=True, type=Path)
     evaluate.add_argument("--data", required=True, type=Path, help="JSONL rows {text, label}")
-    evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--max-length", type=int, default=64)
+    evaluate.add_argument("--batch-size", type=positive_int, default=64)
+    evaluate.add_argument("--max-length", type=positive_int, default=64)
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=run_evaluate)
 
@@ -129,16 +184,19 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
 
 
 def run_compress(args: argparse.Namespace) -> int:
+    from osd_core.artifact import check_delta_output
     from osd_core.compress import compress_checkpoint
 
     config = config_from_args(args)
     if config.needs_gradients and args.calibration is None:
         raise ConfigError("method 'osd' needs --calibration FILE (JSONL rows with text and label)")
+    inputs = [args.base, args.finetuned, *([args.calibration] if args.calibration else [])]
+    check_delta_output(args.out, inputs=inputs, overwrite=args.overwrite)  # before minutes of work
     if config.rank < 1 and args.budget_allocation == "uniform" and config.method != "sparse":
         print(f"osd-fleet: note: below a rank-1 budget a uniform split leaves most layers a rank-{config.k} "
               "factorisation whether they need it or not; --budget-allocation global kept 94-97% of the "
               "fine-tune at r = 0.25 where uniform kept 74-84% (README, Results)", file=sys.stderr)
-    with tempfile.TemporaryDirectory(prefix="osd-fleet-") as scratch:
+    with scratch_dir("compress") as scratch:
         gradients = None
         if config.needs_gradients:
             from osd_core.calibration import calibration_gradients
@@ -194,7 +252,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from osd_core.reconstruct import reconstruct_checkpoint
     from workloads.evaluate import evaluate_checkpoint
 
-    with tempfile.TemporaryDirectory(prefix="osd-fleet-eval-") as scratch:
+    with scratch_dir("eval") as scratch:
         restored = reconstruct_checkpoint(args.base, args.delta, Path(scratch) / "model")
         result = evaluate_checkpoint(restored, args.data, batch_size=args.batch_size, max_length=args.max_length,
                                      progress=sys.stderr.isatty(), tokenizer_dir=args.base)

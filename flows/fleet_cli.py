@@ -14,15 +14,20 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
-from collections.abc import Callable, Sequence
-from functools import wraps
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from osd_core.config import (
-    GRADIENT_POINTS, METHODS, POSITIONS, SIGMA_PLACEMENTS, SVD_METHODS, VALUE_DTYPES, CompressionConfig,
+    GRADIENT_POINTS,
+    METHODS,
+    POSITIONS,
+    SIGMA_PLACEMENTS,
+    SVD_METHODS,
+    VALUE_DTYPES,
+    CompressionConfig,
 )
+from osd_core.outputs import scratch_dir
 
 if TYPE_CHECKING:
     from flows.catalog import CatalogRow
@@ -30,7 +35,6 @@ if TYPE_CHECKING:
 
 EXIT_NONE_MEETS = 1
 EXIT_FAILED = 1
-EXIT_USAGE = 2
 DEMO_STORE = Path(".osd-fleet") / "store"
 TABLE_COLUMNS = (
     "model",
@@ -59,13 +63,13 @@ def add_fleet_commands(commands: Any) -> None:
     run.add_argument("--store", required=True, help="artifact store and catalog: directory or s3://bucket/prefix")
     _add_runtime_arguments(run)
     run.add_argument("--json", action="store_true", help="print one JSON object per catalog row")
-    run.set_defaults(handler=_guarded(run_run))
+    run.set_defaults(handler=run_run)
 
     fleet = commands.add_parser("run-fleet", help="run the sweep of a fleet file (TOML or JSON) for every model")
     fleet.add_argument("config", type=Path, help="fleet file: store, [sweep], [[models]]")
     _add_runtime_arguments(fleet)
     fleet.add_argument("--json", action="store_true", help="print one JSON object per catalog row")
-    fleet.set_defaults(handler=_guarded(run_run_fleet))
+    fleet.set_defaults(handler=run_run_fleet)
 
     catalog = commands.add_parser("catalog", help="query the artifact catalog")
     queries = catalog.add_subparsers(dest="query", required=True)
@@ -75,17 +79,17 @@ def add_fleet_commands(commands: Any) -> None:
     smallest.add_argument("--min-accuracy", required=True, type=float)
     smallest.add_argument("--metric", help="when a model has several metrics")
     smallest.add_argument("--json", action="store_true", help="print the row as one JSON object")
-    smallest.set_defaults(handler=_guarded(run_smallest))
+    smallest.set_defaults(handler=run_smallest)
     listing = queries.add_parser("list", help="every catalog row (one per artifact)")
     _add_store_argument(listing)
     listing.add_argument("--model", help="only this model's rows")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
-    listing.set_defaults(handler=_guarded(run_list))
+    listing.set_defaults(handler=run_list)
     plot = queries.add_parser("plot", help="accuracy versus size of a model's deltas with the Pareto front, as PNG")
     _add_store_argument(plot)
     plot.add_argument("--model", required=True)
     plot.add_argument("--out", required=True, type=Path, help="PNG file to write")
-    plot.set_defaults(handler=_guarded(run_plot))
+    plot.set_defaults(handler=run_plot)
 
     fetch = commands.add_parser("fetch", help="restore a model from its base and its smallest delta meeting a floor")
     fetch.add_argument("--store", required=True)
@@ -95,7 +99,7 @@ def add_fleet_commands(commands: Any) -> None:
     fetch.add_argument("--base", required=True, type=Path, help="local base checkpoint directory")
     fetch.add_argument("--out", required=True, type=Path, help="Hugging Face checkpoint directory to create")
     fetch.add_argument("--overwrite", action="store_true")
-    fetch.set_defaults(handler=_guarded(run_fetch))
+    fetch.set_defaults(handler=run_fetch)
 
     notify = commands.add_parser(
         "notify", help="announce a saved checkpoint: the event that starts the compress deployment"
@@ -109,7 +113,7 @@ def add_fleet_commands(commands: Any) -> None:
     notify.add_argument("--prefect-api-url", default=os.environ.get("PREFECT_API_URL"),
                         help="the Prefect API the deployments run on (default: $PREFECT_API_URL)")
     notify.add_argument("--json", action="store_true", help="print the event as one JSON object")
-    notify.set_defaults(handler=_guarded(run_notify))
+    notify.set_defaults(handler=run_notify)
 
     scan = commands.add_parser("scan", help="compress every checkpoint under a prefix that the catalog lacks")
     scan.add_argument("--prefix", required=True, help="where checkpoints appear: directory or s3://bucket/prefix")
@@ -122,7 +126,7 @@ def add_fleet_commands(commands: Any) -> None:
     scan.add_argument("--store", required=True, help="artifact store and catalog: directory or s3://bucket/prefix")
     _add_runtime_arguments(scan)
     scan.add_argument("--json", action="store_true", help="print the scan report as one JSON object")
-    scan.set_defaults(handler=_guarded(run_scan_command))
+    scan.set_defaults(handler=run_scan_command)
 
     serve = commands.add_parser(
         "serve", help="serve the scan (cron) and compress-on-event deployments from this process"
@@ -135,7 +139,7 @@ def add_fleet_commands(commands: Any) -> None:
     serve.add_argument("--eval", help="JSONL rows {text, label} to score each delta on, path or s3://")
     _add_sweep_arguments(serve, methods="magtruncsvd,truncsvd", budgets="1,2")
     _add_runtime_arguments(serve)
-    serve.set_defaults(handler=_guarded(run_serve))
+    serve.set_defaults(handler=run_serve)
 
     demo = commands.add_parser("demo", help="the whole pipeline on packaged workloads, on this machine, no setup")
     demo.add_argument("--workloads", default="tiny", help="comma-separated workload names (default: tiny)")
@@ -148,7 +152,7 @@ def add_fleet_commands(commands: Any) -> None:
         help="accuracy floor of the smallest-delta query (default: the fine-tune's accuracy minus 0.02)",
     )
     _add_runtime_arguments(demo)
-    demo.set_defaults(handler=_guarded(run_demo_command))
+    demo.set_defaults(handler=run_demo_command)
 
 
 def _add_sweep_arguments(
@@ -199,31 +203,6 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         "--prefect-home", type=Path, help="PREFECT_HOME of a started server (default: .osd-fleet/prefect)"
     )
     parser.add_argument("--ui", action=argparse.BooleanOptionalAction, default=False, help="serve the Prefect UI")
-
-
-def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Storage, catalog and naming errors are the user's to fix: one line, exit 2 (OSDError: flows.cli)."""
-
-    @wraps(handler)
-    def run(args: argparse.Namespace) -> int:
-        from flows.keys import InvalidNameError
-        from flows.storage import StorageError
-
-        try:
-            return handler(args)
-        except (StorageError, InvalidNameError) as exc:
-            print(f"osd-fleet: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        except Exception as exc:
-            from flows.catalog import CatalogError  # imported on failure only: it loads pandas
-            from workloads.errors import WorkloadError
-
-            if not isinstance(exc, (CatalogError, WorkloadError)):
-                raise
-            print(f"osd-fleet: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-
-    return run
 
 
 def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -303,16 +282,13 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_plot(args: argparse.Namespace) -> int:
     from flows.catalog import Catalog
-    from flows.report import comparable_rows, finetuned_accuracy, pareto_front, plot_png
+    from flows.report import comparable_rows, finetuned_accuracy, is_png, pareto_front, plot_png
     from flows.storage import open_store
+    from osd_core.outputs import write_file
 
     rows = comparable_rows(Catalog(open_store(args.store)).rows(), args.model)
     png = plot_png(rows, reference=finetuned_accuracy(rows))
-    try:
-        args.out.write_bytes(png)
-    except OSError as exc:
-        print(f"osd-fleet: error: cannot write {args.out}: {exc.strerror}", file=sys.stderr)
-        return EXIT_USAGE
+    write_file(args.out, png, what="PNG plot", is_ours=is_png)
     front = pareto_front([(row.bytes, row.accuracy) for row in rows])  # type: ignore[misc]
     print(f"{args.out}: {len(rows)} deltas of {args.model}, {len(front)} on the Pareto front")
     return 0
@@ -323,8 +299,9 @@ def run_fetch(args: argparse.Namespace) -> int:
     from flows.catalog import Catalog, NoneMeetsError
     from flows.storage import open_store
     from osd_core.errors import ArtifactError
-    from osd_core.reconstruct import reconstruct_checkpoint
+    from osd_core.reconstruct import check_restore_output, reconstruct_checkpoint
 
+    check_restore_output(args.out, inputs=(args.base,), overwrite=args.overwrite)
     store = open_store(args.store)
     try:
         row = Catalog(store).smallest(args.model, args.min_accuracy, metric=args.metric)
@@ -334,7 +311,7 @@ def run_fetch(args: argparse.Namespace) -> int:
     prefix = row.params_dict.get("prefix")
     if not isinstance(prefix, str):
         raise ArtifactError(f"catalog row {row.artifact_id[:12]} of {row.model!r} records no artifact prefix")
-    with tempfile.TemporaryDirectory(prefix="osd-fleet-fetch-") as scratch:
+    with scratch_dir("fetch") as scratch:
         delta = download_delta(store, prefix, Path(scratch) / "delta", expected_sha256=row.sha256)
         out = reconstruct_checkpoint(args.base, delta, args.out, overwrite=args.overwrite, expected_sha256=row.sha256)
     print(

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+from osd_core.errors import OSDError
+
 __all__ = [
     "InvalidNameError",
     "MAX_KEY_LENGTH",
@@ -30,7 +32,7 @@ MAX_KEY_LENGTH = 768
 _SAFE = re.compile(r"[A-Za-z0-9._-]+")
 
 
-class InvalidNameError(ValueError):
+class InvalidNameError(OSDError, ValueError):
     """A name or key that could escape the prefix or is not portable; the message names it."""
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -39,7 +40,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect_ray import RayTaskRunner
 
-from osd_core.allocate import Allocation, allocate, best_within
 from flows.artifacts import CommittedDelta, commit_delta, read_commit
 from flows.catalog import Catalog, CatalogRow
 from flows.fleet_config import FleetConfig, ModelSpec, SweepSpec, Variant, check_calibration
@@ -64,10 +64,13 @@ from flows.report import (
     table_records,
 )
 from flows.runtime import start_runtime
-from flows.sources import sha256_of, side_files
+from flows.sources import CheckpointLayout, fetch_file, sha256_of, side_files
 from flows.storage import ObjectStore, open_store
+from osd_core.allocate import Allocation, allocate, best_within
+from osd_core.outputs import scratch_dir
 from workers.jobs import CalibrationJob, EvalJob, EvalRecord, GroupJob, GroupResult
 from workers.tasks import calibrate_task, compress_group_task, evaluate_task, measure_group_task, submit
+from workloads.jsonl import read_jsonl
 
 METRIC = "accuracy"
 _IN_FLOW: dict[str, Any] = dict(cache_policy=NO_CACHE, persist_result=False)
@@ -185,14 +188,35 @@ def compress_fleet(fleet: FleetConfig) -> tuple[CatalogRow, ...]:
 
 def run_model(model: ModelSpec, sweep: SweepSpec, store: str, **runtime: Any) -> tuple[CatalogRow, ...]:
     """Start the runtime if this process has none (``flows.runtime.start_runtime(**runtime)``), run one model."""
-    check_calibration((model,), sweep)
+    preflight((model,), sweep, store)
     start_runtime(**runtime)
     return compress_model(model, sweep, store)
 
 
 def run_fleet(fleet: FleetConfig, **runtime: Any) -> tuple[CatalogRow, ...]:
+    preflight(fleet.models, fleet.sweep, fleet.store)
     start_runtime(**runtime)
     return compress_fleet(fleet)
+
+
+def preflight(models: Sequence[ModelSpec], sweep: SweepSpec, store: str) -> None:
+    """Check all that needs neither Prefect nor Ray, before either starts.
+
+    A budget no matrix can hold, a bad store URI, or eval labels outside the model's classes
+    used to surface only after the servers had started and compression had run (43–57 s). This
+    reads headers, configuration and the data files; it hashes no weights.
+    """
+    check_calibration(tuple(models), sweep)
+    open_store(store)
+    for model in models:
+        base, finetuned = CheckpointLayout.open(model.base), CheckpointLayout.open(model.finetuned)
+        pair = PairLayout(base, finetuned, {}, {})
+        for variant in sweep.variants():
+            plan_model(model.name, pair, variant.config, group_bytes=sweep.group_bytes)
+        classes = finetuned.config.get("num_labels") or len(finetuned.config.get("id2label") or {}) or None
+        with scratch_dir("preflight") as scratch:
+            for uri in filter(None, (model.calibration, model.eval)):
+                read_jsonl(fetch_file(uri, Path(scratch)), num_labels=classes)
 
 
 class _Sweep:

@@ -19,6 +19,7 @@ import io
 import math
 import re
 from collections.abc import Collection, Sequence
+from pathlib import Path
 from typing import Any
 
 from flows.catalog import CatalogError, CatalogRow
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 PLOT_NAME = "accuracy-vs-size.png"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _LOG_X_RATIO = 10.0  # a log size axis once the largest delta is 10x the smallest
 
 
@@ -108,6 +110,15 @@ def finetuned_accuracy(rows: Sequence[CatalogRow]) -> float | None:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     return None
+
+
+def is_png(path: Path) -> bool:
+    """Whether ``path`` starts with the PNG signature (so a plot may replace it)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(8) == PNG_SIGNATURE
+    except OSError:
+        return False
 
 
 def plot_png(rows: Sequence[CatalogRow], *, reference: float | None = None) -> bytes:

@@ -1,6 +1,6 @@
 """Start (or connect to) a Prefect API server and Ray once per process, and stop what was started.
 
-Why: measured on this stack (shared/STACK.md), Prefect's ephemeral mode makes every Ray worker
+Why: measured on this stack (docs/operations.md, "Runtime"), Prefect's ephemeral mode makes every Ray worker
 start its own temporary API server (tens of seconds per flow), and a task runner that starts Ray
 per flow run pays 5–10 s each time. So a long-lived process (the CLI, a test session, the
 demo) calls :func:`start_runtime` once: it launches ``prefect server start`` on a free local

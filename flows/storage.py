@@ -38,9 +38,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from flows.keys import check_key, check_prefix
+from osd_core.errors import OSDError
 
 __all__ = [
     "AccessDeniedError",
@@ -54,6 +55,7 @@ __all__ = [
     "ObjectStore",
     "S3Store",
     "StorageError",
+    "StoreURIError",
     "open_store",
 ]
 
@@ -66,11 +68,12 @@ _TMP_PREFIX = ".tmp-"  # keys never start with ".", so temp files can't collide 
 # --------------------------------------------------------------------------- errors
 
 
-class StorageError(Exception):
+class StorageError(OSDError):
     """Base of all storage failures; the message names the object and what was expected."""
 
-    def __str__(self) -> str:  # KeyError subclasses would otherwise repr() the message
-        return str(self.args[0]) if self.args else ""
+
+class StoreURIError(StorageError, ValueError):
+    """A store URI names no store osd-fleet can open (unknown scheme, no bucket, a remote file:)."""
 
 
 class NotFoundError(StorageError, KeyError):
@@ -168,14 +171,14 @@ def open_store(uri: str, **options: Any) -> ObjectStore:
     parts = urlsplit(uri)
     if parts.scheme == "s3":
         if not parts.netloc:
-            raise ValueError(f"S3 URI {uri!r} has no bucket; expected s3://bucket/prefix")
+            raise StoreURIError(f"S3 URI {_redact_url(uri)!r} has no bucket; expected s3://bucket/prefix")
         return S3Store(parts.netloc, parts.path.strip("/"), **options)
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
-            raise ValueError(f"file URI {uri!r} names host {parts.netloc!r}; only local paths work")
+            raise StoreURIError(f"file URI {_redact_url(uri)!r} names a host; only local paths work")
         return LocalStore(unquote(parts.path), **options)
     if "://" in uri:
-        raise ValueError(f"unsupported storage URI {uri!r}; expected a path, file:// or s3://")
+        raise StoreURIError(f"unsupported storage URI {_redact_url(uri)!r}; expected a path, file:// or s3://")
     return LocalStore(uri, **options)
 
 
@@ -421,30 +424,30 @@ class S3Store(ObjectStore):
         from botocore.config import Config
 
         if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket:
-            raise ValueError(f"invalid S3 bucket name {bucket!r}")
+            raise StoreURIError(f"invalid S3 bucket name {bucket!r}")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         self.bucket = bucket
         self.prefix = check_key(prefix) if prefix else ""
         self.max_attempts = max_attempts
+        # Checked before botocore sees the URL: it refuses some such URLs with the URL, password
+        # included, in its own message, and its errors chained to ours reach Prefect's logs.
+        for variable in _ENDPOINT_VARIABLES:
+            _refuse_credentials_in_url(os.environ.get(variable), variable)
         self._session = boto3.session.Session()
-        self._client = self._session.client(
-            "s3",
-            config=Config(
-                retries={"max_attempts": max_attempts, "mode": "standard"},
-                connect_timeout=connect_timeout,
-                read_timeout=read_timeout,
-            ),
-        )
-        self.endpoint = _redact_url(self._client.meta.endpoint_url)
-        if self.endpoint != self._client.meta.endpoint_url:
-            # They sign nothing, and botocore's own errors (chained to ours, which Prefect logs
-            # with their tracebacks) quote the endpoint URL verbatim.
-            raise StorageError(
-                f"the S3 endpoint URL {self.endpoint} carries a user name or password; remove them from "
-                "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                "or AWS_PROFILE instead"
+        try:
+            self._client = self._session.client(
+                "s3",
+                config=Config(
+                    retries={"max_attempts": max_attempts, "mode": "standard"},
+                    connect_timeout=connect_timeout,
+                    read_timeout=read_timeout,
+                ),
             )
+        except Exception as exc:  # botocore's ValueError and its own error classes, e.g. a bad region
+            raise StorageError(f"cannot set up the S3 client: {_redact_urls(str(exc))}") from None
+        _refuse_credentials_in_url(self._client.meta.endpoint_url, "the AWS configuration's endpoint_url")
+        self.endpoint = self._client.meta.endpoint_url
         self._transfer_config = TransferConfig(
             multipart_threshold=multipart_threshold, multipart_chunksize=multipart_chunksize
         )
@@ -475,8 +478,13 @@ class S3Store(ObjectStore):
 
     def _translate(self, exc: Exception, action: str, key: str | None) -> Exception:
         from botocore.exceptions import (
-            BotoCoreError, ClientError, ConnectionClosedError, EndpointConnectionError,
-            NoCredentialsError, PartialCredentialsError, ReadTimeoutError,
+            BotoCoreError,
+            ClientError,
+            ConnectionClosedError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            PartialCredentialsError,
+            ReadTimeoutError,
         )
 
         where = self.uri_for(key) if key is not None else self.uri_for_prefix()
@@ -649,11 +657,23 @@ class S3Store(ObjectStore):
         self._call("delete", key, self._client.delete_object, Bucket=self.bucket, Key=self._full(key))
 
 
+_ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_USERINFO = re.compile(r"(?<=://)[^/\s]*@")
+
+
 def _redact_url(url: str) -> str:
-    """Drop any user:password@ from an endpoint URL before it goes into a message."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit(parts._replace(netloc=netloc))
+    """Drop any ``user:password@`` from a URL before it goes into a message."""
+    return _USERINFO.sub("", url, count=1)
+
+
+def _redact_urls(text: str) -> str:
+    """Drop ``user:password@`` from every URL in ``text``."""
+    return _USERINFO.sub("", text)
+
+
+def _refuse_credentials_in_url(url: str | None, source: str) -> None:
+    if url and _redact_url(url) != url:
+        raise StorageError(
+            f"the S3 endpoint URL {_redact_url(url)} ({source}) carries a user name or password; remove them "
+            "and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE instead"
+        )

@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,16 +29,20 @@ from safetensors.torch import save
 
 from . import __version__
 from .checkpoint import sha256_file
-from .errors import ArtifactError, CheckpointError, OSDError
+from .errors import ArtifactError, OSDError
 from .layer import CompressedLayer
+from .outputs import OutputDir, check_output, json_field
 from .safetensors_io import read_header, read_tensor
 
 FORMAT_NAME = "osd-fleet-delta"
 # Version 2 added bitmap positions and int8 values with per-column scales; version 1 deltas
-# (indices and float values only) are a subset and stay readable.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# (indices and float values only) are a subset and stay readable. Version 3 seals the manifest
+# with its own digest (``manifest_sha256``), which readers of version 3 require.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+SEALED_FROM = 3
 MANIFEST = "manifest.json"
+SEAL = "manifest_sha256"
 SHARD_BYTES = 1 << 30
 PAYLOAD_NAME = re.compile(r"payload-[A-Za-z0-9_.-]{1,100}\.safetensors")
 SIDE_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -115,30 +116,68 @@ def build_manifest(payloads: Sequence[Payload], files: dict[str, bytes], **field
 
 
 def manifest_bytes(manifest: dict[str, Any]) -> bytes:
-    """Canonical manifest bytes: sorted keys, so equal manifests hash equal."""
+    """Canonical, sealed manifest bytes: sorted keys, plus the digest of everything else.
+
+    The seal binds the manifest to itself the way payload checksums bind the payloads to it: a
+    hand-edited ``k`` or dtype, with the checksums left as they were, no longer decodes into a
+    different model with exit 0; every reader refuses it.
+    """
+    unsealed = {key: value for key, value in manifest.items() if key != SEAL}
+    return _canonical({**unsealed, SEAL: hashlib.sha256(_canonical(unsealed)).hexdigest()})
+
+
+def parse_manifest(raw: bytes, where: str | Path) -> dict[str, Any]:
+    """Decode, unseal and type-check manifest bytes; raise :class:`ArtifactError` naming ``where``."""
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ArtifactError(f"{where}: unreadable manifest ({reason})") from None
+    _check_manifest(manifest, where)
+    if manifest["format_version"] >= SEALED_FROM:
+        unsealed = {key: value for key, value in manifest.items() if key != SEAL}
+        if manifest.get(SEAL) != hashlib.sha256(_canonical(unsealed)).hexdigest():
+            raise ArtifactError(
+                f"{where}: the manifest was changed after it was written (its {SEAL} does not match its "
+                "content); refusing it rather than decode a different model"
+            )
+    return manifest
+
+
+def _canonical(manifest: dict[str, Any]) -> bytes:
     return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
 
 
 class DeltaWriter:
-    """Collects compressed layers and publishes them as one local delta directory, atomically."""
+    """Collects compressed layers and publishes them as one local delta directory, atomically.
 
-    def __init__(self, out_dir: str | Path, *, overwrite: bool = False, shard_bytes: int = SHARD_BYTES):
+    The output follows :mod:`osd_core.outputs`: never one of ``inputs``, replaced only with
+    ``overwrite`` when it is itself a delta, and of two writers of one directory exactly one wins.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        overwrite: bool = False,
+        inputs: Sequence[str | Path] = (),
+        shard_bytes: int = SHARD_BYTES,
+    ):
         self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not overwrite and any(self.out_dir.iterdir()):
-            raise CheckpointError(f"{self.out_dir}: output directory exists and is not empty (pass overwrite)")
+        self._output = OutputDir(self.out_dir, what="delta", inputs=inputs, overwrite=overwrite, is_ours=is_delta_dir)
         self._shard_bytes = shard_bytes
-        self._tmp = self.out_dir.parent / f".{self.out_dir.name}.partial-{uuid.uuid4().hex[:12]}"
+        self._tmp = self._output.tmp
         self._pending: list[tuple[CompressedLayer, dict[str, Any]]] = []
         self._pending_bytes = 0
         self._payloads: list[Payload] = []
         self._files: dict[str, bytes] = {}
 
     def __enter__(self) -> DeltaWriter:
-        self._tmp.mkdir(parents=True)
+        self._output.__enter__()
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+    def __exit__(self, *exc_info: object) -> None:
+        self._output.__exit__(*exc_info)
 
     def add(self, layer: CompressedLayer, **extra: Any) -> None:
         """Queue ``layer``'s payload; ``extra`` (role, dtype, error...) goes into its manifest entry."""
@@ -162,15 +201,7 @@ class DeltaWriter:
         for name, data in self._files.items():
             (self._tmp / "files" / name).write_bytes(data)
         (self._tmp / MANIFEST).write_bytes(manifest_bytes(manifest))
-        _fsync_tree(self._tmp)
-        trash = None
-        if self.out_dir.exists():
-            trash = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:12]}"
-            os.replace(self.out_dir, trash)
-        os.replace(self._tmp, self.out_dir)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-        return self.out_dir
+        return self._output.publish()
 
     def _flush(self) -> None:
         if not self._pending:
@@ -187,6 +218,7 @@ class DeltaArtifact:
 
     path: Path
     manifest: dict[str, Any]
+    manifest_sha256: str
 
     @classmethod
     def open(cls, path: str | Path, *, expected_sha256: str | None = None) -> DeltaArtifact:
@@ -195,17 +227,16 @@ class DeltaArtifact:
         manifest_path = path / MANIFEST
         try:
             raw = manifest_path.read_bytes()
-            if expected_sha256 is not None and hashlib.sha256(raw).hexdigest() != expected_sha256:
-                raise ArtifactError(f"{manifest_path}: checksum mismatch (sha256 differs from the catalog's)")
-            manifest = json.loads(raw.decode("utf-8"))
         except FileNotFoundError:
             raise ArtifactError(f"{path}: not an osd-fleet delta ({MANIFEST} is missing)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ArtifactError(f"{manifest_path}: unreadable manifest ({exc})") from None
-        _check_manifest(manifest, manifest_path)
+        except OSError as exc:
+            raise ArtifactError(f"{manifest_path}: unreadable manifest ({exc.strerror})") from None
+        if expected_sha256 is not None and hashlib.sha256(raw).hexdigest() != expected_sha256:
+            raise ArtifactError(f"{manifest_path}: checksum mismatch (sha256 differs from the catalog's)")
+        manifest = parse_manifest(raw, manifest_path)
         for name, info in {**manifest["payloads"], **{f"files/{k}": v for k, v in manifest["files"].items()}}.items():
             _check_file(path, name, info)
-        return cls(path, manifest)
+        return cls(path, manifest, hashlib.sha256(raw).hexdigest())
 
     @property
     def config(self) -> dict[str, Any]:
@@ -242,11 +273,22 @@ class DeltaArtifact:
                 raise ArtifactError(f"{self.path}: {exc}") from None
 
 
-def _check_manifest(manifest: Any, where: Path) -> None:
+def check_delta_output(out: str | Path, *, inputs: Sequence[str | Path] = (), overwrite: bool = False) -> None:
+    """Raise now, before any work, unless a delta may be written to ``out`` (:mod:`osd_core.outputs`)."""
+    check_output(Path(out), what="delta", inputs=inputs, overwrite=overwrite, is_ours=is_delta_dir)
+
+
+def is_delta_dir(path: Path) -> bool:
+    """Whether ``path`` holds an osd-fleet delta's manifest (so ``--overwrite`` may replace it)."""
+    return json_field(path / MANIFEST, "format") == FORMAT_NAME
+
+
+def _check_manifest(manifest: Any, where: str | Path) -> None:
+    """Type-check every field a reader uses, so a malformed manifest is refused, never half-read."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{where}: not an osd-fleet delta manifest (format must be {FORMAT_NAME!r})")
     version = manifest.get("format_version")
-    if version not in READABLE_VERSIONS:
+    if not _natural(version) or version not in READABLE_VERSIONS:
         raise ArtifactError(
             f"{where}: format version {version!r} is not supported; this osd-fleet {__version__} reads "
             f"versions {', '.join(map(str, READABLE_VERSIONS))}"
@@ -254,31 +296,57 @@ def _check_manifest(manifest: Any, where: Path) -> None:
     for key in ("layers", "payloads", "files", "config", "base", "finetuned"):
         if not isinstance(manifest.get(key), dict):
             raise ArtifactError(f"{where}: manifest field {key!r} is missing or not an object")
+    for key in ("base", "finetuned"):
+        if "sha256" in manifest[key] and not _is_sha256(manifest[key]["sha256"]):
+            raise ArtifactError(f"{where}: manifest field {key}.sha256 must be 64 hex digits")
+    for section, pattern in (("payloads", PAYLOAD_NAME), ("files", SIDE_FILE_NAME)):
+        for name, info in manifest[section].items():
+            if not pattern.fullmatch(name):
+                raise ArtifactError(f"{where}: {section} entry {name!r} is not a plain file name "
+                                    f"(must match {pattern.pattern})")
+            if not isinstance(info, dict) or not _is_sha256(info.get("sha256")) or not _natural(info.get("bytes")):
+                raise ArtifactError(f"{where}: {section} entry {name!r} needs sha256 (64 hex digits) and bytes (int)")
     for name, info in manifest["layers"].items():
-        required = ("kind", "shape", "k", "budget_bits", "paper_bits", "file")
-        if not isinstance(info, dict) or any(field not in info for field in required):
-            raise ArtifactError(f"{where}: layer {name!r} lacks one of {required}")
-        if info["file"] is not None and info["file"] not in manifest["payloads"]:
-            raise ArtifactError(f"{where}: layer {name!r} refers to unknown payload {info['file']!r}")
+        _check_layer_entry(name, info, manifest["payloads"], where)
 
 
-def _check_file(root: Path, name: str, info: Any) -> None:
-    if not isinstance(info, dict) or "sha256" not in info or "/.." in f"/{name}" or name.startswith("/"):
-        raise ArtifactError(f"{root / MANIFEST}: bad entry for file {name!r}")
+_LAYER_FIELDS: dict[str, tuple[str, Any]] = {
+    # field: (what it must be, check); the first six are required
+    "kind": ("a string", lambda v: isinstance(v, str)),
+    "shape": ("a list of integers >= 0", lambda v: isinstance(v, list) and all(_natural(s) for s in v)),
+    "k": ("an integer >= 0", lambda v: _natural(v)),
+    "budget_bits": ("an integer >= 0 or null", lambda v: v is None or _natural(v)),
+    "paper_bits": ("an integer >= 0", lambda v: _natural(v)),
+    "file": ("a payload name or null", lambda v: v is None or isinstance(v, str)),
+    "bytes": ("an integer >= 0", lambda v: _natural(v)),
+    "dtype": ("a string", lambda v: isinstance(v, str)),
+    "role": ("a string", lambda v: isinstance(v, str)),
+    "rel_error": ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool)),
+}
+_REQUIRED_LAYER_FIELDS = ("kind", "shape", "k", "budget_bits", "paper_bits", "file")
+
+
+def _check_layer_entry(name: str, info: Any, payloads: dict[str, Any], where: str | Path) -> None:
+    if not isinstance(info, dict) or any(field not in info for field in _REQUIRED_LAYER_FIELDS):
+        raise ArtifactError(f"{where}: layer {name!r} lacks one of {_REQUIRED_LAYER_FIELDS}")
+    for field, (what, valid) in _LAYER_FIELDS.items():
+        if field in info and not valid(info[field]):
+            raise ArtifactError(f"{where}: layer {name!r} field {field!r} must be {what}, got {info[field]!r}")
+    if info["file"] is not None and info["file"] not in payloads:
+        raise ArtifactError(f"{where}: layer {name!r} refers to unknown payload {info['file']!r}")
+
+
+def _natural(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
+
+
+def _check_file(root: Path, name: str, info: dict[str, Any]) -> None:
     path = root / name
     if not path.is_file():
         raise ArtifactError(f"{path}: listed in the manifest but missing")
     if sha256_file(path) != info["sha256"]:
         raise ArtifactError(f"{path}: checksum mismatch (sha256 differs from the manifest): the file is corrupt")
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,7 +1,7 @@
 """Bit accounting: the one place that says what a layer's encoding costs.
 
 Every method is charged by these functions, so methods compete under identical rules. The cost
-model is the paper's (arXiv 2511.02681, as summarised in shared/OSD.md): each kept entry of a
+model is the paper's (arXiv 2511.02681, as read in docs/method.md): each kept entry of a
 sparse factor costs a 32-bit value plus one flat position index of ``ceil(log2(positions))`` bits.
 A factor kept whole needs no positions, which is why a dense rank-r truncated SVD costs exactly
 ``32·r·(n+d)`` bits: that is the per-layer budget ``B``.

@@ -7,8 +7,8 @@ then streams shard by shard, so peak memory is one tensor pair plus its factors,
 
 from __future__ import annotations
 
-import math
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -158,6 +158,7 @@ def compress_checkpoint(
         raise ConfigError(f"method {config.method!r} needs calibration gradients; none were given")
     base, finetuned = Checkpoint.open(base_dir), Checkpoint.open(finetuned_dir)
     plans = plan_pair(base, finetuned, config)
+    writer = DeltaWriter(out_dir, overwrite=overwrite, inputs=(base_dir, finetuned_dir))  # refuses a bad out now
     run_on = resolve_device(device)
     budgets: dict[str, int] = {}
     if allocation == "global":
@@ -166,7 +167,7 @@ def compress_checkpoint(
         provenance = {**(provenance or {}), "global_allocation": {
             "bits": chosen.bits, "total_bits": _uniform_total(plans, config), "estimated_damage": chosen.cost}}
     reports: list[LayerReport] = []
-    with DeltaWriter(out_dir, overwrite=overwrite) as writer:
+    with writer:
         for position, plan in enumerate(plans):
             if plan.action == "copy":
                 continue

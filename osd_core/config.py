@@ -19,6 +19,7 @@ VALUE_DTYPES = {"float32": 32, "float16": 16, "bfloat16": 16, "int8": 8}
 POSITIONS = ("index", "bitmap", "auto")
 SVD_METHODS = ("auto", "exact", "randomized")
 
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes any int64 >= 0
 
 @dataclass(frozen=True)
 class CompressionConfig:
@@ -28,7 +29,7 @@ class CompressionConfig:
     ``k = ⌈rank⌉ + c`` and sparsify (``c``: ``extra_rank``, or by default the rank dense factors of
     the value width would fill). ``truncsvd`` needs a whole rank; the relaxed methods also take a
     fraction (``0.5``: half a rank-1 budget), since their factors need not be whole. The
-    documented-but-inferred choices of the method (shared/OSD.md) are parameters so the quality
+    documented-but-inferred choices of the method (docs/method.md) are parameters so the quality
     benchmark can settle them by measurement:
 
     - ``sigma``: where singular values go (``"sqrt"`` on both sides, into ``"u"`` or ``"v"``).
@@ -94,8 +95,14 @@ class CompressionConfig:
                               f"got {self.rank!r} (fractional budgets need a relaxed method)")
         if self.extra_rank is not None and (not isinstance(self.extra_rank, int) or self.extra_rank < 0):
             raise ConfigError(f"extra_rank must be an integer >= 0 (or None: fill the budget), got {self.extra_rank!r}")
-        if self.power_iters < 0:
-            raise ConfigError(f"power_iters must be >= 0, got {self.power_iters}")
+        if isinstance(self.power_iters, bool) or not isinstance(self.power_iters, int) or self.power_iters < 0:
+            raise ConfigError(f"power_iters must be an integer >= 0, got {self.power_iters!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
+            raise ConfigError(f"seed must be an integer from 0 to 2**63 - 1 (a torch generator seed), "
+                              f"got {self.seed!r}")
+        for flag in ("whiten", "compress_embeddings"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.allocation == "joint" and self.method != "osd":
             raise ConfigError("allocation='joint' needs commensurate scores: only method 'osd' has them")
 

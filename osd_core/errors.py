@@ -31,6 +31,10 @@ class MissingTensorError(CheckpointError, KeyError):
     """A tensor present in one checkpoint (or in a delta) is absent from the other."""
 
 
+class OutputError(OSDError, ValueError):
+    """An output path may not be written: it exists, is not ours to replace, or is an input."""
+
+
 class ArtifactError(OSDError, ValueError):
     """A compressed delta fails its format, version or checksum checks."""
 

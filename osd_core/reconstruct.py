@@ -1,16 +1,16 @@
 """Rebuild a fine-tuned checkpoint from its base and a compressed delta.
 
 The result is an ordinary Hugging Face directory (``config.json`` of the fine-tune plus
-safetensors weights) that ``from_pretrained`` loads like the original fine-tune. Tensors stream
-through one at a time; the directory appears atomically under its final name.
+safetensors weights) that ``from_pretrained`` loads like the original fine-tune, and a small
+``osd-fleet-restore.json`` naming the delta it came from: the mark that lets ``--overwrite``
+replace it later (:mod:`osd_core.outputs`). Tensors stream through one at a time; the directory
+appears atomically under its final name.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -20,9 +20,12 @@ from .artifact import DeltaArtifact
 from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from .compress import WEIGHT_SUFFIXES
 from .errors import ArtifactError, CheckpointError
+from .outputs import OutputDir, check_output, json_field
 from .safetensors_io import DTYPES
 
 SHARD_BYTES = 2 << 30
+RESTORE_MARKER = "osd-fleet-restore.json"
+RESTORE_FORMAT = "osd-fleet-restored-checkpoint"
 
 
 def reconstruct_checkpoint(
@@ -39,6 +42,8 @@ def reconstruct_checkpoint(
     With ``check_base`` the base's content hash must equal the one recorded at compression:
     applying a delta to the wrong base would silently produce a different model.
     """
+    output = OutputDir(out_dir, what="restored checkpoint", inputs=(base_dir, delta_dir), overwrite=overwrite,
+                       is_ours=is_restored_dir)
     artifact = DeltaArtifact.open(delta_dir, expected_sha256=expected_sha256)
     base = Checkpoint.open(base_dir)
     if check_base:
@@ -49,20 +54,23 @@ def reconstruct_checkpoint(
                 f"{base.path}: base weights (sha256 {actual[:12]}…) differ from the base this delta was "
                 f"made against (sha256 {str(recorded)[:12]}…)"
             )
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
-        raise CheckpointError(f"{out_dir}: output directory exists and is not empty (pass overwrite)")
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir(parents=True)
-    try:
+    with output as tmp:
         _copy_side_files(base.path, artifact, tmp)
         _write_weights(base, artifact, tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+        marker = {"format": RESTORE_FORMAT, "delta": str(Path(delta_dir).resolve()),
+                  "delta_manifest_sha256": artifact.manifest_sha256, "base": str(base.path.resolve())}
+        (tmp / RESTORE_MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
+        return output.publish()
+
+
+def check_restore_output(out: str | Path, *, inputs: tuple[str | Path, ...] = (), overwrite: bool = False) -> None:
+    """Raise now, before a download, unless a checkpoint may be restored into ``out``."""
+    check_output(Path(out), what="restored checkpoint", inputs=inputs, overwrite=overwrite, is_ours=is_restored_dir)
+
+
+def is_restored_dir(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint this module restored (so ``--overwrite`` may replace it)."""
+    return json_field(path / RESTORE_MARKER, "format") == RESTORE_FORMAT
 
 
 def apply_layer_delta(base: torch.Tensor | None, layer, dtype: torch.dtype) -> torch.Tensor:

@@ -8,8 +8,8 @@ refused with a message naming the file and tensor, and so that a tensor is read 
 
 from __future__ import annotations
 
-import math
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,37 +65,75 @@ class Header:
 
 
 def parse_header(raw_length: bytes, raw_header: bytes, file: Path, file_size: int) -> Header:
-    """Validate and parse header bytes; ``file_size`` lets us refuse truncated files up front."""
+    """Validate and parse header bytes as the reference implementation does, or refuse them.
+
+    ``file_size`` lets us refuse truncated files up front. The tensors' byte ranges must tile the
+    data section exactly (sorted by offset, no gap, no overlap, nothing after the last one): an
+    overlap would let one tensor silently read another's bytes. Metadata must map strings to
+    strings. Every field is type-checked, so a hand-made header fails with a message, not a crash.
+    """
     (length,) = struct.unpack("<Q", raw_length)
     try:
         data = json.loads(raw_header.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{file}: safetensors header is not valid JSON ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise CheckpointError(f"{file}: safetensors header is not valid JSON ({reason})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: safetensors header must be a JSON object")
-    metadata = data.pop("__metadata__", None) or {}
+    metadata = data.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{file}: safetensors __metadata__ must map strings to strings")
     base = 8 + length
-    tensors: dict[str, TensorEntry] = {}
-    for name, spec in data.items():
-        try:
-            dtype, shape, (begin, end) = spec["dtype"], tuple(int(s) for s in spec["shape"]), spec["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{file}: tensor {name!r} has a malformed header entry") from None
-        if dtype not in DTYPES:
-            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
-        entry = TensorEntry(name, file, dtype, shape, base + int(begin), base + int(end))
-        expected = entry.numel * torch.empty(0, dtype=DTYPES[dtype]).element_size()
-        if entry.end - entry.start != expected or entry.start < base:
+    tensors = {name: _entry(name, spec, file, base) for name, spec in data.items()}
+    position = base
+    for entry in sorted(tensors.values(), key=lambda e: (e.start, e.end)):
+        if entry.start != position:
+            what = "overlaps the tensor before it" if entry.start < position else "leaves a gap before it"
             raise CheckpointError(
-                f"{file}: tensor {name!r} spans {entry.end - entry.start} bytes, expected {expected} "
-                f"for {dtype}{list(shape)}"
+                f"{file}: tensor {entry.name!r} starts at data offset {entry.start - base}, which {what} "
+                f"(expected {position - base}): byte ranges must be contiguous and must not overlap"
             )
-        if entry.end > file_size:
-            raise CheckpointError(
-                f"{file}: truncated: tensor {name!r} ends at byte {entry.end} but the file has {file_size} bytes"
-            )
-        tensors[name] = entry
-    return Header(file, tensors, {str(k): str(v) for k, v in metadata.items()})
+        position = entry.end
+    if position > file_size:
+        last = max(tensors.values(), key=lambda e: e.end).name
+        raise CheckpointError(
+            f"{file}: truncated: tensor {last!r} ends at byte {position} but the file has {file_size} bytes"
+        )
+    if position < file_size:
+        raise CheckpointError(
+            f"{file}: {file_size - position} bytes follow the last tensor's data; a safetensors file ends there"
+        )
+    return Header(file, tensors, dict(metadata))
+
+
+def _entry(name: str, spec: object, file: Path, base: int) -> TensorEntry:
+    """One header entry, every field checked: dtype name, shape of naturals, two ordered offsets."""
+    if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
+        raise CheckpointError(f"{file}: tensor {name!r} needs exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        shown = dtype if isinstance(dtype, str) else repr(dtype)
+        raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {shown}")
+    if not isinstance(shape, list) or not all(_natural(s) for s in shape):
+        raise CheckpointError(f"{file}: tensor {name!r} has shape {shape!r}; expected a list of integers >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_natural(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{file}: tensor {name!r} has data_offsets {offsets!r}; expected [begin, end], "
+                              "0 <= begin <= end")
+    entry = TensorEntry(name, file, dtype, tuple(shape), base + offsets[0], base + offsets[1])
+    expected = entry.numel * torch.empty(0, dtype=DTYPES[dtype]).element_size()
+    if entry.end - entry.start != expected:
+        raise CheckpointError(
+            f"{file}: tensor {name!r} spans {entry.end - entry.start} bytes, expected {expected} "
+            f"for {dtype}{list(shape)}"
+        )
+    return entry
+
+
+def _natural(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def read_header(path: Path) -> Header:

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from osd_core.artifact import DeltaArtifact, encode_payload
+from osd_core.artifact import FORMAT_VERSION, DeltaArtifact, encode_payload
 from osd_core.compress import compress_checkpoint
 from osd_core.config import CompressionConfig
 from osd_core.errors import ArtifactError, OSDError
@@ -33,7 +33,7 @@ def rewrite_manifest(path, change):
 
 def test_manifest_records_provenance_and_checksums(delta):
     manifest = DeltaArtifact.open(delta).manifest
-    assert manifest["format"] == "osd-fleet-delta" and manifest["format_version"] == 2
+    assert manifest["format"] == "osd-fleet-delta" and manifest["format_version"] == FORMAT_VERSION == 3
     assert manifest["config"]["method"] == "magtruncsvd" and manifest["osd_fleet_version"]
     assert len(manifest["base"]["sha256"]) == 64 and len(manifest["finetuned"]["sha256"]) == 64
     assert all(len(info["sha256"]) == 64 for info in manifest["payloads"].values())
@@ -41,8 +41,8 @@ def test_manifest_records_provenance_and_checksums(delta):
 
 
 def test_newer_format_version_is_refused(delta):
-    rewrite_manifest(delta, lambda m: m.update(format_version=3))
-    with pytest.raises(ArtifactError, match="format version 3 is not supported"):
+    rewrite_manifest(delta, lambda m: m.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(ArtifactError, match=f"format version {FORMAT_VERSION + 1} is not supported"):
         DeltaArtifact.open(delta)
 
 

@@ -39,7 +39,7 @@ def test_equal_density_counts_never_exceed_the_budget(n, d, r, c):
 
 
 def test_worked_densities_match_the_notes():
-    # shared/OSD.md: 1024x1024, r = 1 → about 37% at c=1, 24% at c=2, 14% at c=4, 8% at c=8
+    # docs/method.md: 1024x1024, r = 1 → about 37% at c=1, 24% at c=2, 14% at c=4, 8% at c=8
     densities = [equal_density_counts(1024, 1024, 1 + c, layer_budget(1024, 1024, 1))[0] / (1024 * (1 + c))
                  for c in (1, 2, 4, 8)]
     assert [round(x, 2) for x in densities] == [0.37, 0.24, 0.14, 0.08]

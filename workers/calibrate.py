@@ -7,10 +7,10 @@ so the gradients of a large model never travel whole through Ray or the flow.
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 from flows.sources import fetch_file, materialize
+from osd_core.outputs import scratch_dir
 from workers.compress import store_at
 from workers.jobs import CalibrationJob
 
@@ -26,7 +26,7 @@ def calibrate(job: CalibrationJob) -> str:
         return store.uri_for(job.key)
     base = materialize(job.pair.base, job.pair.base_identity["sha256"])
     finetuned = materialize(job.pair.finetuned, job.pair.finetuned_identity["sha256"])
-    with tempfile.TemporaryDirectory(prefix="osd-fleet-calib-") as scratch:
+    with scratch_dir("calib") as scratch:
         rows = fetch_file(job.calibration, Path(scratch) / "data")
         out = calibration_gradients(base, finetuned, rows, job.config, Path(scratch) / "gradients.safetensors")
         store.put_file(job.key, out)

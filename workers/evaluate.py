@@ -6,11 +6,11 @@ comparable with the workloads' own base and fine-tune scores.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from flows.artifacts import download_delta
 from flows.sources import fetch_file, materialize
+from osd_core.outputs import scratch_dir
 from osd_core.reconstruct import reconstruct_checkpoint
 from workers.compress import store_at
 from workers.jobs import EvalJob, EvalRecord
@@ -19,7 +19,7 @@ from workers.jobs import EvalJob, EvalRecord
 def evaluate(job: EvalJob) -> EvalRecord:
     from workloads.evaluate import evaluate_checkpoint  # imports transformers: only here
 
-    with tempfile.TemporaryDirectory(prefix="osd-fleet-eval-") as scratch:
+    with scratch_dir("eval") as scratch:
         root = Path(scratch)
         if job.prefix is None:  # the fine-tune itself
             model = materialize(job.pair.finetuned, job.pair.finetuned_identity["sha256"])

@@ -2,7 +2,7 @@
 
 Specs carry URIs, byte ranges and configurations; results carry names, checksums and manifest
 entries. Tensors never travel: workers read their inputs from storage and write their outputs
-there themselves (shared/STACK.md: returned tensors go through Ray's object store).
+there themselves: a returned tensor would travel through Ray's object store and Prefect's results.
 """
 
 from __future__ import annotations

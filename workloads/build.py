@@ -36,6 +36,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from osd_core.outputs import remove_stale
 from workloads.data import DATASETS, Splits, load_splits, package_file
 from workloads.errors import MissingPackageError, WorkloadError, WorkloadNotBuiltError
 from workloads.evaluate import EvalResult, evaluate_model
@@ -153,7 +154,7 @@ def build_workload(
         log.info("workload %s: cached at %s", name, root)
         return load_workload(name, cache_dir)
     root.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(root)
+    remove_stale(root.parent, f".tmp-{root.name}-*", lambda p: p.name.rsplit("-", 1)[-1])
     tmp = root.parent / f".tmp-{root.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("workload %s: building into %s", name, tmp)
@@ -364,22 +365,3 @@ def _versions(recipe: Recipe) -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "unknown"
     return versions
-
-
-def _remove_stale_temps(root: Path) -> None:
-    """Delete temp dirs of this workload left by builds whose process no longer runs."""
-    for tmp in root.parent.glob(f".tmp-{root.name}-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            log.info("removing %s left by a build that did not finish", tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        pass
-    return True

@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from workloads.errors import DataFormatError, WorkloadError
+from workloads.errors import DataFormatError, ModelFormatError, WorkloadError
 from workloads.jsonl import Row, read_jsonl
 
 
@@ -148,14 +148,25 @@ def evaluate_checkpoint(
     if not any(model_dir.glob("*.safetensors")):
         raise WorkloadError(f"{model_dir}: no *.safetensors weights (other formats are refused)")
     # Validate the data against the config before paying for the model load.
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelFormatError(
+            f"{model_dir / 'config.json'}: not a usable model configuration ({_first_line(exc)})"
+        ) from None
     rows = read_jsonl(data_path, num_labels=config.num_labels)
     tokenizer = AutoTokenizer.from_pretrained(
         _tokenizer_source(model_dir, tokenizer_dir), local_files_only=True
     )
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, config=config, use_safetensors=True, local_files_only=True
-    )
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, config=config, use_safetensors=True, local_files_only=True
+        )
+    except (RuntimeError, ValueError) as exc:  # e.g. num_labels in config.json disagrees with the head's rows
+        raise ModelFormatError(
+            f"{model_dir}: the weights do not fit config.json as a sequence classifier with "
+            f"{config.num_labels} labels ({_first_line(exc)})"
+        ) from None
     return evaluate_model(
         model,
         tokenizer,
@@ -165,6 +176,11 @@ def evaluate_checkpoint(
         progress=progress,
         desc=f"evaluate {model_dir.name}",
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
