@@ -20,7 +20,7 @@ $(STAMP): requirements.lock requirements-data.txt pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m flows.cli demo
+	$(PY) -m osd_cli demo
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -1,1 +1,1 @@
-"""Orchestration of osd-fleet: the command line, Prefect flows, planning, storage and catalog."""
+"""Orchestration of osd-fleet: the fleet configuration, planning, the Prefect flows, reports and operations."""

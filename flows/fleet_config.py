@@ -35,12 +35,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from flows.keys import safe_name
 from flows.plan import DEFAULT_GROUP_BYTES
-from flows.sources import is_s3
 from osd_core.allocate import ALLOCATIONS
 from osd_core.config import METHODS, CompressionConfig
 from osd_core.errors import ConfigError
+from osd_io.keys import safe_name
+from osd_io.sources import is_s3
 
 T = TypeVar("T")
 

@@ -32,15 +32,15 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.catalog import Catalog
 from flows.fleet_config import ModelSpec, SweepSpec, check_calibration, sweep_from_dict
-from flows.keys import InvalidNameError, safe_name
 from flows.pipeline import compress_model, make_target, read_inputs
 from flows.runtime import RuntimeStartError, start_runtime
-from flows.sources import is_s3, join_uri, local_path
-from flows.storage import StorageError, open_store
 from osd_core.checkpoint import INDEX_FILE, SINGLE_FILE
 from osd_core.errors import ConfigError, OSDError
+from osd_io.catalog import Catalog
+from osd_io.keys import InvalidNameError, safe_name
+from osd_io.sources import is_s3, join_uri, local_path
+from osd_io.storage import StorageError, open_store
 
 __all__ = [
     "CHECKPOINT_EVENT",
@@ -107,7 +107,7 @@ def notify_checkpoint(
     """
     resource, payload = checkpoint_event(checkpoint, base, model, store)
     if verify:
-        from flows.sources import CheckpointLayout
+        from osd_io.sources import CheckpointLayout
 
         CheckpointLayout.open(checkpoint)  # CheckpointError names what is missing or broken
     api_url = api_url or os.environ.get("PREFECT_API_URL")

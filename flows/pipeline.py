@@ -8,7 +8,7 @@
 2. calibrate, one Ray task per model (and gradient point): gradients into the store.
 3. compress, one Ray task per layer group. A global allocation first measures every group
    (phase 1), allocates the model's bits in the flow, then compresses with per-layer budgets.
-4. commit, in the flow: payloads verified, side files, then the manifest (``flows.artifacts``).
+4. commit, in the flow: payloads verified, side files, then the manifest (``osd_io.artifacts``).
 5. evaluate, one Ray task per delta: reconstruct on the base, score on the eval rows.
 6. catalog, in the flow: one row per delta, appended after its manifest exists.
 7. report, in the flow: the run's rows as a table artifact and the model's accuracy-versus-size
@@ -40,13 +40,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect_ray import RayTaskRunner
 
-from flows.artifacts import CommittedDelta, commit_delta, read_commit
-from flows.catalog import Catalog, CatalogRow
 from flows.fleet_config import FleetConfig, ModelSpec, SweepSpec, Variant, check_calibration
 from flows.plan import (
     LayerGroup,
     ModelPlan,
-    PairLayout,
     artifact_id,
     artifact_prefix,
     delta_id,
@@ -64,10 +61,12 @@ from flows.report import (
     table_records,
 )
 from flows.runtime import start_runtime
-from flows.sources import CheckpointLayout, fetch_file, sha256_of, side_files
-from flows.storage import ObjectStore, open_store
 from osd_core.allocate import Allocation, allocate, best_within
 from osd_core.outputs import scratch_dir
+from osd_io.artifacts import CommittedDelta, commit_delta, read_commit
+from osd_io.catalog import Catalog, CatalogRow
+from osd_io.sources import CheckpointLayout, PairLayout, fetch_file, sha256_of, side_files
+from osd_io.storage import ObjectStore, open_store
 from workers.jobs import CalibrationJob, EvalJob, EvalRecord, GroupJob, GroupResult
 from workers.tasks import calibrate_task, compress_group_task, evaluate_task, measure_group_task, submit
 from workloads.jsonl import read_jsonl

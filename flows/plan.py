@@ -24,70 +24,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from flows.keys import join_key
-from flows.sources import CheckpointLayout, TensorRef
 from osd_core import __version__
 from osd_core.artifact import FORMAT_VERSION
 from osd_core.budget import layer_budget
-from osd_core.compress import LayerPlan, plan_pair
+from osd_core.compress import plan_pair
 from osd_core.config import CompressionConfig
 from osd_core.policy import Role
+from osd_io.keys import join_key
+from osd_io.sources import PairLayout
+from workers.jobs import LayerGroup, LayerJob
 
 DEFAULT_GROUP_BYTES = 32 << 20
 ARTIFACTS_PREFIX = "artifacts"
 GRADIENTS_PREFIX = "gradients"
 _BLOCK = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks)\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class LayerJob:
-    """One tensor's fate and where its bytes are (``base`` is None for a tensor new in the fine-tune)."""
-
-    plan: LayerPlan
-    finetuned: TensorRef
-    base: TensorRef | None
-
-    @property
-    def name(self) -> str:
-        return self.plan.name
-
-
-@dataclass(frozen=True)
-class LayerGroup:
-    """A unit of work: tensors of one shard, compressed by one worker into one payload."""
-
-    index: int
-    shard: str
-    label: str
-    layers: tuple[LayerJob, ...]
-
-    @property
-    def work_bytes(self) -> int:
-        """float32 size of the group's tensors: what a worker's memory scales with."""
-        return sum(4 * layer.finetuned.numel for layer in self.layers)
-
-    @property
-    def largest_bytes(self) -> int:
-        return max((4 * layer.finetuned.numel for layer in self.layers), default=0)
-
-    @property
-    def payload_name(self) -> str:
-        return f"payload-{self.index:05d}.safetensors"
-
-
-@dataclass(frozen=True)
-class PairLayout:
-    """A base and its fine-tune as their headers describe them, with content identities."""
-
-    base: CheckpointLayout
-    finetuned: CheckpointLayout
-    base_identity: dict[str, str]
-    finetuned_identity: dict[str, str]
-
-    @classmethod
-    def read(cls, base_uri: str, finetuned_uri: str) -> PairLayout:
-        base, finetuned = CheckpointLayout.open(base_uri), CheckpointLayout.open(finetuned_uri)
-        return cls(base, finetuned, base.identity(), finetuned.identity())
 
 
 @dataclass(frozen=True)

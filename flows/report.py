@@ -22,8 +22,8 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from flows.catalog import CatalogError, CatalogRow
-from flows.keys import safe_name
+from osd_io.catalog import CatalogError, CatalogRow
+from osd_io.keys import safe_name
 
 __all__ = [
     "PLOT_NAME",

@@ -27,6 +27,7 @@ from .budget import VALUE_BITS, layer_budget
 from .config import CompressionConfig
 from .errors import BudgetError, ConfigError
 from .factorize import compress_matrix
+from .svd import truncated_svd
 
 ALLOCATIONS = ("uniform", "global")
 # Candidate budgets as multiples of the uniform one: enough resolution to move bits, few enough
@@ -102,15 +103,30 @@ def measure_curve(
     device: torch.device | str = "cpu",
 ) -> tuple[Option, ...]:
     """Damage (squared Frobenius error of the delta, so errors add up over the model) of one layer
-    at 0 bits and at each candidate budget. A zero delta costs nothing at zero bits."""
+    at 0 bits and at each candidate budget. A zero delta costs nothing at zero bits.
+
+    One truncated SVD at the largest candidate rank serves every candidate: each slices its
+    leading ``k`` singular vectors from it instead of factoring the delta again. With the exact
+    SVD that is exactly a rank-``k`` factorisation; with the randomized one (a larger sketch than
+    the final compression at its own ``k`` uses) the measured damage can differ from the final
+    one in the last digits, which ``bench/measuring_pass.py`` shows does not change the allocation.
+    """
     norm2 = float(torch.linalg.vector_norm(delta.float())) ** 2
     options = [Option(0, norm2)]
     if norm2 == 0.0:
         return tuple(options)
-    for budget in candidate_budgets(config, tuple(delta.shape)):
+    shape = tuple(delta.shape)
+    candidates = [(budget, layer_config(config, shape, budget)) for budget in candidate_budgets(config, shape)]
+    factors = None
+    top = max((c.k for _, c in candidates), default=0)
+    if config.method != "sparse" and not config.whiten and 0 < top <= min(shape):
+        matrix = delta.to(device=device, dtype=torch.float32)
+        if bool(torch.isfinite(matrix).all()):  # a non-finite delta is refused below, by compress_matrix
+            factors = truncated_svd(matrix, top, method=config.svd, power_iters=config.power_iters, seed=config.seed)
+    for budget, layer in candidates:
         try:
-            approx = compress_matrix(name, delta, layer_config(config, tuple(delta.shape), budget), grad,
-                                     budget_bits=budget, row_weight=row_weight, input_cov=input_cov, device=device)
+            approx = compress_matrix(name, delta, layer, grad, budget_bits=budget, row_weight=row_weight,
+                                     input_cov=input_cov, device=device, factors=factors)
         except BudgetError:
             continue  # too small to hold one entry per factor: not an option
         error = delta.float() - approx.delta().reshape(delta.shape).to(delta.device)

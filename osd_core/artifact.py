@@ -62,8 +62,22 @@ class Payload:
     layers: dict[str, dict[str, Any]]
 
     @property
-    def info(self) -> dict[str, Any]:
-        return {"sha256": hashlib.sha256(self.data).hexdigest(), "bytes": len(self.data)}
+    def entry(self) -> PayloadEntry:
+        return PayloadEntry(self.name, hashlib.sha256(self.data).hexdigest(), len(self.data), self.layers)
+
+
+@dataclass(frozen=True)
+class PayloadEntry:
+    """A payload as the manifest lists it: name, checksum, size and the layers inside it.
+
+    The manifest needs no payload bytes, so a commit in the object store can be built from what
+    workers report and the store recorded, without downloading a payload.
+    """
+
+    name: str
+    sha256: str
+    bytes: int
+    layers: dict[str, dict[str, Any]]
 
 
 def encode_payload(name: str, layers: Sequence[tuple[CompressedLayer, dict[str, Any]]]) -> Payload:
@@ -87,7 +101,7 @@ def encode_payload(name: str, layers: Sequence[tuple[CompressedLayer, dict[str, 
     return Payload(name, save(tensors, metadata={"format": f"{FORMAT_NAME}/{FORMAT_VERSION}"}), entries)
 
 
-def build_manifest(payloads: Sequence[Payload], files: dict[str, bytes], **fields: Any) -> dict[str, Any]:
+def build_manifest(payloads: Sequence[PayloadEntry], files: dict[str, bytes], **fields: Any) -> dict[str, Any]:
     """The manifest that makes ``payloads`` and side ``files`` one delta; ``fields`` add provenance."""
     layers: dict[str, dict[str, Any]] = {}
     for payload in payloads:
@@ -102,7 +116,8 @@ def build_manifest(payloads: Sequence[Payload], files: dict[str, bytes], **field
         "osd_fleet_version": __version__,
         **fields,
         "layers": dict(sorted(layers.items())),
-        "payloads": {p.name: p.info for p in sorted(payloads, key=lambda p: p.name) if p.layers},
+        "payloads": {p.name: {"sha256": p.sha256, "bytes": p.bytes} for p in sorted(payloads, key=lambda p: p.name)
+                     if p.layers},
         "files": {
             name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
             for name, data in sorted(files.items())
@@ -110,7 +125,7 @@ def build_manifest(payloads: Sequence[Payload], files: dict[str, bytes], **field
         "totals": {
             "budget_bits": sum(v["budget_bits"] for v in compressed),
             "paper_bits": sum(v["paper_bits"] for v in compressed),
-            "payload_bytes": sum(len(p.data) for p in payloads),
+            "payload_bytes": sum(p.bytes for p in payloads),
         },
     }
 
@@ -134,7 +149,7 @@ def parse_manifest(raw: bytes, where: str | Path) -> dict[str, Any]:
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise ArtifactError(f"{where}: unreadable manifest ({reason})") from None
     _check_manifest(manifest, where)
-    if manifest["format_version"] >= SEALED_FROM:
+    if manifest["format_version"] >= SEALED_FROM or SEAL in manifest:
         unsealed = {key: value for key, value in manifest.items() if key != SEAL}
         if manifest.get(SEAL) != hashlib.sha256(_canonical(unsealed)).hexdigest():
             raise ArtifactError(
@@ -195,7 +210,7 @@ class DeltaWriter:
     def commit(self, **fields: Any) -> Path:
         """Write the manifest and move the finished delta to its final name."""
         self._flush()
-        manifest = build_manifest(self._payloads, self._files, **fields)
+        manifest = build_manifest([p.entry for p in self._payloads], self._files, **fields)
         if self._files:
             (self._tmp / "files").mkdir()
         for name, data in self._files.items():
@@ -242,10 +257,6 @@ class DeltaArtifact:
     def config(self) -> dict[str, Any]:
         return self.manifest["config"]
 
-    @property
-    def layer_names(self) -> list[str]:
-        return list(self.manifest["layers"])
-
     def side_file(self, name: str) -> bytes:
         if name not in self.manifest["files"]:
             raise ArtifactError(f"{self.path}: no side file {name!r}")
@@ -260,8 +271,8 @@ class DeltaArtifact:
                 if info["file"] not in headers:
                     headers = {info["file"]: read_header(self.path / info["file"])}
                 entries = headers[info["file"]].tensors
-                tensors = {key.split("::", 1)[1]: read_tensor(entry) for key, entry in entries.items()
-                           if key.split("::", 1)[0] == name}
+                tensors = {key.partition("::")[2]: read_tensor(entry) for key, entry in entries.items()
+                           if key.partition("::")[0] == name and "::" in key}
                 if not tensors:
                     raise ArtifactError(f"{self.path / info['file']}: payload lacks the tensors of {name!r}")
             try:
@@ -296,6 +307,9 @@ def _check_manifest(manifest: Any, where: str | Path) -> None:
     for key in ("layers", "payloads", "files", "config", "base", "finetuned"):
         if not isinstance(manifest.get(key), dict):
             raise ArtifactError(f"{where}: manifest field {key!r} is missing or not an object")
+    totals = manifest.get("totals", {})
+    if not isinstance(totals, dict) or not all(_natural(v) for v in totals.values()):
+        raise ArtifactError(f"{where}: manifest field 'totals' must map names to integers >= 0")
     for key in ("base", "finetuned"):
         if "sha256" in manifest[key] and not _is_sha256(manifest[key]["sha256"]):
             raise ArtifactError(f"{where}: manifest field {key}.sha256 must be 64 hex digits")

@@ -27,7 +27,8 @@ from .config import CompressionConfig
 from .errors import CheckpointError, ConfigError, MissingTensorError
 from .factorize import compress_matrix
 from .layer import CompressedLayer
-from .policy import Role, policy_for
+from .policy import Role
+from .roles import policy_for
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def plan_pair(base: Checkpoint, finetuned: Checkpoint, config: CompressionConfig
             f"architectures differ: base {base.path} is {base.model_type!r}, fine-tune {finetuned.path} is "
             f"{finetuned.model_type!r}"
         )
-    policy = policy_for(finetuned.model_type)
+    policy = policy_for(finetuned.config)
     missing = sorted(set(base.tensors) - set(finetuned.tensors))
     if missing:
         raise MissingTensorError(

@@ -18,8 +18,8 @@ METRICS = ("frobenius", "activation", "fisher", "kfac")
 VALUE_DTYPES = {"float32": 32, "float16": 16, "bfloat16": 16, "int8": 8}
 POSITIONS = ("index", "bitmap", "auto")
 SVD_METHODS = ("auto", "exact", "randomized")
-
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes any int64 >= 0
+
 
 @dataclass(frozen=True)
 class CompressionConfig:

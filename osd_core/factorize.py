@@ -37,6 +37,7 @@ def compress_matrix(
     row_weight: torch.Tensor | None = None,
     input_cov: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
+    factors: Factors | None = None,
 ) -> CompressedLayer:
     """Compress the 2-D ``delta`` of tensor ``name`` within ``32·rank·(n+d)`` paper bits.
 
@@ -45,7 +46,9 @@ def compress_matrix(
     spends bits unevenly). ``row_weight`` (n) and ``input_cov`` (d×d) define the output error a
     delta error causes (from calibration; see ``OutputMetric``); they default to plain Frobenius.
     Work runs on ``device`` (a GPU
-    when available); the record is returned on the CPU.
+    when available); the record is returned on the CPU. ``factors``, a truncated SVD of this
+    ``delta`` at rank ``>= k`` (not whitened), is sliced instead of factoring again: a measuring
+    pass that tries several budgets of one layer pays for one SVD, not one per budget.
     """
     if delta.ndim != 2:
         raise ConfigError(f"{name}: only 2-D matrices are factorised, got shape {tuple(delta.shape)}")
@@ -69,7 +72,7 @@ def compress_matrix(
         if config.method == "sparse":
             return _sparse(name, delta, budget, config)
         metric = OutputMetric.build(name, (n, d), row_weight, input_cov, device)
-        u, v = _factor(delta, config, metric)
+        u, v = _factor(name, delta, config, metric, factors)
         if config.method == "truncsvd":
             return _factored(name, (n, d), u, v, None, None, budget, config, config.encodings[0])
         if config.method == "magtruncsvd":
@@ -163,12 +166,22 @@ class OutputMetric:
         return x if self.cov is None else self.cov @ x
 
 
-def _factor(delta: torch.Tensor, config: CompressionConfig, metric: OutputMetric):
+def _factor(name: str, delta: torch.Tensor, config: CompressionConfig, metric: OutputMetric,
+            factors: Factors | None = None):
     """Rank-k factors with Σ folded in; with ``whiten`` the SVD minimises the weighted error.
 
     Whitening (as in SVD-LLM): with ``C = L Lᵀ``, the best rank-k ``Δ̂`` in the metric is
     ``P_k(R^½ Δ L) L⁻¹ R^-½``; the factors are ``U = R^-½ Ũ`` and ``V = L⁻ᵀ W̃``.
     """
+    if factors is not None:
+        k = config.k
+        if config.whiten or factors.u.shape[0] != delta.shape[0] or factors.v.shape[0] != delta.shape[1] \
+                or factors.s.numel() < k:
+            raise ConfigError(f"{name}: precomputed factors of rank {factors.s.numel()} do not fit a rank-{k} "
+                              f"{'whitened ' if config.whiten else ''}factorisation of its {tuple(delta.shape)} delta")
+        sliced = Factors(factors.u[:, :k].to(delta.device), factors.s[:k].to(delta.device),
+                         factors.v[:, :k].to(delta.device))
+        return split_sigma(sliced, config.sigma)
     svd = dict(method=config.svd, power_iters=config.power_iters, seed=config.seed)
     if not config.whiten:
         return split_sigma(truncated_svd(delta, config.k, **svd), config.sigma)

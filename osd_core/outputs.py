@@ -7,12 +7,15 @@ Every directory osd-fleet writes (a delta, a restored checkpoint) follows one ru
 * An existing non-empty target is replaced only with ``overwrite`` *and* when it is recognisably
   ours (a delta's ``manifest.json``, or the marker a restored checkpoint carries). A folder of
   someone's files is never deleted, whatever the flags say.
-* Work goes into a hidden sibling named after this process, and is published by a rename that
-  fails when another run published first, so of two runs started at once with the same target
-  exactly one wins and the other fails cleanly. With ``overwrite`` the old target is moved aside
-  first, so a reader sees the old directory or the new one, never a mix.
-* Partial siblings whose process no longer runs (a SIGKILL, a power cut) are removed the next
-  time anything is written beside them.
+* Work goes into a hidden sibling named after this host and process, and is published by a
+  rename that fails when another run published first, so of two runs started at once with the
+  same target exactly one wins and the other fails cleanly. With ``overwrite`` (asked for
+  explicitly) the old target, checked again to be ours, is moved aside first and deleted only
+  once the new one is in place, with SIGINT and SIGTERM held off for those two renames; a reader
+  sees the old directory or the new one, never a mix, and the later of two such runs wins.
+* Siblings of the same output left by a process of this host that no longer runs (a SIGKILL, a
+  power cut) are cleaned up the next time that output is written: a partial directory is
+  removed, and a moved-aside old output is put back if nothing replaced it.
 
 These checks run before any expensive work: a bad ``--out`` fails in milliseconds, not after
 minutes of compression.
@@ -21,13 +24,20 @@ minutes of compression.
 from __future__ import annotations
 
 import errno
+import glob
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -36,6 +46,10 @@ from .errors import OutputError
 log = logging.getLogger(__name__)
 
 PARTIAL = "partial"
+OLD = "old"
+# Names carry a short hash of the host, so a directory shared between machines (NFS, a /tmp shared
+# by containers) never has one host sweep what a live process of another host is writing.
+HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 # A name of up to this many bytes leaves room for the ".<name>.partial-<pid>-<hex>" sibling.
 _SIBLING_STEM_BYTES = 120
 
@@ -52,12 +66,23 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_stale(parent: Path, pattern: str, pid_of: Callable[[Path], str]) -> None:
-    """Delete the entries of ``parent`` matching ``pattern`` whose writing process has died."""
+    """Delete the entries of ``parent`` matching ``pattern`` whose writing process has died.
+
+    ``pid_of`` names an entry's process, or returns "" for an entry that is not this host's.
+    """
+    for path in stale(parent, pattern, pid_of):
+        log.info("removing %s, left by a run that did not finish", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def stale(parent: Path, pattern: str, pid_of: Callable[[Path], str]) -> list[Path]:
+    """The entries of ``parent`` matching ``pattern`` (a glob) whose writing process has died."""
+    found = []
     for path in parent.glob(pattern):
         pid = pid_of(path)
         if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-            log.info("removing %s, left by a run that did not finish", path)
-            shutil.rmtree(path, ignore_errors=True)
+            found.append(path)
+    return found
 
 
 def scratch_dir(tag: str) -> tempfile.TemporaryDirectory[str]:
@@ -69,8 +94,8 @@ def scratch_dir(tag: str) -> tempfile.TemporaryDirectory[str]:
     if not re.fullmatch(r"[a-z]+", tag):
         raise ValueError(f"scratch tag must be lowercase letters, got {tag!r}")
     root = Path(tempfile.gettempdir())
-    remove_stale(root, f"osd-fleet-{tag}-*", lambda p: p.name.split("-")[3] if p.name.count("-") >= 4 else "")
-    return tempfile.TemporaryDirectory(prefix=f"osd-fleet-{tag}-{os.getpid()}-")
+    remove_stale(root, f"osd-fleet-{tag}-{HOST}-*", lambda p: p.name.split("-")[4] if p.name.count("-") >= 5 else "")
+    return tempfile.TemporaryDirectory(prefix=f"osd-fleet-{tag}-{HOST}-{os.getpid()}-")
 
 
 class OutputDir:
@@ -93,18 +118,16 @@ class OutputDir:
     ) -> None:
         self.out = Path(out)
         self._what = what
+        self._is_ours = is_ours
         self._replace = check_output(self.out, what=what, inputs=inputs, overwrite=overwrite, is_ours=is_ours)
-        stem = _stem(self.out)
-        if self.out.parent.is_dir():
-            for kind in (PARTIAL, "old"):
-                remove_stale(self.out.parent, f".{stem}.{kind}-*", lambda p: p.name.rsplit("-", 2)[-2])
-        self.tmp = self.out.parent / f".{stem}.{PARTIAL}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.tmp = _sibling(self.out, PARTIAL)
 
     def __enter__(self) -> Path:
         try:
             self.tmp.mkdir(parents=True)
         except OSError as exc:
-            raise OutputError(f"{self.out}: cannot create the output's parent directory ({exc.strerror})") from None
+            raise OutputError(f"{self.out}: cannot create the working directory {self.tmp.name} beside it "
+                              f"({exc.strerror})") from None
         return self.tmp
 
     def __exit__(self, *exc_info: object) -> None:
@@ -114,24 +137,27 @@ class OutputDir:
         """Move the finished directory to ``out``; refuse if another run got there first."""
         _fsync_tree(self.tmp)
         trash = None
-        if self._replace and self.out.exists():
-            trash = self.out.parent / f".{_stem(self.out)}.old-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-            os.replace(self.out, trash)
-        try:
-            os.rename(self.tmp, self.out)  # onto a missing or empty directory only
-        except OSError as exc:
-            if trash is not None and not self.out.exists():
-                os.replace(trash, self.out)  # put the old output back rather than lose it
-                trash = None
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
-                raise
-            raise OutputError(
-                f"{self.out}: another run wrote this {self._what} while this one was working; it is kept "
-                "and this run's result was discarded"
-            ) from None
-        finally:
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
+        with _signals_held():
+            if self._replace and self.out.exists():
+                if not self.out.is_dir() or not self._is_ours(self.out):  # changed while this run worked
+                    raise OutputError(f"{self.out}: is no longer an osd-fleet {self._what}; it is kept and this "
+                                      "run's result was discarded")
+                trash = _sibling(self.out, OLD)
+                os.replace(self.out, trash)
+            try:
+                os.rename(self.tmp, self.out)  # onto a missing or empty directory only
+            except OSError as exc:
+                if trash is not None and not self.out.exists():
+                    os.replace(trash, self.out)  # put the old output back rather than lose it
+                    trash = None
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                    raise
+                raise OutputError(
+                    f"{self.out}: another run wrote this {self._what} while this one was working; it is kept "
+                    "and this run's result was discarded"
+                ) from None
+        if trash is not None:  # only now that the new output is in place
+            shutil.rmtree(trash, ignore_errors=True)
         return self.out
 
 
@@ -141,10 +167,13 @@ def check_output(
     """Raise unless ``out`` may be written; return whether an existing ``out`` is to be replaced.
 
     Commands call this before long work (calibration, a measuring pass) so a bad ``--out``
-    fails at once; :class:`OutputDir` calls it again when it is created.
+    fails at once; :class:`OutputDir` calls it again when it is created. What a dead run of this
+    host left beside ``out`` is cleaned up first, so the rules apply to what the user last had.
     """
     _check_name_length(out)
     refuse_inputs(out, inputs)
+    if out.parent.is_dir():
+        _recover_siblings(out)
     return _check_target(out, what, overwrite, is_ours)
 
 
@@ -161,7 +190,7 @@ def write_file(out: str | Path, data: bytes, *, what: str, is_ours: Callable[[Pa
         raise OutputError(f"{out}: exists and is not a {what} osd-fleet wrote; move or delete it yourself, "
                           "or choose another name")
     _check_name_length(out)
-    tmp = out.parent / f".{_stem(out)}.{PARTIAL}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    tmp = _sibling(out, PARTIAL)
     try:
         with open(tmp, "xb") as handle:
             handle.write(data)
@@ -227,6 +256,44 @@ def _check_name_length(out: Path) -> None:
 def _stem(out: Path) -> str:
     name = os.fsencode(out.name)[:_SIBLING_STEM_BYTES]
     return os.fsdecode(name)
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    """A hidden sibling of ``out``: ``.<name>.<kind>-<host>-<pid>-<random>``."""
+    return out.parent / f".{_stem(out)}.{kind}-{HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _sibling_pid(path: Path) -> str:
+    """The process id in a sibling's name when this host wrote it, else ""."""
+    parts = path.name.rsplit("-", 3)
+    return parts[2] if len(parts) == 4 and parts[1] == HOST else ""
+
+
+def _recover_siblings(out: Path) -> None:
+    """Clean up after dead runs of this host: put a moved-aside old output back if ``out`` is gone,
+    then remove partial directories and any other moved-aside copies."""
+    pattern = f".{glob.escape(_stem(out))}."
+    for old in stale(out.parent, pattern + f"{OLD}-*", _sibling_pid):
+        if not out.exists():
+            log.info("putting back %s as %s: a run died while replacing it", old, out)
+            os.replace(old, out)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    remove_stale(out.parent, pattern + f"{PARTIAL}-*", _sibling_pid)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM off (in the main thread) for a few renames that must not be split."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def json_field(path: Path, field: str) -> object:

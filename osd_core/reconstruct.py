@@ -57,8 +57,8 @@ def reconstruct_checkpoint(
     with output as tmp:
         _copy_side_files(base.path, artifact, tmp)
         _write_weights(base, artifact, tmp)
-        marker = {"format": RESTORE_FORMAT, "delta": str(Path(delta_dir).resolve()),
-                  "delta_manifest_sha256": artifact.manifest_sha256, "base": str(base.path.resolve())}
+        marker = {"format": RESTORE_FORMAT, "delta_manifest_sha256": artifact.manifest_sha256,
+                  "base": str(base.path.resolve())}
         (tmp / RESTORE_MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
         return output.publish()
 

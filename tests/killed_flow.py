@@ -41,7 +41,7 @@ def kill_at(point: str, nth: int) -> None:
 def main(argv: list[str]) -> int:
     point, nth, *cli = argv
     kill_at(point, int(nth))
-    from flows.cli import main as osd_fleet
+    from osd_cli.main import main as osd_fleet
 
     return osd_fleet(cli)
 

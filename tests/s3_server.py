@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from flows.storage import ObjectStore, open_store
+from osd_io.storage import ObjectStore, open_store
 
 __all__ = ["S3_ACCESS_KEY", "S3_BUCKET", "S3_SECRET", "MotoEndpoint", "s3_endpoint", "s3_server", "store", "store_uri"]
 

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from osd_core.allocate import (
-    MULTIPLIERS, Option, allocate, best_within, candidate_budgets, layer_config, measure_curve,
+    MULTIPLIERS,
+    Option,
+    allocate,
+    best_within,
+    candidate_budgets,
+    layer_config,
+    measure_curve,
 )
 from osd_core.budget import layer_budget
 from osd_core.config import CompressionConfig
@@ -128,3 +134,24 @@ def test_measured_curves_start_at_dropping_the_layer_and_fall_with_bits():
     costs = [o.cost for o in options]
     assert costs[-1] < 0.01 * costs[0] and costs[1] < costs[0]
     assert measure_curve("z", torch.zeros(8, 8), CompressionConfig()) == (Option(0, 0.0),)
+
+
+def test_the_measuring_pass_slices_one_svd_and_measures_what_fresh_factorisations_would():
+    """With the exact SVD, slicing the largest candidate's factors is exactly a fresh rank-k SVD."""
+    from osd_core.factorize import compress_matrix
+    from osd_core.svd import truncated_svd
+
+    gen = torch.Generator().manual_seed(3)
+    delta = torch.randn(48, 6, generator=gen) @ torch.randn(6, 40, generator=gen) + 0.05 * torch.randn(48, 40,
+                                                                                                       generator=gen)
+    config = CompressionConfig(rank=0.5, svd="exact")
+    sliced = measure_curve("w", delta, config)
+    fresh = [Option(0, float(torch.linalg.vector_norm(delta)) ** 2)]
+    for budget in candidate_budgets(config, (48, 40)):
+        approx = compress_matrix("w", delta, layer_config(config, (48, 40), budget), budget_bits=budget)
+        fresh.append(Option(budget, float(torch.linalg.vector_norm(delta - approx.delta())) ** 2))
+    assert [o.bits for o in sliced] == [o.bits for o in fresh]
+    assert [o.cost for o in sliced] == pytest.approx([o.cost for o in fresh], rel=1e-4)
+    small = truncated_svd(delta, 2)
+    with pytest.raises(ConfigError, match="precomputed factors of rank 2 do not fit a rank-4"):
+        compress_matrix("w", delta, CompressionConfig(rank=1), factors=small)

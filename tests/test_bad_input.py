@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 
-from flows.cli import main
+from osd_cli.main import main
 from osd_core.artifact import FORMAT_VERSION
 
 

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from osd_core.budget import (
-    Encoding, equal_density_counts, factor_bits, factored_bits, index_bits, joint_counts, layer_budget, sparse_bits,
+    Encoding,
+    equal_density_counts,
+    factor_bits,
+    factored_bits,
+    index_bits,
+    joint_counts,
+    layer_budget,
+    sparse_bits,
     sparse_count,
 )
 from osd_core.errors import BudgetError, ConfigError

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.catalog import (
+from osd_io.catalog import (
     COLUMNS,
     PARTS_PREFIX,
     SCHEMA,
@@ -24,8 +24,8 @@ from flows.catalog import (
     NoneMeetsError,
     rows_to_table,
 )
-from flows.keys import InvalidNameError
-from flows.storage import ObjectStore, open_store
+from osd_io.keys import InvalidNameError
+from osd_io.storage import ObjectStore, open_store
 
 pytest_plugins = ["tests.s3_server"]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flows.cli import main
+from osd_cli.main import main
 
 
 def run_cli(capsys, *argv):
@@ -41,7 +41,7 @@ def test_a_fractional_budget_spent_globally(capsys, synthetic_pair, tmp_path):
         code, out, err = run_cli(capsys, *compress_args(base, tuned, tmp_path / allocation, "--rank", "0.5",
                                                         "--budget-allocation", allocation, "--json"))
         assert code == 0
-        assert ("--budget-allocation global kept" in err) == (allocation == "uniform")  # the nudge, once
+        assert ("--budget-allocation global spends" in err) == (allocation == "uniform")  # the nudge, once
         reports[allocation] = json.loads(out)
     spread = reports["global"]
     assert (spread["r"], spread["c"], spread["budget_allocation"]) == (0.5, 1.5, "global")
@@ -166,7 +166,7 @@ def test_existing_output_is_not_overwritten_without_asking(capsys, synthetic_pai
 
 def test_unknown_method_is_refused_by_the_real_console_script(synthetic_pair, tmp_path, reliability):
     base, tuned = synthetic_pair
-    result = subprocess.run([sys.executable, "-m", "flows.cli", *map(str, compress_args(base, tuned, tmp_path / "d")),
+    result = subprocess.run([sys.executable, "-m", "osd_cli", *map(str, compress_args(base, tuned, tmp_path / "d")),
                              "--method", "svd++"], capture_output=True, text=True)
     assert result.returncode == 2 and "invalid choice: 'svd++'" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "d").exists()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import flows.pipeline
-from flows.cli import EXIT_BUG, main
+from osd_cli.main import EXIT_BUG, main
 
 SECRET = "PASSWORD-" + uuid.uuid4().hex[:8]
 
@@ -165,12 +165,12 @@ def test_run_checks_parameters_and_data_before_starting_any_server(capsys, real_
 
 
 def test_a_bug_is_one_line_and_exit_1_with_its_traceback_behind_verbose(capsys, monkeypatch, tmp_path):
-    import flows.fleet_cli
+    import osd_cli.fleet
 
     def broken(args: object) -> int:
         raise RuntimeError("an invariant broke")
 
-    monkeypatch.setattr(flows.fleet_cli, "run_list", broken)
+    monkeypatch.setattr(osd_cli.fleet, "run_list", broken)
     code, text = run_cli(capsys, "catalog", "list", "--store", tmp_path)
     assert code == EXIT_BUG and "internal error (a bug in osd-fleet): RuntimeError: an invariant broke" in text
     assert "Traceback" not in text

@@ -34,15 +34,15 @@ from typing import Any
 
 import pytest
 
-from flows.artifacts import download_delta
-from flows.catalog import PARTS_PREFIX, Catalog, CatalogRow
-from flows.cli import main
 from flows.fleet_config import ModelSpec, SweepSpec
-from flows.storage import EndpointUnreachableError, ObjectStore, open_store
+from osd_cli.main import main
 from osd_core.artifact import DeltaArtifact
+from osd_io.artifacts import download_delta
+from osd_io.catalog import PARTS_PREFIX, Catalog, CatalogRow
+from osd_io.storage import EndpointUnreachableError, ObjectStore, open_store
 from tests.conftest import write_bert_like
-from tests.test_pipeline import fleet_runtime  # noqa: F401 - the session's Prefect server and Ray
 from tests.s3_server import MotoEndpoint
+from tests.test_pipeline import fleet_runtime  # noqa: F401 - the session's Prefect server and Ray
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_GROUPS = 24 * 1024  # four layer groups on the synthetic model: several tasks per run
@@ -83,7 +83,7 @@ class WorkerKiller:
     """SIGKILL one Ray worker process whose title says it runs a task named ``task*``, once.
 
     Ray titles a worker process ``ray::<task name>`` while it runs a task. ``moment``: "start"
-    kills as soon as one is seen, "running" 0.3 s later if it still runs that task, "stored"
+    kills as soon as one is seen, "running" 0.1 s later if it still runs that task, "stored"
     once the run's first payload is in ``store`` (a task that already wrote its output).
     """
 
@@ -122,7 +122,7 @@ class WorkerKiller:
             if pid is None:
                 continue
             if self.moment == "running":
-                time.sleep(0.3)
+                time.sleep(0.1)  # a task of the tiny pair may finish within 0.3 s
                 if not self._title(pid).startswith(self.title):
                     continue
             os.kill(pid, signal.SIGKILL)
@@ -217,7 +217,7 @@ def test_killed_ray_workers_are_retried_to_byte_identical_artifacts(pair, undist
         outcomes.append((moment, killer.killed, [row.status for row in rows], same))
     survived = sum(bool(killed) and statuses == ["ok"] and same for _, killed, statuses, same in outcomes)
     reliability.fault(
-        "Ray worker process SIGKILLed while compressing (at task start, 0.3 s in, after its payload)",
+        "Ray worker process SIGKILLed while compressing (at task start, 0.1 s in, after its payload)",
         tried=len(outcomes),
         survived=survived,
         checked="the run completes (Ray retries the task); every artifact byte-identical (sha256) to an "

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flows.cli import main
+from osd_cli.main import main
 from osd_core.artifact import MANIFEST, SEAL, DeltaArtifact, manifest_bytes
 from osd_core.compress import compress_checkpoint
 from osd_core.config import CompressionConfig

@@ -20,8 +20,6 @@ import pytest
 import yaml
 from prefect.exceptions import ObjectNotFound
 
-from flows.catalog import PARTS_PREFIX, Catalog
-from flows.cli import main
 from flows.fleet_config import sweep_from_dict
 from flows.operations import (
     CHECKPOINT_EVENT,
@@ -32,8 +30,10 @@ from flows.operations import (
     notify_checkpoint,
     run_scan,
 )
-from flows.storage import open_store
+from osd_cli.main import main
 from osd_core.errors import CheckpointError, ConfigError
+from osd_io.catalog import PARTS_PREFIX, Catalog
+from osd_io.storage import open_store
 from tests.conftest import write_bert_like
 from tests.test_pipeline import fleet_runtime, published_report, upload  # noqa: F401 - the session's server and Ray
 
@@ -239,7 +239,7 @@ def test_a_notified_checkpoint_is_compressed_by_osd_fleet_serve(fleet_runtime, s
     env = {k: v for k, v in os.environ.items() if k != "OSD_FLEET_STORE"}
     env.update(RAY_AUTH_MODE="token", PREFECT_RUNNER_POLL_FREQUENCY="1")  # token: joining by address (Ray 2.60)
     command = [
-        sys.executable, "-m", "flows.cli", "serve", "--prefix", str(tmp_path / "ckpts"), "--base", str(base),
+        sys.executable, "-m", "osd_cli", "serve", "--prefix", str(tmp_path / "ckpts"), "--base", str(base),
         "--store", str(store), "--cron", "0 0 1 1 *", "--budgets", "1", "--methods", "truncsvd",
         "--group-mib", "0.05", "--prefect-api-url", fleet_runtime.api_url, "--ray-address", fleet_runtime.ray_address,
         "--prefect-home", str(tmp_path / "serve-home"),

@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.cli import EXIT_TERMINATED, main
 from flows.report import PNG_SIGNATURE, is_png
+from osd_cli.main import EXIT_TERMINATED, main
 from osd_core.artifact import DeltaArtifact, DeltaWriter
 from osd_core.errors import OutputError
 from osd_core.layer import CompressedLayer
-from osd_core.outputs import pid_alive, write_file
+from osd_core.outputs import HOST, pid_alive, write_file
 from osd_core.reconstruct import RESTORE_MARKER
 
 
@@ -133,7 +133,7 @@ def test_two_compress_processes_started_at_once_one_succeeds_one_fails_cleanly(s
                                                                                reliability):
     base, tuned = synthetic_pair
     out = tmp_path / "delta"
-    argv = [sys.executable, "-m", "flows.cli", *map(str, compress(base, tuned, out))]
+    argv = [sys.executable, "-m", "osd_cli", *map(str, compress(base, tuned, out))]
     started = time.perf_counter()
     runs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(run.wait(timeout=300), run.stderr.read()) for run in runs]
@@ -152,11 +152,11 @@ def test_sigterm_removes_the_partial_output_and_the_scratch_directory(real_pair,
                                                                       reliability):
     base, tuned = real_pair
     out = tmp_path / "delta"
-    argv = [sys.executable, "-m", "flows.cli", "compress", "--base", str(base), "--finetuned", str(tuned),
+    argv = [sys.executable, "-m", "osd_cli", "compress", "--base", str(base), "--finetuned", str(tuned),
             "--out", str(out), "--rank", "0.5", "--budget-allocation", "global"]
     started = time.perf_counter()
     run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    scratch_pattern = f"osd-fleet-compress-{run.pid}-*"
+    scratch_pattern = f"osd-fleet-compress-{HOST}-{run.pid}-*"
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".delta.partial-*")) and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -176,16 +176,37 @@ def test_sigterm_removes_the_partial_output_and_the_scratch_directory(real_pair,
 def test_debris_of_a_killed_run_is_swept_by_the_next_one(capsys, synthetic_pair, tmp_path, reliability):
     base, tuned = synthetic_pair
     gone, alive = dead_pid(), os.getppid()
-    partial = tmp_path / f".delta.partial-{gone}-0123456789ab"
-    scratch = Path(tempfile.gettempdir()) / f"osd-fleet-compress-{gone}-abcdef"
-    kept = tmp_path / f".delta.partial-{alive}-0123456789ab"  # a live run's: never touched
-    for path in (partial, scratch, kept):
+    partial = tmp_path / f".delta.partial-{HOST}-{gone}-0123456789ab"
+    scratch = Path(tempfile.gettempdir()) / f"osd-fleet-compress-{HOST}-{gone}-abcdef"
+    kept = tmp_path / f".delta.partial-{HOST}-{alive}-0123456789ab"  # a live run's: never touched
+    foreign = tmp_path / f".delta.partial-0000beef-{gone}-0123456789ab"  # another host's: never touched
+    for path in (partial, scratch, kept, foreign):
         path.mkdir()
         (path / "payload-00000.safetensors").write_bytes(b"half")
     assert run_cli(capsys, *compress(base, tuned, tmp_path / "delta"))[0] == 0
-    assert not partial.exists() and not scratch.exists() and kept.is_dir()
+    assert not partial.exists() and not scratch.exists() and kept.is_dir() and foreign.is_dir()
     reliability.fault("SIGKILL leftovers: a partial delta and a scratch directory of a dead process", tried=1,
-                      survived=1, checked="the next run removes both; a live process's partial is kept", seconds=0)
+                      survived=1, checked="the next run removes both; a live process's or another host's partial "
+                      "is kept", seconds=0)
+
+
+def test_a_run_killed_while_replacing_its_output_loses_neither_copy(capsys, synthetic_pair, tmp_path, reliability):
+    """A SIGKILL between moving the old delta aside and renaming the new one into place."""
+    base, tuned = synthetic_pair
+    delta = tmp_path / "delta"
+    assert run_cli(capsys, *compress(base, tuned, delta))[0] == 0
+    before = tree_digest(delta)
+    moved = tmp_path / f".delta.old-{HOST}-{dead_pid()}-0123456789ab"
+    delta.rename(moved)  # what the killed run left: the old delta moved aside, nothing in its place
+    code, err = run_cli(capsys, *compress(base, tuned, delta))  # no --overwrite: the old one is put back, kept
+    assert code == 2 and "not empty" in err, err
+    assert tree_digest(delta) == before and not moved.exists()
+    delta.rename(moved)
+    assert run_cli(capsys, *compress(base, tuned, delta, "--rank", "2", "--overwrite"))[0] == 0
+    assert DeltaArtifact.open(delta).manifest["config"]["rank"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "delta", "ft"]
+    reliability.fault("SIGKILL between moving the old delta aside and publishing the new one", tried=1,
+                      survived=1, checked="the next run puts the old delta back first; nothing lost", seconds=0)
 
 
 def test_a_file_output_replaces_only_a_file_of_its_own_kind(tmp_path, reliability):

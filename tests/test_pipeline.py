@@ -19,20 +19,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flows.artifacts import download_delta
-from flows.catalog import PARTS_PREFIX, Catalog, NoneMeetsError
-from flows.cli import main
 from flows.fleet_config import FleetConfig, ModelSpec, SweepSpec, load_fleet_config
 from flows.plan import PairLayout, artifact_prefix, delta_id, plan_model
 from flows.runtime import start_runtime, stop_runtime
-from flows.sources import is_s3
-from flows.storage import S3Store, open_store
+from osd_cli.main import main
 from osd_core.artifact import DeltaArtifact
 from osd_core.calibration_data import GradientFile
 from osd_core.compress import compress_checkpoint
 from osd_core.config import CompressionConfig
 from osd_core.errors import ConfigError
 from osd_core.reconstruct import reconstruct_checkpoint
+from osd_io.artifacts import download_delta
+from osd_io.catalog import PARTS_PREFIX, Catalog, NoneMeetsError
+from osd_io.sources import is_s3
+from osd_io.storage import S3Store, open_store
 from tests.conftest import write_bert_like
 from tests.s3_server import S3_SECRET
 
@@ -125,7 +125,7 @@ def test_plan_groups_follow_shards_and_read_only_headers_from_s3(tmp_path, s3_se
     assert len({g.shard for g in plan.groups}) == len(list((tmp_path / "ft").glob("*.safetensors"))) > 1
     for group in plan.groups:
         assert {Path(job.finetuned.uri).name for job in group.layers} == {group.shard}
-        assert group.work_bytes <= SMALL_GROUPS or len(group.layers) == 1
+        assert sum(4 * job.finetuned.numel for job in group.layers) <= SMALL_GROUPS or len(group.layers) == 1
     assert plan.total_bits == sum(32 * (n + d) for n, d in (job.plan.shape for job in plan.factorised))
 
 
@@ -175,8 +175,8 @@ def test_fractional_budgets_sweep_the_relaxed_methods_and_truncsvd_at_whole_rank
 def test_only_unreachable_storage_is_retried():
     from prefect.states import Failed
 
-    from flows.storage import EndpointUnreachableError
     from osd_core.errors import CheckpointError
+    from osd_io.storage import EndpointUnreachableError
     from workers.tasks import _storage_unreachable
 
     assert _storage_unreachable(None, None, Failed(data=EndpointUnreachableError("endpoint down")))

@@ -17,7 +17,7 @@ def test_osd_core_loads_no_prefect_ray_boto3_or_pandas():
 
 def test_compress_command_does_not_import_orchestration():
     code = (
-        "import sys, flows.cli\n"
+        "import sys, osd_cli.main\n"
         "bad = sorted({n.split('.')[0] for n in sys.modules} & {'prefect', 'ray', 'boto3', 'pandas'})\n"
         "print(','.join(bad))\n"
     )

@@ -14,9 +14,6 @@ import struct
 
 import pytest
 
-from flows.catalog import Catalog, CatalogRow
-from flows.cli import main
-from flows.keys import InvalidNameError
 from flows.report import (
     ReportError,
     artifact_key,
@@ -28,7 +25,10 @@ from flows.report import (
     report_markdown,
     table_records,
 )
-from flows.storage import open_store
+from osd_cli.main import main
+from osd_io.catalog import Catalog, CatalogRow
+from osd_io.keys import InvalidNameError
+from osd_io.storage import open_store
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 T0 = dt.datetime(2026, 11, 23, tzinfo=dt.UTC)

@@ -27,6 +27,10 @@ def test_the_projects_requirement_files_name_no_local_path() -> None:
         ("-e /work/pkg", "absolute path"),
         ("-e ../sibling", "editable install"),
         ("--find-links ./wheels", "package index"),
+        ("https://example.invalid/pkg-1.0-py3-none-any.whl", "not a registry requirement"),
+        ("git+https://example.invalid/org/pkg.git", "not a registry requirement"),
+        ("./wheels/pkg-1.0-py3-none-any.whl", "not a registry requirement"),
+        ("-r other-requirements.txt", "include of another file"),
     ],
 )
 def test_a_lock_naming_a_local_path_is_refused_with_file_and_line(tmp_path: Path, line: str, why: str) -> None:

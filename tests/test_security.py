@@ -27,13 +27,13 @@ from pathlib import Path
 import boto3
 import pytest
 
-from flows.catalog import Catalog
-from flows.cli import main
-from flows.storage import LocalStore, open_store
+from osd_cli.main import main
 from osd_core.compress import compress_checkpoint
 from osd_core.config import CompressionConfig
-from tests.test_pipeline import fleet_runtime  # noqa: F401 - the session's Prefect server and Ray
+from osd_io.catalog import Catalog
+from osd_io.storage import LocalStore, open_store
 from tests.s3_server import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET
+from tests.test_pipeline import fleet_runtime  # noqa: F401 - the session's Prefect server and Ray
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:

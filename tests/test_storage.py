@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.keys import InvalidNameError, check_key, check_prefix, join_key, safe_name
-from flows.storage import (
+from osd_io.keys import InvalidNameError, check_key, check_prefix, join_key, safe_name
+from osd_io.storage import (
     AccessDeniedError,
     AlreadyExistsError,
     CorruptObjectError,

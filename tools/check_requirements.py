@@ -4,7 +4,8 @@
 a lock installs on the machine that made it and fails for every new user, and CI on that machine
 stays green. This check runs before anything is installed (stdlib only), at the start of
 ``.ci/run`` and as a test, over ``requirements*.txt``, ``requirements*.lock`` and the dependency
-lists of ``pyproject.toml``. Pins must be ``name==version`` (with optional hashes).
+lists of ``pyproject.toml``. Each requirement must name a registry package: a name, optional
+extras, version specifiers (the lock pins ``name==version``), a marker and hashes; nothing else.
 
 Usage: ``python3 tools/check_requirements.py [ROOT]``; exit 2 and one line per finding.
 """
@@ -27,6 +28,14 @@ _LOCAL = (
     (re.compile(r"/tmp/"), "a /tmp path"),
     (re.compile(r"^\s*(-e|--editable)\b"), "an editable install (-e PATH)"),
     (re.compile(r"^\s*(-f|--find-links|-i|--index-url|--extra-index-url)\b"), "a local or extra package index"),
+    (re.compile(r"^\s*(-r|-c|--requirement|--constraint)\b"), "an include of another file"),
+)
+# What may stand instead: a name, optional extras, version specifiers, an environment marker and
+# hashes. Anything else (a bare URL, git+https://, a relative wheel path) is not a registry pin.
+_PIN = re.compile(
+    r"^\s*[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9._,\s-]+\])?"
+    r"(\s*(==|!=|<=|>=|~=|<|>)\s*[A-Za-z0-9.*+!_-]+(\s*,\s*(==|!=|<=|>=|~=|<|>)\s*[A-Za-z0-9.*+!_-]+)*)?"
+    r"\s*(;[^#]*)?(\s+--hash=[a-z0-9]+:[0-9a-f]+)*\s*$"
 )
 
 
@@ -48,10 +57,13 @@ def check_lines(file: Path, lines: Iterable[tuple[int, str]]) -> Iterator[Findin
     """Findings among ``(line number, requirement text)`` pairs; comments are ignored."""
     for number, text in lines:
         requirement = text.split(" #", 1)[0] if not text.lstrip().startswith("#") else ""
-        for pattern, why in _LOCAL:
-            if pattern.search(requirement):
-                yield Finding(file, number, text, why)
-                break
+        if not requirement.strip():
+            continue
+        why = next((why for pattern, why in _LOCAL if pattern.search(requirement)), None)
+        if why is None and not _PIN.match(requirement):
+            why = "not a registry requirement"
+        if why is not None:
+            yield Finding(file, number, text, why)
 
 
 def check_requirements_file(path: Path) -> list[Finding]:

@@ -1,6 +1,6 @@
 """The calibration stage: one task per model computes gradients and stores them for workers.
 
-Workers then read only their own layers' entries by reference (``flows.sources.CalibrationFile``),
+Workers then read only their own layers' entries by reference (``osd_io.sources.CalibrationFile``),
 so the gradients of a large model never travel whole through Ray or the flow.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flows.sources import fetch_file, materialize
 from osd_core.outputs import scratch_dir
+from osd_io.sources import fetch_file, materialize
 from workers.compress import store_at
 from workers.jobs import CalibrationJob
 

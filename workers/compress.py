@@ -14,9 +14,6 @@ from functools import lru_cache
 
 import torch
 
-from flows.plan import LayerJob
-from flows.sources import local_copy
-from flows.storage import ObjectStore, open_store
 from osd_core.allocate import layer_config, measure_curve
 from osd_core.artifact import encode_payload
 from osd_core.calibration_data import GradientFile
@@ -24,7 +21,9 @@ from osd_core.compress import calibration_inputs, compress_tensor, resolve_devic
 from osd_core.config import CompressionConfig
 from osd_core.errors import CheckpointError, ConfigError
 from osd_core.layer import CompressedLayer
-from workers.jobs import GroupJob, GroupResult, LayerCurve
+from osd_io.sources import local_copy
+from osd_io.storage import ObjectStore, open_store
+from workers.jobs import GroupJob, GroupResult, LayerCurve, LayerJob
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.artifacts import download_delta
-from flows.sources import fetch_file, materialize
 from osd_core.outputs import scratch_dir
 from osd_core.reconstruct import reconstruct_checkpoint
+from osd_io.artifacts import download_delta
+from osd_io.sources import fetch_file, materialize
 from workers.compress import store_at
 from workers.jobs import EvalJob, EvalRecord
 

@@ -11,8 +11,40 @@ from dataclasses import dataclass
 from typing import Any
 
 from osd_core.allocate import Option
-from flows.plan import LayerGroup, PairLayout
+from osd_core.compress import LayerPlan
 from osd_core.config import CompressionConfig
+from osd_io.sources import PairLayout, TensorRef
+
+
+@dataclass(frozen=True)
+class LayerJob:
+    """One tensor's fate and where its bytes are (``base`` is None for a tensor new in the fine-tune)."""
+
+    plan: LayerPlan
+    finetuned: TensorRef
+    base: TensorRef | None
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """A unit of work: tensors of one shard, compressed by one worker into one payload."""
+
+    index: int
+    shard: str
+    label: str
+    layers: tuple[LayerJob, ...]
+
+    @property
+    def largest_bytes(self) -> int:
+        return max((4 * layer.finetuned.numel for layer in self.layers), default=0)
+
+    @property
+    def payload_name(self) -> str:
+        return f"payload-{self.index:05d}.safetensors"
 
 
 @dataclass(frozen=True)

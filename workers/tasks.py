@@ -25,7 +25,7 @@ from prefect.futures import PrefectFuture
 from prefect.states import State
 from prefect_ray.context import remote_options
 
-from flows.storage import EndpointUnreachableError
+from osd_io.storage import EndpointUnreachableError
 from workers.calibrate import calibrate
 from workers.compress import compress_group, measure_group
 from workers.evaluate import evaluate

@@ -1,10 +1,9 @@
 """The fleet subcommands of ``osd-fleet``: run, run-fleet, catalog, fetch, notify, scan, serve and demo.
 
-Kept apart from ``flows.cli`` so the single-model commands stay as they are; registered there by
-:func:`add_fleet_commands`. Handlers import Prefect, Ray, boto3 and pandas only when they run,
-so ``osd-fleet compress`` never pays for them. Bad input exits 2 with one line; a catalog query
-that no artifact meets exits 1 with the catalog's explanation; a sweep with failed variants
-exits 1 after printing them.
+Registered by ``osd_cli.main`` through :func:`add_fleet_commands`. Handlers import Prefect, Ray,
+boto3 and pandas only when they run, so ``osd-fleet compress`` never pays for them. Bad input
+exits 2 with one line; a catalog query that no artifact meets exits 1 with the catalog's
+explanation; a sweep with failed variants exits 1 after printing them.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from osd_cli.arguments import positive_number
 from osd_core.config import (
     GRADIENT_POINTS,
     METHODS,
@@ -30,8 +30,8 @@ from osd_core.config import (
 from osd_core.outputs import scratch_dir
 
 if TYPE_CHECKING:
-    from flows.catalog import CatalogRow
     from flows.fleet_config import SweepSpec
+    from osd_io.catalog import CatalogRow
 
 EXIT_NONE_MEETS = 1
 EXIT_FAILED = 1
@@ -60,7 +60,7 @@ def add_fleet_commands(commands: Any) -> None:
     run.add_argument("--eval", help="JSONL rows {text, label} to score each delta on, path or s3://")
     run.add_argument("--revision", help="revision recorded in the catalog (default: start of the fine-tune's hash)")
     _add_sweep_arguments(run)
-    run.add_argument("--store", required=True, help="artifact store and catalog: directory or s3://bucket/prefix")
+    _add_store_argument(run)
     _add_runtime_arguments(run)
     run.add_argument("--json", action="store_true", help="print one JSON object per catalog row")
     run.set_defaults(handler=run_run)
@@ -92,7 +92,7 @@ def add_fleet_commands(commands: Any) -> None:
     plot.set_defaults(handler=run_plot)
 
     fetch = commands.add_parser("fetch", help="restore a model from its base and its smallest delta meeting a floor")
-    fetch.add_argument("--store", required=True)
+    _add_store_argument(fetch)
     fetch.add_argument("--model", required=True)
     fetch.add_argument("--min-accuracy", required=True, type=float)
     fetch.add_argument("--metric")
@@ -123,7 +123,7 @@ def add_fleet_commands(commands: Any) -> None:
     scan.add_argument("--retry-failed", action=argparse.BooleanOptionalAction, default=False,
                       help="compress again checkpoints whose catalog rows say failed")
     _add_sweep_arguments(scan, methods="magtruncsvd,truncsvd", budgets="1,2")
-    scan.add_argument("--store", required=True, help="artifact store and catalog: directory or s3://bucket/prefix")
+    _add_store_argument(scan)
     _add_runtime_arguments(scan)
     scan.add_argument("--json", action="store_true", help="print the scan report as one JSON object")
     scan.set_defaults(handler=run_scan_command)
@@ -133,7 +133,7 @@ def add_fleet_commands(commands: Any) -> None:
     )
     serve.add_argument("--prefix", required=True, help="where checkpoints appear: directory or s3://bucket/prefix")
     serve.add_argument("--base", required=True, help="base checkpoint: directory or s3://bucket/prefix")
-    serve.add_argument("--store", required=True, help="artifact store and catalog: directory or s3://bucket/prefix")
+    _add_store_argument(serve)
     serve.add_argument("--cron", default="*/30 * * * *", help="scan schedule (default: every 30 minutes, UTC)")
     serve.add_argument("--calibration", help="JSONL rows {text, label}, path or s3:// (needed by osd)")
     serve.add_argument("--eval", help="JSONL rows {text, label} to score each delta on, path or s3://")
@@ -177,7 +177,8 @@ def _add_sweep_arguments(
     parser.add_argument("--gradient-at", choices=GRADIENT_POINTS, default="finetuned")
     parser.add_argument("--svd", choices=SVD_METHODS, default="auto")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--group-mib", type=float, default=32.0, help="layer-group size (float32 MiB per task)")
+    parser.add_argument("--group-mib", type=positive_number, default=32.0,
+                        help="layer-group size (float32 MiB per task)")
 
 
 def _add_store_argument(parser: argparse.ArgumentParser) -> None:
@@ -249,8 +250,8 @@ def run_run_fleet(args: argparse.Namespace) -> int:
 
 
 def run_smallest(args: argparse.Namespace) -> int:
-    from flows.catalog import Catalog, NoneMeetsError
-    from flows.storage import open_store
+    from osd_io.catalog import Catalog, NoneMeetsError
+    from osd_io.storage import open_store
 
     try:
         row = Catalog(open_store(args.store)).smallest(args.model, args.min_accuracy, metric=args.metric)
@@ -268,8 +269,8 @@ def run_smallest(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from flows.catalog import Catalog
-    from flows.storage import open_store
+    from osd_io.catalog import Catalog
+    from osd_io.storage import open_store
 
     rows = Catalog(open_store(args.store)).rows(args.model)
     if args.json:
@@ -281,10 +282,10 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from flows.catalog import Catalog
     from flows.report import comparable_rows, finetuned_accuracy, is_png, pareto_front, plot_png
-    from flows.storage import open_store
     from osd_core.outputs import write_file
+    from osd_io.catalog import Catalog
+    from osd_io.storage import open_store
 
     rows = comparable_rows(Catalog(open_store(args.store)).rows(), args.model)
     png = plot_png(rows, reference=finetuned_accuracy(rows))
@@ -295,11 +296,11 @@ def run_plot(args: argparse.Namespace) -> int:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from flows.artifacts import download_delta
-    from flows.catalog import Catalog, NoneMeetsError
-    from flows.storage import open_store
     from osd_core.errors import ArtifactError
     from osd_core.reconstruct import check_restore_output, reconstruct_checkpoint
+    from osd_io.artifacts import download_delta
+    from osd_io.catalog import Catalog, NoneMeetsError
+    from osd_io.storage import open_store
 
     check_restore_output(args.out, inputs=(args.base,), overwrite=args.overwrite)
     store = open_store(args.store)
@@ -322,8 +323,8 @@ def run_fetch(args: argparse.Namespace) -> int:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    from flows.demo import run_demo
     from flows.fleet_config import parse_csv
+    from osd_cli.demo import run_demo
 
     return run_demo(
         parse_csv(args.workloads, str, "--workloads"),

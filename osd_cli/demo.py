@@ -14,12 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flows.catalog import Catalog, NoneMeetsError
-from flows.fleet_cli import format_rows
 from flows.fleet_config import FleetConfig, ModelSpec, SweepSpec
 from flows.pipeline import run_fleet
 from flows.runtime import start_runtime, stop_runtime
-from flows.storage import open_store
+from osd_cli.fleet import format_rows
+from osd_io.catalog import Catalog, NoneMeetsError
+from osd_io.storage import open_store
 
 ACCURACY_SLACK = 0.02  # default floor: the fine-tune's own accuracy minus this
 

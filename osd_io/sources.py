@@ -12,10 +12,10 @@ directory (a key prefix on S3) in Hugging Face layout: ``config.json`` plus
 
 from __future__ import annotations
 
-import math
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -29,11 +29,11 @@ from urllib.parse import unquote, urlsplit
 
 import torch
 
-from flows.storage import ObjectStore, open_store
 from osd_core.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, sha256_file
 from osd_core.compress import SIDE_FILE_LIMIT, WEIGHT_SUFFIXES
 from osd_core.errors import CheckpointError
 from osd_core.safetensors_io import DTYPES, MAX_HEADER_BYTES, TensorEntry, parse_header, read_header, read_tensor
+from osd_io.storage import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -339,3 +339,18 @@ def _s3_shards(uri: str, top: list[str]) -> tuple[str, ...]:
     if SINGLE_FILE in top:
         return (SINGLE_FILE,)
     raise CheckpointError(f"{uri}: no {SINGLE_FILE} or {INDEX_FILE} found (osd-fleet reads safetensors only)")
+
+
+@dataclass(frozen=True)
+class PairLayout:
+    """A base and its fine-tune as their headers describe them, with content identities."""
+
+    base: CheckpointLayout
+    finetuned: CheckpointLayout
+    base_identity: dict[str, str]
+    finetuned_identity: dict[str, str]
+
+    @classmethod
+    def read(cls, base_uri: str, finetuned_uri: str) -> PairLayout:
+        base, finetuned = CheckpointLayout.open(base_uri), CheckpointLayout.open(finetuned_uri)
+        return cls(base, finetuned, base.identity(), finetuned.identity())

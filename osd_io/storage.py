@@ -16,7 +16,7 @@ Why this shape:
   so data and checksum appear together). Full reads verify it, so silent corruption or a
   hand-edited object raises :class:`CorruptObjectError` instead of producing a wrong model.
   Objects written by other tools carry no checksum and are returned unverified.
-* Keys are relative and built from safe segments (:mod:`flows.keys`), so nothing can be read
+* Keys are relative and built from safe segments (:mod:`osd_io.keys`), so nothing can be read
   or written outside the store's root directory or ``s3://bucket/prefix``.
 * S3 configuration (endpoint, region, credentials) comes only from the standard AWS
   environment variables and config files (``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``,
@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
-from flows.keys import check_key, check_prefix
 from osd_core.errors import OSDError
+from osd_io.keys import check_key, check_prefix
 
 __all__ = [
     "AccessDeniedError",

@@ -44,9 +44,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows.keys import safe_name
-from flows.storage import AlreadyExistsError, NotFoundError, ObjectStore
 from osd_core.errors import OSDError
+from osd_io.keys import safe_name
+from osd_io.storage import AlreadyExistsError, NotFoundError, ObjectStore
 
 __all__ = [
     "CATALOG_FORMAT",

@@ -7,8 +7,8 @@ Layout of one delta (the same files as a local delta directory)::
                                  manifest.json               written LAST: the commit marker
 
 Commit protocol: workers PUT their payloads and return small records (name, sha256, manifest
-entries). The flow reads each payload back, checks it against the worker's record, writes the
-side files and then the manifest. A delta exists exactly when its manifest does; the catalog
+entries). The flow checks each payload's recorded sha256 (a HEAD, not a download) against the
+worker's record, writes the side files and then the manifest. A delta exists exactly when its manifest does; the catalog
 row is appended only after that, so no row points at a missing object. A crash leaves at most
 payloads without a manifest under a prefix: readers ignore them (they read only what a manifest
 lists), and a rerun, which has the same delta id and so the same prefix, overwrites them.
@@ -20,13 +20,27 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from flows.keys import check_key
-from flows.storage import ObjectStore
-from osd_core.artifact import MANIFEST, SIDE_FILE_NAME, Payload, build_manifest, manifest_bytes, parse_manifest
+from osd_core.artifact import (
+    MANIFEST,
+    SIDE_FILE_NAME,
+    PayloadEntry,
+    build_manifest,
+    manifest_bytes,
+    parse_manifest,
+)
 from osd_core.errors import ArtifactError
-from workers.jobs import GroupResult
+from osd_io.keys import check_key
+from osd_io.storage import ObjectStore
+
+
+class StagedPayload(Protocol):
+    """What a worker reports of a payload it wrote: its name, sha256 and manifest entries."""
+
+    payload: str
+    sha256: str
+    layers: dict[str, dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -42,17 +56,22 @@ class CommittedDelta:
 
 
 def commit_delta(
-    store: ObjectStore, prefix: str, results: Sequence[GroupResult], files: dict[str, bytes], **fields: Any
+    store: ObjectStore, prefix: str, results: Sequence[StagedPayload], files: dict[str, bytes], **fields: Any
 ) -> CommittedDelta:
-    """Verify the staged payloads, write the side files, then the manifest (the commit)."""
+    """Verify the staged payloads, write the side files, then the manifest (the commit).
+
+    A payload is verified by the sha256 the store recorded when the worker wrote it (one HEAD, no
+    download); only an object without a recorded checksum is read back and hashed. Readers verify
+    every byte again when they use the delta.
+    """
     payloads = []
     for result in sorted(results, key=lambda r: r.payload):
-        data = store.get_bytes(_key(prefix, result.payload))
-        if hashlib.sha256(data).hexdigest() != result.sha256:
-            raise ArtifactError(
-                f"{store.uri_for(_key(prefix, result.payload))}: payload differs from what its worker wrote"
-            )
-        payloads.append(Payload(result.payload, data, result.layers))
+        key = _key(prefix, result.payload)
+        info = store.info(key)
+        recorded = info.sha256 if info.sha256 is not None else hashlib.sha256(store.get_bytes(key)).hexdigest()
+        if recorded != result.sha256:
+            raise ArtifactError(f"{store.uri_for(key)}: payload differs from what its worker wrote")
+        payloads.append(PayloadEntry(result.payload, recorded, info.size, result.layers))
     for name in files:
         if not SIDE_FILE_NAME.fullmatch(name):
             raise ArtifactError(f"side file name {name!r} must be a plain file name")

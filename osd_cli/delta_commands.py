@@ -1,28 +1,21 @@
-"""The ``osd-fleet`` command line: parse, build the configuration, call the library.
+"""The single-process commands: ``compress``, ``reconstruct``, ``evaluate`` and ``workloads``.
 
-One error boundary, in :func:`main`: every failure a user can fix (an :class:`OSDError` from any
-layer, or an ``OSError`` such as a full disk or a read-only file system) prints one line naming the
-problem and exits with status 2; no traceback. Anything else is a bug in osd-fleet: one line and
-exit 1, or its traceback with ``--verbose``. SIGTERM (what schedulers and Kubernetes send) unwinds
-like Ctrl-C, so partial outputs and scratch directories are removed on the way out. Progress bars
-go to stderr so ``--json`` output on stdout stays parseable.
+Each parses its flags into the library's configuration and calls ``osd_core`` (or ``workloads``)
+in this process; no Prefect or Ray is imported. Progress bars go to stderr so ``--json`` output
+on stdout stays parseable.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import signal
 import sys
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
-from flows.fleet_cli import add_fleet_commands
-from flows.fleet_config import parse_rank
-from osd_core import __version__
+from osd_cli.arguments import positive_int, rank
 from osd_core.allocate import ALLOCATIONS as MODEL_ALLOCATIONS
 from osd_core.config import (
     ALLOCATIONS,
@@ -36,75 +29,12 @@ from osd_core.config import (
     VALUE_DTYPES,
     CompressionConfig,
 )
-from osd_core.errors import ConfigError, OSDError
+from osd_core.errors import ConfigError
 from osd_core.outputs import scratch_dir
 
-EXIT_BUG = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 128 + signal.SIGTERM
 
-
-class Terminated(BaseException):
-    """Raised in the main thread on SIGTERM so that ``finally`` blocks and context managers run."""
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        return args.handler(args)
-    except (OSDError, OSError) as exc:
-        print(f"osd-fleet: error: {describe(exc)}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("osd-fleet: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Terminated:
-        print("osd-fleet: terminated", file=sys.stderr)
-        return EXIT_TERMINATED
-    except Exception as exc:
-        if args.verbose:
-            raise
-        print(f"osd-fleet: internal error (a bug in osd-fleet): {type(exc).__name__}: {exc}; rerun with "
-              "--verbose for the traceback", file=sys.stderr)
-        return EXIT_BUG
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def describe(exc: BaseException) -> str:
-    """One line for an expected failure; an ``OSError`` names its file and the system's reason."""
-    if isinstance(exc, OSError) and not isinstance(exc, OSDError) and exc.strerror:
-        where = f"{exc.filename}: " if exc.filename is not None else ""
-        return f"{where}{exc.strerror}"
-    return str(exc)
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="osd-fleet", description="Store fine-tunes as compressed weight deltas.")
-    parser.add_argument("--version", action="version", version=f"osd-fleet {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what is being done")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def add_delta_commands(commands: Any) -> None:
+    """Register the single-process subcommands on the ``osd-fleet`` subparsers object."""
     compress = commands.add_parser("compress", help="compress a fine-tune's delta against its base")
     compress.add_argument("--base", required=True, type=Path, help="base checkpoint directory (HF layout)")
     compress.add_argument("--finetuned", required=True, type=Path, help="fine-tuned checkpoint directory")
@@ -142,14 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     add_help=False)
     workloads.add_argument("rest", nargs=argparse.REMAINDER)
     workloads.set_defaults(handler=lambda args: _workloads_main(args.rest))
-    add_fleet_commands(commands)
-    return parser
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = CompressionConfig()
     parser.add_argument("--method", choices=METHODS, default=defaults.method)
-    parser.add_argument("--rank", type=_rank, default=defaults.rank,
+    parser.add_argument("--rank", type=rank, default=defaults.rank,
                         help="budget rank r: 32·r·(n+d) bits per layer; relaxed methods take fractions (0.5)")
     parser.add_argument("--extra-rank", type=int, default=defaults.extra_rank,
                         help="c: k = ⌈r⌉ + c (default: what dense factors of the value width fill, k = 4r for int8)")
@@ -194,8 +122,8 @@ def run_compress(args: argparse.Namespace) -> int:
     check_delta_output(args.out, inputs=inputs, overwrite=args.overwrite)  # before minutes of work
     if config.rank < 1 and args.budget_allocation == "uniform" and config.method != "sparse":
         print(f"osd-fleet: note: below a rank-1 budget a uniform split leaves most layers a rank-{config.k} "
-              "factorisation whether they need it or not; --budget-allocation global kept 94-97% of the "
-              "fine-tune at r = 0.25 where uniform kept 74-84% (README, Results)", file=sys.stderr)
+              "factorisation whether they need it or not; --budget-allocation global spends the same bits where "
+              "they cut the most error (measured against uniform in the README's Results)", file=sys.stderr)
     with scratch_dir("compress") as scratch:
         gradients = None
         if config.needs_gradients:
@@ -245,8 +173,6 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def run_evaluate(args: argparse.Namespace) -> int:
     """Reconstruct into a scratch directory and score it: the same path users serve from."""
     from osd_core.reconstruct import reconstruct_checkpoint
@@ -270,18 +196,7 @@ def _workloads_main(argv: list[str]) -> int:
     return workloads_main(argv)
 
 
-def _rank(text: str) -> int | float:
-    try:
-        return parse_rank(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _advance(bar: tqdm, done: int, total: int) -> None:
     bar.total = total
     bar.n = done
     bar.refresh()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

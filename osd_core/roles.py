@@ -1,0 +1,131 @@
+"""Tensor roles derived from the model itself: the transformers module that owns each tensor.
+
+Any architecture transformers knows (Llama, Qwen, Mistral, Gemma, GPT-2, OPT, Phi, BERT, RoBERTa,
+...) is planned without a hand-written list: ``config.json`` names the model class, which is
+built on the meta device (no weights, no download, milliseconds of work even for 7B shapes), and
+every parameter takes its role from the module that owns it:
+
+* ``nn.Linear`` and GPT-2's ``Conv1D`` (the same map, stored transposed): weights are factorised,
+  biases stored dense;
+* ``nn.Embedding``: an embedding, factorised unless ``compress_embeddings`` is off;
+* anything else of at most two dimensions (norms, scales): stored dense;
+* the task head (a top-level module beside the backbone, such as ``classifier`` or ``score``):
+  stored dense, or whole when the base lacks it; a causal LM's ``lm_head`` is the model's output
+  embedding, a large linear map, and is factorised;
+* registered buffers: copied from the base.
+
+A tensor of three or more dimensions (the experts of a mixture-of-experts block) is left
+``unknown``: stored dense and reported, never dropped. So is a checkpoint tensor the module tree
+lacks. Checkpoints saved from the backbone class alone (no ``model.`` or ``bert.`` prefix) are
+matched with or without the class's ``base_model_prefix``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import CheckpointError
+from .policy import OVERRIDES, ArchitecturePolicy, Role
+
+
+@dataclass(frozen=True)
+class DerivedPolicy:
+    """Roles of every parameter and buffer of one model class, by full name."""
+
+    model_type: str
+    roles: Mapping[str, Role]
+    prefix: str
+
+    def role(self, name: str) -> Role:
+        """The role of checkpoint tensor ``name``, trying it with and without the backbone's prefix."""
+        for candidate in (name, f"{self.prefix}.{name}", name.removeprefix(f"{self.prefix}.")):
+            if candidate in self.roles:
+                return self.roles[candidate]
+        return Role.UNKNOWN
+
+
+def policy_for(config: Mapping[str, Any]) -> ArchitecturePolicy | DerivedPolicy:
+    """The tensor roles of a checkpoint: its architecture's override where one exists, else derived."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        raise CheckpointError("config.json has no 'model_type' string")
+    if model_type in OVERRIDES:
+        return OVERRIDES[model_type]
+    return derive_policy(config)
+
+
+def derive_policy(config: Mapping[str, Any]) -> DerivedPolicy:
+    """The roles of the model ``config`` (a parsed ``config.json``) describes."""
+    return _derive(json.dumps(dict(config), sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=16)
+def _derive(config_json: str) -> DerivedPolicy:
+    import torch
+    import transformers
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    config = json.loads(config_json)
+    model_type = config.get("model_type")
+    try:
+        settings = transformers.AutoConfig.for_model(**config)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"model_type {model_type!r}: transformers cannot build its configuration ({exc})"
+        ) from None
+    model_class = _model_class(transformers, config, settings)
+    try:
+        with torch.device("meta"):
+            model = model_class.from_config(settings) if hasattr(model_class, "from_config") else model_class(settings)
+    except Exception as exc:  # a model class refusing its own configuration: report, do not guess
+        raise CheckpointError(
+            f"model_type {model_type!r}: cannot build {getattr(model_class, '__name__', model_class)} from config.json "
+            f"to derive tensor roles ({type(exc).__name__}: {exc})"
+        ) from None
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    has_backbone = bool(prefix) and hasattr(model, prefix)
+    roles: dict[str, Role] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        top = module_name.split(".", 1)[0]
+        is_head = has_backbone and module_name != "" and top != prefix and module is not output \
+            and not _inside(model, top, output)
+        for param_name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            roles[full] = _role(module, param_name, param.ndim, is_head, nn, Conv1D)
+    for name, _ in model.named_buffers(remove_duplicate=False):
+        roles.setdefault(name, Role.BUFFER)
+    return DerivedPolicy(str(model_type), roles, prefix)
+
+
+def _model_class(transformers: Any, config: Mapping[str, Any], settings: Any) -> Any:
+    """The class ``config.json`` names, else the causal-LM or plain auto class for its model type."""
+    for name in config.get("architectures") or ():
+        found = getattr(transformers, str(name), None)
+        if found is not None:
+            return found
+    causal = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return transformers.AutoModelForCausalLM if settings.model_type in causal else transformers.AutoModel
+
+
+def _inside(model: Any, top: str, output: Any) -> bool:
+    """Whether the output embedding lives under the top-level module ``top`` (a head holding ``lm_head``)."""
+    if output is None:
+        return False
+    child = getattr(model, top, None)
+    return child is not None and any(module is output for module in child.modules())
+
+
+def _role(module: Any, param_name: str, ndim: int, is_head: bool, nn: Any, conv1d: type) -> Role:
+    if is_head:
+        return Role.HEAD
+    if isinstance(module, nn.Linear | conv1d):
+        return Role.LINEAR if param_name == "weight" and ndim == 2 else Role.DENSE
+    if isinstance(module, nn.Embedding) and param_name == "weight":
+        return Role.EMBEDDING
+    return Role.DENSE if ndim <= 2 else Role.UNKNOWN
