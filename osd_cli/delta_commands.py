@@ -1,4 +1,4 @@
-"""The single-process commands: ``compress``, ``reconstruct``, ``evaluate`` and ``workloads``.
+"""The single-process commands: ``compress``, ``reconstruct``, ``export``, ``evaluate`` and ``workloads``.
 
 Each parses its flags into the library's configuration and calls ``osd_core`` (or ``workloads``)
 in this process; no Prefect or Ray is imported. Progress bars go to stderr so ``--json`` output
@@ -16,6 +16,8 @@ from typing import Any
 from tqdm import tqdm
 
 from osd_cli.arguments import positive_int, rank
+from osd_core.adapters import DTYPES as ADAPTER_DTYPES
+from osd_core.adapters import PROFILES as ADAPTER_PROFILES
 from osd_core.allocate import ALLOCATIONS as MODEL_ALLOCATIONS
 from osd_core.config import (
     ALLOCATIONS,
@@ -58,6 +60,22 @@ def add_delta_commands(commands: Any) -> None:
     restore.add_argument("--check-base", action=argparse.BooleanOptionalAction, default=True,
                          help="refuse a base whose weights differ from the one the delta was made against")
     restore.set_defaults(handler=run_reconstruct)
+
+    export = commands.add_parser("export", help="write a delta as a LoRA adapter (PEFT's layout) for its base")
+    export.add_argument("--delta", required=True, type=Path, help="delta directory")
+    export.add_argument("--base", required=True, type=Path, help="the base checkpoint the delta was made against")
+    export.add_argument("--out", required=True, type=Path, help="adapter directory to create")
+    export.add_argument("--format", choices=("peft",), default="peft",
+                        help="adapter_config.json + adapter_model.safetensors, as PeftModel.from_pretrained loads")
+    export.add_argument("--profile", choices=ADAPTER_PROFILES, default="peft",
+                        help="peft: every delta (norms, biases, head via modules_to_save); vllm: LoRA on linear maps "
+                             "only, one rank from vLLM's set, no modules_to_save or biases (the rest is reported)")
+    export.add_argument("--dtype", choices=tuple(ADAPTER_DTYPES), default="float16", help="adapter tensor type")
+    export.add_argument("--overwrite", action="store_true", help="replace an adapter exported before")
+    export.add_argument("--check-base", action=argparse.BooleanOptionalAction, default=True,
+                        help="refuse a base whose weights differ from the one the delta was made against")
+    export.add_argument("--json", action="store_true", help="print one JSON object with the report")
+    export.set_defaults(handler=run_export)
 
     evaluate = commands.add_parser("evaluate", help="accuracy of base + compressed delta on labelled rows")
     evaluate.add_argument("--base", required=True, type=Path)
@@ -170,6 +188,23 @@ def run_reconstruct(args: argparse.Namespace) -> int:
 
     out = reconstruct_checkpoint(args.base, args.delta, args.out, overwrite=args.overwrite, check_base=args.check_base)
     print(out)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from osd_core.adapters import export_adapter
+
+    report = export_adapter(args.base, args.delta, args.out, profile=args.profile, dtype=args.dtype,
+                            overwrite=args.overwrite, check_base=args.check_base)
+    if args.json:
+        print(json.dumps(report.to_dict(), sort_keys=True))
+        return 0
+    print(f"{report.out}: {args.profile} LoRA adapter, r = {report.rank}, {report.lora_modules} LoRA modules, "
+          f"{len(report.saved_modules)} modules saved whole")
+    if report.left_out:
+        print(f"osd-fleet: note: the {args.profile} profile leaves out {len(report.left_out)} tensor deltas, e.g. "
+              f"{', '.join(report.left_out[:3])}; serve the merged checkpoint (reconstruct) where they matter",
+              file=sys.stderr)
     return 0
 
 

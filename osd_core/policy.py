@@ -11,7 +11,8 @@ override declares full-name patterns for its tensors; a tensor that matches none
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
@@ -30,6 +31,9 @@ class ArchitecturePolicy:
 
     model_type: str
     rules: tuple[tuple[str, Role], ...]
+    transposed: frozenset[str] = frozenset()  # weights stored in×out (GPT-2's Conv1D); none here
+    output: str | None = None  # the output embedding's weight, when the head is a language-model head
+    tied: Mapping[str, str] = field(default_factory=dict)  # a tied weight: the weight it shares
 
     def role(self, name: str) -> Role:
         for pattern, role in self.rules:

@@ -47,13 +47,7 @@ def reconstruct_checkpoint(
     artifact = DeltaArtifact.open(delta_dir, expected_sha256=expected_sha256)
     base = Checkpoint.open(base_dir)
     if check_base:
-        recorded = artifact.manifest["base"].get("sha256")
-        actual = base.identity()["sha256"]
-        if recorded != actual:
-            raise CheckpointError(
-                f"{base.path}: base weights (sha256 {actual[:12]}…) differ from the base this delta was "
-                f"made against (sha256 {str(recorded)[:12]}…)"
-            )
+        check_base_matches(base, artifact)
     with output as tmp:
         _copy_side_files(base.path, artifact, tmp)
         _write_weights(base, artifact, tmp)
@@ -61,6 +55,18 @@ def reconstruct_checkpoint(
                   "base": str(base.path.resolve())}
         (tmp / RESTORE_MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
         return output.publish()
+
+
+def check_base_matches(base: Checkpoint, artifact: DeltaArtifact) -> None:
+    """Refuse a base whose weights differ from the one the delta was made against: applying a
+    delta to the wrong base would silently produce a different model."""
+    recorded = artifact.manifest["base"].get("sha256")
+    actual = base.identity()["sha256"]
+    if recorded != actual:
+        raise CheckpointError(
+            f"{base.path}: base weights (sha256 {actual[:12]}…) differ from the base this delta was "
+            f"made against (sha256 {str(recorded)[:12]}…)"
+        )
 
 
 def check_restore_output(out: str | Path, *, inputs: tuple[str | Path, ...] = (), overwrite: bool = False) -> None:

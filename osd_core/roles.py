@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CheckpointError
@@ -39,6 +39,9 @@ class DerivedPolicy:
     model_type: str
     roles: Mapping[str, Role]
     prefix: str
+    transposed: frozenset[str] = frozenset()  # weights of Conv1D modules, stored in×out
+    output: str | None = None  # the output embedding's weight (a causal LM's ``lm_head.weight``)
+    tied: Mapping[str, str] = field(default_factory=dict)  # a tied weight: the weight it shares
 
     def role(self, name: str) -> Role:
         """The role of checkpoint tensor ``name``, trying it with and without the backbone's prefix."""
@@ -91,6 +94,7 @@ def _derive(config_json: str) -> DerivedPolicy:
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     has_backbone = bool(prefix) and hasattr(model, prefix)
     roles: dict[str, Role] = {}
+    transposed, output_name = set(), None
     for module_name, module in model.named_modules(remove_duplicate=False):
         top = module_name.split(".", 1)[0]
         is_head = has_backbone and module_name != "" and top != prefix and module is not output \
@@ -98,9 +102,16 @@ def _derive(config_json: str) -> DerivedPolicy:
         for param_name, param in module.named_parameters(recurse=False):
             full = f"{module_name}.{param_name}" if module_name else param_name
             roles[full] = _role(module, param_name, param.ndim, is_head, nn, Conv1D)
+            if isinstance(module, Conv1D) and param_name == "weight":
+                transposed.add(full)
+            if module is output and param_name == "weight":
+                output_name = full
     for name, _ in model.named_buffers(remove_duplicate=False):
         roles.setdefault(name, Role.BUFFER)
-    return DerivedPolicy(str(model_type), roles, prefix)
+    tied = getattr(model, "_tied_weights_keys", None)
+    if not isinstance(tied, dict) or not getattr(settings, "tie_word_embeddings", False):
+        tied = {}
+    return DerivedPolicy(str(model_type), roles, prefix, frozenset(transposed), output_name, dict(tied))
 
 
 def _model_class(transformers: Any, config: Mapping[str, Any], settings: Any) -> Any:
