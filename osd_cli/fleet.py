@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from osd_cli.arguments import positive_number
+from osd_core.adapters import DTYPES as ADAPTER_DTYPES
+from osd_core.adapters import PROFILES as ADAPTER_PROFILES
 from osd_core.config import (
     GRADIENT_POINTS,
     METHODS,
@@ -91,13 +93,19 @@ def add_fleet_commands(commands: Any) -> None:
     plot.add_argument("--out", required=True, type=Path, help="PNG file to write")
     plot.set_defaults(handler=run_plot)
 
-    fetch = commands.add_parser("fetch", help="restore a model from its base and its smallest delta meeting a floor")
+    fetch = commands.add_parser("fetch", help="restore a model (or its LoRA adapter) from its base and its smallest "
+                                              "delta meeting a floor")
     _add_store_argument(fetch)
     fetch.add_argument("--model", required=True)
     fetch.add_argument("--min-accuracy", required=True, type=float)
     fetch.add_argument("--metric")
     fetch.add_argument("--base", required=True, type=Path, help="local base checkpoint directory")
-    fetch.add_argument("--out", required=True, type=Path, help="Hugging Face checkpoint directory to create")
+    fetch.add_argument("--out", required=True, type=Path, help="checkpoint (or adapter) directory to create")
+    fetch.add_argument("--format", choices=("checkpoint", "peft"), default="checkpoint",
+                       help="checkpoint: base + delta merged (reconstruct); peft: a LoRA adapter (export)")
+    fetch.add_argument("--profile", choices=ADAPTER_PROFILES, default="peft", help="with --format peft, as in export")
+    fetch.add_argument("--dtype", choices=tuple(ADAPTER_DTYPES), default="float16",
+                       help="with --format peft: adapter tensor type")
     fetch.add_argument("--overwrite", action="store_true")
     fetch.set_defaults(handler=run_fetch)
 
@@ -296,13 +304,15 @@ def run_plot(args: argparse.Namespace) -> int:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
+    from osd_core.adapters import check_adapter_output, export_adapter
     from osd_core.errors import ArtifactError
     from osd_core.reconstruct import check_restore_output, reconstruct_checkpoint
     from osd_io.artifacts import download_delta
     from osd_io.catalog import Catalog, NoneMeetsError
     from osd_io.storage import open_store
 
-    check_restore_output(args.out, inputs=(args.base,), overwrite=args.overwrite)
+    check = check_adapter_output if args.format == "peft" else check_restore_output
+    check(args.out, inputs=(args.base,), overwrite=args.overwrite)
     store = open_store(args.store)
     try:
         row = Catalog(store).smallest(args.model, args.min_accuracy, metric=args.metric)
@@ -314,9 +324,16 @@ def run_fetch(args: argparse.Namespace) -> int:
         raise ArtifactError(f"catalog row {row.artifact_id[:12]} of {row.model!r} records no artifact prefix")
     with scratch_dir("fetch") as scratch:
         delta = download_delta(store, prefix, Path(scratch) / "delta", expected_sha256=row.sha256)
-        out = reconstruct_checkpoint(args.base, delta, args.out, overwrite=args.overwrite, expected_sha256=row.sha256)
+        if args.format == "peft":
+            report = export_adapter(args.base, delta, args.out, profile=args.profile, dtype=args.dtype,
+                                    overwrite=args.overwrite)
+            out, what = Path(report.out), f"{args.profile} LoRA adapter (r = {report.rank}) of "
+        else:
+            out = reconstruct_checkpoint(args.base, delta, args.out, overwrite=args.overwrite,
+                                         expected_sha256=row.sha256)
+            what = ""
     print(
-        f"{out}: {row.model} {row.method} r={row.rank} {row.allocation}, accuracy {row.accuracy:.4f}, "
+        f"{out}: {what}{row.model} {row.method} r={row.rank} {row.allocation}, accuracy {row.accuracy:.4f}, "
         f"{row.bytes:,} bytes fetched from {row.uri}"
     )
     return 0

@@ -289,6 +289,19 @@ def test_osd_on_a_real_model_from_s3_through_the_cli(
     assert all(torch.equal(restored[name], reference[name]) for name in reference)
     assert json.loads((tmp_path / "fetched" / "config.json").read_text())["id2label"] == {"0": "rotten", "1": "fresh"}
 
+    fetch_adapter = ["fetch", "--store", store_uri, "--model", "minilm", "--min-accuracy", "0", "--base", str(base),
+                     "--out", str(tmp_path / "adapter"), "--format", "peft", "--dtype", "float32"]
+    assert main(fetch_adapter) == 0 and "peft LoRA adapter" in capsys.readouterr().out
+    import peft
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    batch = AutoTokenizer.from_pretrained(base)(["a moving film", "dull and long"], return_tensors="pt", padding=True)
+    served = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base),
+                                            tmp_path / "adapter").eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "fetched").eval()
+    with torch.no_grad():
+        assert torch.allclose(served(**batch).logits, merged(**batch).logits, atol=1e-4)
+
     code = main(["catalog", "smallest", "--store", store_uri, "--model", "minilm", "--min-accuracy", "1.01"])
     assert code == 1 and "none of 1 artifacts of model 'minilm' meets accuracy >= 1.01" in capsys.readouterr().err
 
