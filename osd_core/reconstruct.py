@@ -2,9 +2,9 @@
 
 The result is an ordinary Hugging Face directory (``config.json`` of the fine-tune plus
 safetensors weights) that ``from_pretrained`` loads like the original fine-tune, and a small
-``osd-fleet-restore.json`` naming the delta it came from: the mark that lets ``--overwrite``
-replace it later (:mod:`osd_core.outputs`). Tensors stream through one at a time; the directory
-appears atomically under its final name.
+``osd-fleet-restore.json`` recording the sha256 of the delta's manifest and the base: the mark
+that lets ``--overwrite`` replace it later (:mod:`osd_core.outputs`). Tensors stream through one
+at a time; the directory appears atomically under its final name.
 """
 
 from __future__ import annotations
