@@ -107,9 +107,9 @@ def notify_checkpoint(
     """
     resource, payload = checkpoint_event(checkpoint, base, model, store)
     if verify:
-        from osd_io.sources import CheckpointLayout
+        from osd_io.sources import open_checkpoint
 
-        CheckpointLayout.open(checkpoint)  # CheckpointError names what is missing or broken
+        open_checkpoint(checkpoint)  # CheckpointError names what is missing or broken
     api_url = api_url or os.environ.get("PREFECT_API_URL")
     if not api_url:
         raise ConfigError("no Prefect API to notify: set PREFECT_API_URL (or pass --prefect-api-url)")

@@ -62,10 +62,11 @@ from flows.report import (
 )
 from flows.runtime import start_runtime
 from osd_core.allocate import Allocation, allocate, best_within
+from osd_core.checkpoint import side_files
 from osd_core.outputs import scratch_dir
 from osd_io.artifacts import CommittedDelta, commit_delta, read_commit
 from osd_io.catalog import Catalog, CatalogRow
-from osd_io.sources import CheckpointLayout, PairLayout, fetch_file, sha256_of, side_files
+from osd_io.sources import PairLayout, fetch_file, open_checkpoint, sha256_of
 from osd_io.storage import ObjectStore, open_store
 from workers.jobs import CalibrationJob, EvalJob, EvalRecord, GroupJob, GroupResult
 from workers.tasks import calibrate_task, compress_group_task, evaluate_task, measure_group_task, submit
@@ -208,7 +209,7 @@ def preflight(models: Sequence[ModelSpec], sweep: SweepSpec, store: str) -> None
     check_calibration(tuple(models), sweep)
     open_store(store)
     for model in models:
-        base, finetuned = CheckpointLayout.open(model.base), CheckpointLayout.open(model.finetuned)
+        base, finetuned = open_checkpoint(model.base), open_checkpoint(model.finetuned)
         pair = PairLayout(base, finetuned, {}, {})
         for variant in sweep.variants():
             plan_model(model.name, pair, variant.config, group_bytes=sweep.group_bytes)

@@ -31,7 +31,7 @@ from osd_core.compress import plan_pair
 from osd_core.config import CompressionConfig
 from osd_core.policy import Role
 from osd_io.keys import join_key
-from osd_io.sources import PairLayout
+from osd_io.sources import PairLayout, tensor_refs
 from workers.jobs import LayerGroup, LayerJob
 
 DEFAULT_GROUP_BYTES = 32 << 20
@@ -66,13 +66,10 @@ def plan_model(
     """Pair the tensors, decide each one's action and budget, and cut the work into layer groups."""
     if group_bytes < 1:
         raise ValueError(f"group_bytes must be >= 1, got {group_bytes}")
-    plans = plan_pair(pair.base.plan_view(), pair.finetuned.plan_view(), config)
+    plans = plan_pair(pair.base, pair.finetuned, config)
+    finetuned, base = tensor_refs(pair.finetuned), tensor_refs(pair.base)
     jobs = [
-        LayerJob(
-            plan,
-            pair.finetuned.tensors[plan.name],
-            pair.base.tensors.get(plan.name) if plan.action != "replace" else None,
-        )
+        LayerJob(plan, finetuned[plan.name], base.get(plan.name) if plan.action != "replace" else None)
         for plan in plans
         if plan.action != "copy"
     ]

@@ -28,10 +28,10 @@ import torch
 from safetensors.torch import save
 
 from . import __version__
-from .checkpoint import sha256_file
 from .errors import ArtifactError, OSDError
 from .layer import CompressedLayer
 from .outputs import OutputDir, check_output, json_field
+from .byte_source import LocalDirectory, sha256_file
 from .safetensors_io import read_header, read_tensor
 
 FORMAT_NAME = "osd-fleet-delta"
@@ -265,13 +265,14 @@ class DeltaArtifact:
     def layers(self) -> Iterator[CompressedLayer]:
         """Yield every layer, reading each payload file once."""
         headers = {}
+        source = LocalDirectory(self.path)
         for name, info in self.manifest["layers"].items():
             tensors = {}
             if info["file"] is not None:
                 if info["file"] not in headers:
-                    headers = {info["file"]: read_header(self.path / info["file"])}
+                    headers = {info["file"]: read_header(source, info["file"])}
                 entries = headers[info["file"]].tensors
-                tensors = {key.partition("::")[2]: read_tensor(entry) for key, entry in entries.items()
+                tensors = {key.partition("::")[2]: read_tensor(source, entry) for key, entry in entries.items()
                            if key.partition("::")[0] == name and "::" in key}
                 if not tensors:
                     raise ArtifactError(f"{self.path / info['file']}: payload lacks the tensors of {name!r}")

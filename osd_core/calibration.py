@@ -94,14 +94,14 @@ def calibration_gradients(
     base, finetuned = Checkpoint.open(base_dir), Checkpoint.open(finetuned_dir)
     names = [p.name for p in plan_pair(base, finetuned, config) if p.action == "factorise"]
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(finetuned.path), use_safetensors=True, dtype=torch.float32
+        str(finetuned.local_dir), use_safetensors=True, dtype=torch.float32
     )
     rows = read_rows(calibration, num_labels=model.config.num_labels)
-    tokenizer = AutoTokenizer.from_pretrained(str(finetuned.path))
+    tokenizer = AutoTokenizer.from_pretrained(str(finetuned.local_dir))
     params = dict(model.named_parameters())
     missing = [name for name in names if name not in params]
     if missing:
-        raise MissingTensorError(f"{finetuned.path}: model has no parameter {missing[0]!r} to take a gradient of")
+        raise MissingTensorError(f"{finetuned.local_dir}: model has no parameter {missing[0]!r} to take a gradient of")
     for name, param in params.items():
         param.requires_grad_(name in names)
     model.eval()  # no dropout: the gradient of the model as it will be served

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import MissingTensorError
+from .byte_source import LocalDirectory
 from .safetensors_io import read_header, read_tensor
 
 ROW_WEIGHT = "row_weight"
@@ -26,13 +27,14 @@ class GradientFile(Mapping[str, torch.Tensor]):
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._entries = read_header(self.path).tensors
+        self._source = LocalDirectory(self.path.parent)
+        self._entries = read_header(self._source, self.path.name).tensors
         self._names = [name for name in self._entries if "::" not in name]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._names:
             raise MissingTensorError(f"{self.path}: no gradient for tensor {name!r}")
-        return read_tensor(self._entries[name])
+        return read_tensor(self._source, self._entries[name])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -42,5 +44,5 @@ class GradientFile(Mapping[str, torch.Tensor]):
 
     def statistics(self, name: str) -> dict[str, torch.Tensor]:
         """Calibration statistics of tensor ``name`` (``row_weight``, ``input_cov``, ``output_fisher``)."""
-        return {stat: read_tensor(self._entries[f"{name}::{stat}"])
+        return {stat: read_tensor(self._source, self._entries[f"{name}::{stat}"])
                 for stat in STATISTICS if f"{name}::{stat}" in self._entries}

@@ -1,8 +1,10 @@
-"""Hugging Face-layout checkpoint directories, read safely and one tensor at a time.
+"""Hugging Face-layout checkpoints, read from any byte source by headers and one tensor at a time.
 
 A checkpoint is ``config.json`` plus either ``model.safetensors`` or shards listed in
-``model.safetensors.index.json``. Pickle files (``*.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``) are
-never opened: unpickling an untrusted file can run arbitrary code.
+``model.safetensors.index.json``, in a local directory or an object-store prefix (any
+:class:`~osd_core.byte_source.ByteSource`). Opening one reads the configuration, the index and
+each shard's header, nothing more; planning needs no weights. Pickle files (``*.bin``, ``*.pt``,
+``*.pth``, ``*.ckpt``) are never opened: unpickling an untrusted file can run arbitrary code.
 """
 
 from __future__ import annotations
@@ -11,52 +13,77 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import torch
 
+from .byte_source import ByteSource, LocalDirectory, read_bytes, where
 from .errors import CheckpointError, MissingTensorError
-from .safetensors_io import Header, TensorEntry, read_header, read_tensor
+from .safetensors_io import TensorEntry, read_header, read_tensor
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".onnx")
+SIDE_FILE_LIMIT = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """The plan-level view of a checkpoint: config and every tensor's location, from headers only."""
+    """A checkpoint as its headers describe it: configuration, every tensor's location, its files.
 
-    path: Path
-    config: dict
+    ``files`` maps every top-level file to its size; ``shards`` names the weight files.
+    """
+
+    source: ByteSource
+    config: dict[str, Any]
     tensors: dict[str, TensorEntry]
-    files: tuple[Path, ...]
+    shards: tuple[str, ...]
+    files: dict[str, int]
 
     @classmethod
-    def open(cls, path: str | Path) -> Checkpoint:
-        path = Path(path)
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: checkpoint directory does not exist")
-        config = _read_json(path / "config.json", "the model configuration")
-        files = _weight_files(path)
+    def open(cls, at: ByteSource | str | Path) -> Checkpoint:
+        """Open a checkpoint from a byte source, or from a local directory's path."""
+        source = at if isinstance(at, ByteSource) else LocalDirectory(at)
+        if isinstance(source, LocalDirectory) and not source.path.is_dir():
+            raise CheckpointError(f"{source.location}: checkpoint directory does not exist")
+        try:
+            files = source.list()
+        except OSError as exc:
+            raise CheckpointError(f"{source.location}: cannot list the checkpoint ({exc.strerror or exc})") from None
+        if "config.json" not in files:
+            raise CheckpointError(f"{where(source, 'config.json')}: missing (the model configuration)")
+        config = _read_json(source, "config.json", "the model configuration")
+        shards = _weight_files(source, files)
         tensors: dict[str, TensorEntry] = {}
-        for file in files:
-            header: Header = read_header(file)
-            for name, entry in header.tensors.items():
+        for shard in shards:
+            for name, entry in read_header(source, shard).tensors.items():
                 if name in tensors:
                     raise CheckpointError(
-                        f"{path}: tensor {name!r} appears in both {tensors[name].file.name} and {file.name}"
+                        f"{source.location}: tensor {name!r} appears in both {tensors[name].file} and {shard}"
                     )
                 tensors[name] = entry
         if not tensors:
-            raise CheckpointError(f"{path}: the checkpoint holds no tensors")
-        return cls(path, config, dict(sorted(tensors.items())), files)
+            raise CheckpointError(f"{source.location}: the checkpoint holds no tensors")
+        return cls(source, config, dict(sorted(tensors.items())), shards, files)
+
+    @property
+    def location(self) -> str:
+        return self.source.location
+
+    @property
+    def local_dir(self) -> Path:
+        """The directory of a local checkpoint (transformers needs one to load a model)."""
+        if not isinstance(self.source, LocalDirectory):
+            raise CheckpointError(f"{self.location}: not a local directory")
+        return self.source.path
 
     @property
     def model_type(self) -> str:
         model_type = self.config.get("model_type")
         if not isinstance(model_type, str):
-            raise CheckpointError(f"{self.path / 'config.json'}: no 'model_type' string")
+            raise CheckpointError(f"{where(self.source, 'config.json')}: no 'model_type' string")
         return model_type
 
     @property
@@ -67,72 +94,91 @@ class Checkpoint:
         try:
             return self.tensors[name]
         except KeyError:
-            raise MissingTensorError(f"{self.path}: tensor {name!r} is missing") from None
+            raise MissingTensorError(f"{self.location}: tensor {name!r} is missing") from None
 
     def load(self, name: str) -> torch.Tensor:
-        """Read one tensor from disk (no other tensor is kept in memory)."""
-        return read_tensor(self.entry(name))
+        """Read one tensor (no other tensor is kept in memory)."""
+        return read_tensor(self.source, self.entry(name))
 
     def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield tensors grouped by shard so each file is opened once."""
+        """Yield tensors in file order, shard by shard, so reads run forward through each file."""
         wanted = list(self.tensors) if names is None else names
-        by_file: dict[Path, list[TensorEntry]] = {}
-        for name in wanted:
-            entry = self.entry(name)
-            by_file.setdefault(entry.file, []).append(entry)
-        for file, entries in by_file.items():
-            with file.open("rb") as handle:
-                for entry in sorted(entries, key=lambda e: e.start):
-                    yield entry.name, read_tensor(entry, handle)
+        for entry in sorted((self.entry(name) for name in wanted), key=lambda e: (e.file, e.start)):
+            yield entry.name, read_tensor(self.source, entry)
+
+    def read_file(self, name: str) -> bytes:
+        """A small top-level file, whole."""
+        try:
+            return read_bytes(self.source, name)
+        except OSError as exc:
+            raise CheckpointError(f"{where(self.source, name)}: cannot read ({exc.strerror or exc})") from None
 
     def identity(self) -> dict[str, str]:
-        """Path and a content hash over the weight files (in name order), for provenance checks."""
+        """Location and a content hash over the shards (in name order), for provenance checks.
+
+        A local copy and its upload hash alike, so reconstruction's base check passes whichever
+        side the delta was made from; object stores give their recorded checksums.
+        """
         digest = hashlib.sha256()
-        for file in sorted(self.files, key=lambda f: f.name):
-            digest.update(file.name.encode())
-            digest.update(sha256_file(file).encode())
-        return {"path": str(self.path.resolve()), "sha256": digest.hexdigest()}
+        for shard in sorted(self.shards):
+            digest.update(shard.encode())
+            digest.update(self.source.sha256(shard).encode())
+        return {"path": self.source.canonical, "sha256": digest.hexdigest()}
+
+    def side_file_names(self) -> list[str]:
+        """Top-level files that may travel with a delta: not weights, not hidden, not large."""
+        return [
+            name
+            for name, size in sorted(self.files.items())
+            if PurePosixPath(name).suffix not in WEIGHT_SUFFIXES
+            and not name.endswith(".index.json")
+            and not name.startswith(".")
+            and size <= SIDE_FILE_LIMIT
+        ]
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def side_files(base: Checkpoint, finetuned: Checkpoint) -> dict[str, bytes]:
+    """Small files of the fine-tune that the base lacks or has different (``config.json`` always)."""
+    files = {}
+    for name in finetuned.side_file_names():
+        data = finetuned.read_file(name)
+        if name == "config.json" or name not in base.files or base.read_file(name) != data:
+            files[name] = data
+    return files
 
 
-def _weight_files(path: Path) -> tuple[Path, ...]:
-    single, index = path / SINGLE_FILE, path / INDEX_FILE
-    if index.exists():
-        weight_map = _read_json(index, "the shard index").get("weight_map")
+def _weight_files(source: ByteSource, files: dict[str, int]) -> tuple[str, ...]:
+    index = where(source, INDEX_FILE)
+    if INDEX_FILE in files:
+        weight_map = _read_json(source, INDEX_FILE, "the shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: expected a non-empty 'weight_map' object")
         names = sorted(set(weight_map.values()))
         for name in names:
-            if "/" in name or "\\" in name or name.startswith("."):
-                raise CheckpointError(f"{index}: shard name {name!r} must be a plain file name in {path}")
-            if not (path / name).is_file():
-                raise CheckpointError(f"{index}: lists shard {name!r}, which is missing from {path}")
-        return tuple(path / name for name in names)
-    if single.is_file():
-        return (single,)
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+                raise CheckpointError(f"{index}: shard name {name!r} must be a plain file name in {source.location}")
+            if name not in files:
+                raise CheckpointError(f"{index}: lists shard {name!r}, which is missing from {source.location}")
+        return tuple(names)
+    if SINGLE_FILE in files:
+        return (SINGLE_FILE,)
+    pickles = sorted(name for name in files if PurePosixPath(name).suffix in PICKLE_SUFFIXES)
     if pickles:
         raise CheckpointError(
-            f"{path}: holds only pickle checkpoints ({', '.join(pickles)}); osd-fleet reads safetensors "
-            "only and never unpickles (convert with `save_pretrained(..., safe_serialization=True)`)"
+            f"{source.location}: holds only pickle checkpoints ({', '.join(pickles)}); osd-fleet reads "
+            "safetensors only and never unpickles (convert with `save_pretrained(..., safe_serialization=True)`)"
         )
-    raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found")
+    raise CheckpointError(f"{source.location}: no {SINGLE_FILE} or {INDEX_FILE} found")
 
 
-def _read_json(path: Path, what: str) -> dict:
+def _read_json(source: ByteSource, name: str, what: str) -> dict:
+    shown = where(source, name)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_bytes(source, name).decode("utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing ({what})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read {what} ({exc})") from None
+        raise CheckpointError(f"{shown}: missing ({what})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{shown}: cannot read {what} ({exc})") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: {what} must be a JSON object")
+        raise CheckpointError(f"{shown}: {what} must be a JSON object")
     return data

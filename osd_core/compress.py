@@ -22,7 +22,7 @@ from .allocate import ALLOCATIONS, Allocation, allocate, best_within, layer_conf
 from .artifact import DeltaWriter
 from .budget import layer_budget
 from .calibration_data import INPUT_COV, OUTPUT_FISHER, ROW_WEIGHT, GradientFile
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, side_files
 from .config import CompressionConfig
 from .errors import CheckpointError, ConfigError, MissingTensorError
 from .factorize import compress_matrix
@@ -33,8 +33,6 @@ from .roles import policy_for
 log = logging.getLogger(__name__)
 
 FACTORISED_ROLES = (Role.LINEAR, Role.EMBEDDING)
-SIDE_FILE_LIMIT = 16 * 1024 * 1024
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".onnx")
 
 
 @dataclass(frozen=True)
@@ -86,14 +84,14 @@ def plan_pair(base: Checkpoint, finetuned: Checkpoint, config: CompressionConfig
     """Pair tensors of ``finetuned`` with ``base`` and decide each one's fate, or refuse."""
     if base.model_type != finetuned.model_type:
         raise CheckpointError(
-            f"architectures differ: base {base.path} is {base.model_type!r}, fine-tune {finetuned.path} is "
+            f"architectures differ: base {base.location} is {base.model_type!r}, fine-tune {finetuned.location} is "
             f"{finetuned.model_type!r}"
         )
     policy = policy_for(finetuned.config)
     missing = sorted(set(base.tensors) - set(finetuned.tensors))
     if missing:
         raise MissingTensorError(
-            f"{finetuned.path}: lacks {len(missing)} tensor(s) of the base, e.g. {missing[0]!r}"
+            f"{finetuned.location}: lacks {len(missing)} tensor(s) of the base, e.g. {missing[0]!r}"
         )
     plans, compressible = [], []
     for name, entry in finetuned.tensors.items():
@@ -101,15 +99,15 @@ def plan_pair(base: Checkpoint, finetuned: Checkpoint, config: CompressionConfig
         if name not in base.tensors:
             if role is not Role.HEAD:
                 raise MissingTensorError(
-                    f"{base.path}: lacks tensor {name!r} of the fine-tune (only task heads may be new)"
+                    f"{base.location}: lacks tensor {name!r} of the fine-tune (only task heads may be new)"
                 )
             plans.append(LayerPlan(name, role, "replace", entry.shape, entry.dtype))
             continue
         base_entry = base.tensors[name]
         if base_entry.shape != entry.shape:
             raise CheckpointError(
-                f"tensor {name!r} has shape {list(entry.shape)} in {finetuned.path} but {list(base_entry.shape)} "
-                f"in {base.path}"
+                f"tensor {name!r} has shape {list(entry.shape)} in {finetuned.location} but {list(base_entry.shape)} "
+                f"in {base.location}"
             )
         if role is Role.BUFFER:
             action = "copy"
@@ -177,7 +175,7 @@ def compress_checkpoint(
             budget = budgets.get(plan.name)
             layer, error = compress_tensor(plan, tuned, base_tensor, layer_config(config, plan.shape, budget),
                                            gradients, budget_bits=budget, device=run_on,
-                                           where=(finetuned.path, base.path))
+                                           where=(finetuned.location, base.location))
             report = LayerReport(
                 plan.name, plan.role.value, layer.kind, plan.shape, layer.k, layer.budget_bits,
                 layer.paper_bits, layer.nbytes, error,
@@ -186,12 +184,12 @@ def compress_checkpoint(
             reports.append(report)
             if on_layer is not None:
                 on_layer(report, position + 1, len(plans))
-        for name, data in _side_files(base.path, finetuned.path).items():
+        for name, data in side_files(base, finetuned).items():
             writer.add_file(name, data)
         unknown = tuple(p.name for p in plans if p.role is Role.UNKNOWN)
         for name in unknown:
             log.warning("%s: tensor %r matches no rule of the %r policy; stored dense",
-                        finetuned.path, name, finetuned.model_type)
+                        finetuned.location, name, finetuned.model_type)
         writer.commit(
             config=config.to_dict(),
             allocation=allocation,
@@ -238,9 +236,9 @@ def _global_allocation(
     factorised = [p for p in plans if p.action == "factorise"]
     for position, plan in enumerate(factorised):
         tuned = finetuned.load(plan.name)
-        _require_finite(finetuned.path, plan.name, tuned)
+        _require_finite(finetuned.location, plan.name, tuned)
         delta = tuned.float() - base.load(plan.name).float()
-        _require_finite(base.path, plan.name, delta)
+        _require_finite(base.location, plan.name, delta)
         grad, rows, cov = calibration_inputs(gradients, plan.name, config)
         curves[plan.name] = measure_curve(plan.name, delta, config, grad, row_weight=rows, input_cov=cov,
                                           device=device)
@@ -352,19 +350,3 @@ def _require_finite(where: object, name: str, tensor: torch.Tensor) -> None:
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise CheckpointError(f"{where}: tensor {name!r} contains {bad} NaN or Inf values")
-
-
-def _side_files(base_dir: Path, finetuned_dir: Path) -> dict[str, bytes]:
-    """Small non-weight files of the fine-tune that the base lacks or has different (config first)."""
-    files = {}
-    for path in sorted(finetuned_dir.iterdir()):
-        if not path.is_file() or path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".index.json"):
-            continue
-        if path.name.startswith(".") or path.stat().st_size > SIDE_FILE_LIMIT:
-            continue
-        data = path.read_bytes()
-        twin = base_dir / path.name
-        if path.name == "config.json" or not twin.is_file() or twin.read_bytes() != data:
-            files[path.name] = data
-    return files
-

@@ -17,8 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from .artifact import DeltaArtifact
-from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
-from .compress import WEIGHT_SUFFIXES
+from .checkpoint import INDEX_FILE, SINGLE_FILE, WEIGHT_SUFFIXES, Checkpoint
 from .errors import ArtifactError, CheckpointError
 from .outputs import OutputDir, check_output, json_field
 from .safetensors_io import DTYPES
@@ -49,10 +48,10 @@ def reconstruct_checkpoint(
     if check_base:
         check_base_matches(base, artifact)
     with output as tmp:
-        _copy_side_files(base.path, artifact, tmp)
+        _copy_side_files(base.local_dir, artifact, tmp)
         _write_weights(base, artifact, tmp)
         marker = {"format": RESTORE_FORMAT, "delta_manifest_sha256": artifact.manifest_sha256,
-                  "base": str(base.path.resolve())}
+                  "base": base.source.canonical}
         (tmp / RESTORE_MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
         return output.publish()
 
@@ -64,7 +63,7 @@ def check_base_matches(base: Checkpoint, artifact: DeltaArtifact) -> None:
     actual = base.identity()["sha256"]
     if recorded != actual:
         raise CheckpointError(
-            f"{base.path}: base weights (sha256 {actual[:12]}…) differ from the base this delta was "
+            f"{base.location}: base weights (sha256 {actual[:12]}…) differ from the base this delta was "
             f"made against (sha256 {str(recorded)[:12]}…)"
         )
 

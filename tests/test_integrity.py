@@ -19,10 +19,17 @@ from safetensors.torch import save_file
 
 from osd_cli.main import main
 from osd_core.artifact import MANIFEST, SEAL, DeltaArtifact, manifest_bytes
+from osd_core.byte_source import LocalDirectory
 from osd_core.compress import compress_checkpoint
 from osd_core.config import CompressionConfig
 from osd_core.errors import ArtifactError, CheckpointError
-from osd_core.safetensors_io import read_header
+from osd_core.safetensors_io import Header
+from osd_core.safetensors_io import read_header as read_source_header
+
+
+def read_header(path: Path) -> Header:
+    """The header of one local safetensors file."""
+    return read_source_header(LocalDirectory(path.parent), path.name)
 
 
 @pytest.fixture

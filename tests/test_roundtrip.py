@@ -113,7 +113,7 @@ def test_sharded_checkpoints_round_trip(real_pair, tmp_path):
     base, tuned = real_pair
     sharded = tmp_path / "sharded"
     AutoModelForSequenceClassification.from_pretrained(str(tuned)).save_pretrained(sharded, max_shard_size="20MB")
-    assert len(Checkpoint.open(sharded).files) > 1
+    assert len(Checkpoint.open(sharded).shards) > 1
     compress_checkpoint(base, sharded, tmp_path / "delta", CompressionConfig(method="truncsvd", rank=2))
     restored = reconstruct_checkpoint(base, tmp_path / "delta", tmp_path / "restored")
     assert torch.allclose(logits(load_model(restored)), logits(load_model(restored)))
