@@ -63,9 +63,10 @@ from flows.report import (
 from flows.runtime import start_runtime
 from osd_core.allocate import Allocation, allocate, best_within
 from osd_core.checkpoint import side_files
+from osd_core.errors import OSDError
 from osd_core.outputs import scratch_dir
 from osd_io.artifacts import CommittedDelta, commit_delta, read_commit
-from osd_io.catalog import Catalog, CatalogRow
+from osd_io.catalog import COMPACT_AFTER_PARTS, Catalog, CatalogRow
 from osd_io.sources import PairLayout, fetch_file, open_checkpoint, sha256_of
 from osd_io.storage import ObjectStore, open_store
 from workers.jobs import CalibrationJob, EvalJob, EvalRecord, GroupJob, GroupResult
@@ -289,8 +290,23 @@ class _Sweep:
                 f"{row.bytes:,}",
             )
         ordered = tuple(rows[t.artifact_id] for t in targets)
+        if todo:
+            self._compact(catalog)
         self._publish(ordered, {t.artifact_id for t in todo}, catalog)
         return ordered
+
+    def _compact(self, catalog: Catalog) -> None:
+        """Merge the catalog's parts once they pass the threshold, so reads stay a few GETs.
+
+        The rows are already written: a failure here warns and changes no outcome.
+        """
+        try:
+            merged = catalog.compact(min_parts=COMPACT_AFTER_PARTS + 1)
+        except (OSDError, OSError) as exc:
+            self.log.warning("catalog compaction failed (%s); the next run tries again", exc)
+            return
+        if merged is not None:
+            self.log.info("catalog compacted into %s", merged)
 
     def _publish(self, rows: Sequence[CatalogRow], new: set[str], catalog: Catalog) -> None:
         """Table and plot artifacts for the Prefect UI; the PNG also goes to the store next to the catalog.

@@ -92,6 +92,10 @@ def add_fleet_commands(commands: Any) -> None:
     plot.add_argument("--model", required=True)
     plot.add_argument("--out", required=True, type=Path, help="PNG file to write")
     plot.set_defaults(handler=run_plot)
+    compact = queries.add_parser("compact", help="merge the catalog's parts into one (runs also do this past "
+                                                 "a threshold); safe beside running appends and reads")
+    _add_store_argument(compact)
+    compact.set_defaults(handler=run_compact)
 
     fetch = commands.add_parser("fetch", help="restore a model (or its LoRA adapter) from its base and its smallest "
                                               "delta meeting a floor")
@@ -273,6 +277,17 @@ def run_smallest(args: argparse.Namespace) -> int:
             f"{row.model} {row.method} r={row.rank} {row.allocation}: accuracy {row.accuracy:.4f}, "
             f"{row.bytes:,} bytes at {row.uri}"
         )
+    return 0
+
+
+def run_compact(args: argparse.Namespace) -> int:
+    from osd_io.catalog import Catalog
+    from osd_io.storage import open_store
+
+    catalog = Catalog(open_store(args.store))
+    before = catalog.part_count()
+    merged = catalog.compact()
+    print(f"merged {before} parts into {merged}" if merged else f"nothing to merge ({before} part(s))")
     return 0
 
 

@@ -13,9 +13,11 @@ Design, and why:
   row per ``artifact_id``: an ``ok`` row beats a ``failed`` one, then the earliest ``created``
   wins. A rerun that appends the same artifact again changes nothing visible; a retry that
   succeeds after a failure replaces the failure.
-* **Compaction is optional and safe.** :meth:`Catalog.compact` writes the merged rows as one new
-  part, then deletes only the parts it read; a reader in between sees duplicates, which the
-  deduplication removes, and parts appended meanwhile are untouched.
+* **Bounded reads.** A read costs one LIST and one GET per part, and every run appends parts.
+  :meth:`Catalog.compact` writes the merged rows as one new part, then deletes only the parts it
+  read; a reader in between sees duplicates, which the deduplication removes, and parts
+  appended meanwhile are untouched. The flow compacts once a catalog holds more than
+  :data:`COMPACT_AFTER_PARTS` parts (``bench/catalog_read.py`` measures why).
 * **One schema.** :class:`CatalogRow` is the only definition; :data:`SCHEMA` (pyarrow) is derived
   from its type hints, so the two cannot drift.
 
@@ -62,6 +64,7 @@ PARTS_PREFIX = "catalog/parts/"
 # Stamped into each part's schema metadata; readers refuse newer formats. 2: rank and extra_rank
 # became float64 (fractional budgets); format-1 parts (int64) are read and cast.
 CATALOG_FORMAT = 2
+COMPACT_AFTER_PARTS = 32
 _FORMAT_KEY = b"osd_fleet.catalog_format"
 STATUSES = ("ok", "failed")
 
@@ -258,16 +261,23 @@ class Catalog:
             except AlreadyExistsError:
                 continue
 
-    def compact(self) -> str | None:
-        """Merge all current parts into one; return the new part's key (None if nothing to do)."""
+    def compact(self, *, min_parts: int = 2) -> str | None:
+        """Merge all current parts into one once there are ``min_parts``; return the new part's key.
+
+        None when there was nothing to do. Safe beside appenders and readers (see the module
+        docstring); two compactions at once leave two merged parts, which reads deduplicate.
+        """
         keys = self._part_keys()
-        if len(keys) < 2:
+        if len(keys) < max(2, min_parts):
             return None
         merged = self._dedup(self._read_parts(keys))
         new_key = self._write_part(pa.Table.from_pandas(merged, schema=SCHEMA, preserve_index=False))
         for key in keys:  # only what we merged: parts appended meanwhile stay
             self.store.delete(key)
         return new_key
+
+    def part_count(self) -> int:
+        return len(self._part_keys())
 
     # -- reading
 

@@ -211,6 +211,16 @@ def test_compact(store: ObjectStore) -> None:
     assert len(catalog.read()) == 4
 
 
+def test_compaction_waits_for_its_threshold(store: ObjectStore) -> None:
+    catalog = Catalog(store)
+    for i in range(3):
+        catalog.append([make_row(artifact_id=f"a{i}")])
+    assert catalog.compact(min_parts=4) is None and catalog.part_count() == 3
+    catalog.append([make_row(artifact_id="a3")])
+    assert catalog.compact(min_parts=4) is not None and catalog.part_count() == 1
+    assert sorted(catalog.read()["artifact_id"]) == ["a0", "a1", "a2", "a3"]
+
+
 def test_newer_format_refused(store: ObjectStore) -> None:
     table = rows_to_table([make_row()]).replace_schema_metadata({b"osd_fleet.catalog_format": b"99"})
     sink = io.BytesIO()
@@ -292,3 +302,16 @@ def test_concurrent_appenders_processes(s3_server: str) -> None:
         p.join(timeout=300)
     assert [p.exitcode for p in procs] == [0] * WRITERS
     _check_all_rows(open_store(uri))
+
+
+def test_catalog_compact_command(store_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from osd_cli.main import main
+
+    catalog = Catalog(open_store(store_uri))
+    for i in range(3):
+        catalog.append([make_row(artifact_id=f"a{i}")])
+    assert main(["catalog", "compact", "--store", store_uri]) == 0
+    assert "merged 3 parts into catalog/parts/" in capsys.readouterr().out
+    assert catalog.part_count() == 1 and len(catalog.read()) == 3
+    assert main(["catalog", "compact", "--store", store_uri]) == 0
+    assert "nothing to merge (1 part(s))" in capsys.readouterr().out

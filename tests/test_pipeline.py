@@ -30,7 +30,7 @@ from osd_core.config import CompressionConfig
 from osd_core.errors import ConfigError
 from osd_core.reconstruct import reconstruct_checkpoint
 from osd_io.artifacts import download_delta
-from osd_io.catalog import PARTS_PREFIX, Catalog, NoneMeetsError
+from osd_io.catalog import COMPACT_AFTER_PARTS, PARTS_PREFIX, Catalog, CatalogRow, NoneMeetsError
 from osd_io.sources import is_s3
 from osd_io.storage import S3Store, open_store
 from tests.conftest import write_bert_like
@@ -186,13 +186,26 @@ def test_only_unreachable_storage_is_retried():
 # --------------------------------------------------------------------------- flows
 
 
+def other_row(artifact_id: str) -> CatalogRow:
+    """A catalog row of some other model, as an earlier run left it."""
+    return CatalogRow(
+        model="other", revision="v1", base="b", method="truncsvd", rank=1, extra_rank=0, allocation="uniform",
+        budget_bits=1, paper_bits=1, bytes=1, metric="accuracy", eval_data="", uri="u", sha256="0" * 64,
+        artifact_id=artifact_id,
+    )
+
+
 def test_flow_deltas_match_the_single_process_path(fleet_runtime, synthetic_pair, store_uri, tmp_path):
     base, tuned = synthetic_pair
     base_uri, tuned_uri = inputs_on(store_uri, base, tuned)
     model = ModelSpec(f"syn-{uuid.uuid4().hex[:6]}", base_uri, tuned_uri)
     sweep = SweepSpec(ranks=(1,), methods=("truncsvd", "magtruncsvd"), group_bytes=SMALL_GROUPS)
+    catalog = Catalog(open_store(store_uri))
+    for number in range(COMPACT_AFTER_PARTS + 1):  # earlier runs' parts: this run compacts them
+        catalog.append([other_row(f"earlier-{number}")])
     rows = main_rows(model, sweep, store_uri)
     assert [(r.method, r.status) for r in rows] == [("truncsvd", "ok"), ("magtruncsvd", "ok")]
+    assert catalog.part_count() == 1 and len(catalog.rows()) == COMPACT_AFTER_PARTS + 3
     for row, variant in zip(rows, sweep.variants(), strict=True):
         delta = fetched(store_uri, row, tmp_path / f"{row.method}-delta")
         manifest = DeltaArtifact.open(delta, expected_sha256=row.sha256).manifest
