@@ -6,7 +6,7 @@ Isolates the across-layer decision: every factorised layer keeps a dense rank-k 
 with int8 values (a per-column scale), and the model's bits (``Σ 32·r·(n+d)``) are spent by the
 allocator of ``osd_core.allocate`` over per-layer error curves measured in one of four ways:
 
-- ``frob``: ``‖E‖²``, what ``--budget-allocation global`` uses;
+- ``frob``: ``‖E‖²``, what ``--allocation global`` uses;
 - ``kfac``: ``Σ_i f_i (E C Eᵀ)_ii``, output-gradient Fisher ``f`` times input second moment ``C``
   (a second-order estimate of the loss increase, comparable across layers);
 - ``fisher``: output Fisher only; ``act``: input second moment only.

@@ -1,6 +1,6 @@
 """What orchestration costs: the fleet flow against the same math in a plain loop, and 1 vs 2 workers.
 
-    python bench/pipeline.py [--workload tiny] [--budgets 1,2,4] [--methods truncsvd,magtruncsvd]
+    python bench/pipeline.py [--workload tiny] [--ranks 1,2,4] [--methods truncsvd,magtruncsvd]
 
 Compresses every variant (methods × budget ranks, uniform allocation, no evaluation) of one
 workload three ways, each into a fresh store:
@@ -28,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from flows.fleet_config import ModelSpec, SweepSpec, parse_csv
+from flows.fleet_config import ModelSpec, SweepSpec
+from osd_cli.arguments import comma_list
 
 CHILD_FLAG = "--child"
 
@@ -36,14 +37,12 @@ CHILD_FLAG = "--child"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", default="tiny")
-    parser.add_argument("--budgets", default="1,2,4")
-    parser.add_argument("--methods", default="truncsvd,magtruncsvd")
+    parser.add_argument("--ranks", type=comma_list(int), default=(1, 2, 4))
+    parser.add_argument("--methods", type=comma_list(str), default=("truncsvd", "magtruncsvd"))
     parser.add_argument(CHILD_FLAG, type=int, help=argparse.SUPPRESS)  # internal: run the flow with this many CPUs
     parser.add_argument("--api-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sweep = SweepSpec(
-        ranks=parse_csv(args.budgets, int, "--budgets"), methods=parse_csv(args.methods, str, "--methods")
-    )
+    sweep = SweepSpec(ranks=args.ranks, methods=args.methods)
     model = workload_model(args.workload)
     if args.child is not None:
         print(json.dumps(flow_timings(model, sweep, args.child, args.api_url)))
@@ -99,10 +98,10 @@ def child(args: argparse.Namespace, cpus: int, api_url: str) -> dict[str, float]
         __file__,
         "--workload",
         args.workload,
-        "--budgets",
-        args.budgets,
+        "--ranks",
+        ",".join(map(str, args.ranks)),
         "--methods",
-        args.methods,
+        ",".join(args.methods),
         CHILD_FLAG,
         str(cpus),
         "--api-url",

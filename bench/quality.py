@@ -39,7 +39,7 @@ from osd_core.reconstruct import reconstruct_checkpoint  # noqa: E402
 # variant names its encoding, so changing the library's defaults never changes what a name measures.
 PAPER = {"value_dtype": "float32", "positions": "index"}  # the paper: float32 values, flat indices
 PACKED = {"value_dtype": "int8", "positions": "auto"}  # the default: int8 values, bitmap or index
-FISHER_DAMAGE = {"method": "osd", "importance": "damage", "metric": "fisher", "allocation": "joint", "refit": 2}
+FISHER_DAMAGE = {"method": "osd", "importance": "damage", "metric": "fisher", "factor_split": "joint", "refit": 2}
 VARIANTS: dict[str, dict] = {
     "truncsvd": {"method": "truncsvd"},
     "sparse": {"method": "sparse", **PAPER},
@@ -48,9 +48,9 @@ VARIANTS: dict[str, dict] = {
     # the default encoding, and the same masks in it
     "magtruncsvd-int8": {"method": "magtruncsvd", **PACKED},
     # The same model total spent across layers by measured error; each layer's k follows its bits.
-    "magtruncsvd-int8-global": {"method": "magtruncsvd", **PACKED, "budget_allocation": "global"},
-    "truncsvd-global": {"method": "truncsvd", "budget_allocation": "global"},
-    "osd-taylor-int8-global": {"method": "osd", "importance": "taylor", **PACKED, "budget_allocation": "global"},
+    "magtruncsvd-int8-global": {"method": "magtruncsvd", **PACKED, "allocation": "global"},
+    "truncsvd-global": {"method": "truncsvd", "allocation": "global"},
+    "osd-taylor-int8-global": {"method": "osd", "importance": "taylor", **PACKED, "allocation": "global"},
     "osd-taylor-int8": {"method": "osd", "importance": "taylor", **PACKED},
     "osd-fisher-damage-joint+refit-int8": {**FISHER_DAMAGE, **PACKED},
     "sparse-int8": {"method": "sparse", **PACKED},
@@ -65,14 +65,14 @@ VARIANTS: dict[str, dict] = {
     # the paper's inferred choices and the importance directions of issue #7
     "osd-taylor-at-rank-k": {"method": "osd", "importance": "taylor", "gradient_at": "reconstruction", **PAPER},
     "osd-path": {"method": "osd", "importance": "taylor", "gradient_at": "path", **PAPER},
-    "osd-path-joint": {"method": "osd", "importance": "taylor", "gradient_at": "path", "allocation": "joint",
+    "osd-path-joint": {"method": "osd", "importance": "taylor", "gradient_at": "path", "factor_split": "joint",
                        **PAPER},
-    "osd-path-joint+refit": {"method": "osd", "importance": "taylor", "gradient_at": "path", "allocation": "joint",
+    "osd-path-joint+refit": {"method": "osd", "importance": "taylor", "gradient_at": "path", "factor_split": "joint",
                              "refit": 2, **PAPER},
     "osd-damage": {"method": "osd", "importance": "damage", **PAPER},
-    "osd-damage-joint": {"method": "osd", "importance": "damage", "allocation": "joint", **PAPER},
+    "osd-damage-joint": {"method": "osd", "importance": "damage", "factor_split": "joint", **PAPER},
     "osd-damage+refit": {"method": "osd", "importance": "damage", "refit": 2, **PAPER},
-    "osd-damage-joint+refit": {"method": "osd", "importance": "damage", "allocation": "joint", "refit": 2,
+    "osd-damage-joint+refit": {"method": "osd", "importance": "damage", "factor_split": "joint", "refit": 2,
                                **PAPER},
     "osd-fisher-damage-joint+refit": {**FISHER_DAMAGE, **PAPER},
     "osd-fisher-damage-joint+refit-fp16": {**FISHER_DAMAGE, "value_dtype": "float16", "positions": "index"},
@@ -82,7 +82,7 @@ VARIANTS: dict[str, dict] = {
     "osd-fisher-whiten-damage-joint+refit": {**FISHER_DAMAGE, "whiten": True, **PAPER},
     "osd-whiten-damage+refit": {"method": "osd", "importance": "damage", "whiten": True, "refit": 2, **PAPER},
     "osd-whiten-damage-joint+refit": {"method": "osd", "importance": "damage", "whiten": True,
-                                      "allocation": "joint", "refit": 2, **PAPER},
+                                      "factor_split": "joint", "refit": 2, **PAPER},
 }
 
 
@@ -236,7 +236,7 @@ def paired_difference(ours: str, theirs: str, resamples: int = 2000, seed: int =
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.fleet_config import parse_rank
+    from osd_cli.arguments import number
     from workloads import build_workload
 
     args = parse_args(argv)
@@ -256,10 +256,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{'accuracy':>8} {'of full':>7} {'s':>6}", flush=True)
         with tempfile.TemporaryDirectory(prefix="osd-quality-") as tmp:
             grads_cache: dict = {}
-            for r in (parse_rank(x) for x in args.ranks.split(",")):
+            for r in (number(x) for x in args.ranks.split(",")):
                 for variant in args.variants.split(","):
                     spec = dict(VARIANTS[variant])
-                    allocation = spec.pop("budget_allocation", "uniform")
+                    allocation = spec.pop("allocation", "uniform")
                     if spec["method"] == "truncsvd" and not float(r).is_integer():
                         continue  # whole singular vectors only, as in fleet sweeps
                     relaxed = spec["method"] not in ("truncsvd", "sparse")

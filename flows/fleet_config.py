@@ -1,6 +1,8 @@
 """What the fleet pipeline runs: models (where their inputs are) and the sweep applied to each.
 
-Validated once at construction so a typo fails before a server starts or a tensor is read. A
+Declared once, as dataclasses whose fields carry their help (``osd_core.settings``): the
+command-line flags, the fleet file's tables and the flows' parameters all take these names, and
+are validated at construction, so a typo fails before a server starts or a tensor is read. A
 fleet file is TOML or JSON::
 
     store = "s3://bucket/fleet"            # or a local directory
@@ -13,6 +15,7 @@ fleet file is TOML or JSON::
     group_mib = 32                         # layer-group size (float32 working set)
     [sweep.compression]                    # any other CompressionConfig field
     extra_rank = 2
+    factor_split = "joint"                 # within a layer (osd); allocations are across layers
 
     [[models]]
     name = "sentiment-v3"
@@ -26,35 +29,34 @@ Relative local paths are resolved against the file's directory.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from flows.plan import DEFAULT_GROUP_BYTES
 from osd_core.allocate import ALLOCATIONS
 from osd_core.config import METHODS, CompressionConfig
 from osd_core.errors import ConfigError
+from osd_core.settings import REQUIRED, from_table, setting
 from osd_io.keys import safe_name
 from osd_io.sources import is_s3
 
-T = TypeVar("T")
+URI_FIELDS = ("base", "finetuned", "calibration", "eval")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """One fine-tuned model: its name in the catalog and the URIs of its inputs."""
 
-    name: str
-    base: str
-    finetuned: str
-    calibration: str | None = None
-    eval: str | None = None
-    revision: str | None = None  # default: the start of the fine-tune's content hash
+    name: str = setting(REQUIRED, "the model's name in the catalog")
+    base: str = setting(REQUIRED, "base checkpoint: directory or s3://bucket/prefix")
+    finetuned: str = setting(REQUIRED, "fine-tuned checkpoint: directory or s3://bucket/prefix")
+    calibration: str | None = setting(None, "JSONL rows {text, label}, path or s3:// (needed by osd)")
+    eval: str | None = setting(None, "JSONL rows {text, label} to score each delta on, path or s3://")
+    revision: str | None = setting(None, "revision recorded in the catalog (default: start of the fine-tune's hash)")
 
     def __post_init__(self) -> None:
         try:
@@ -66,6 +68,9 @@ class ModelSpec:
         for what in ("base", "finetuned"):
             if not isinstance(getattr(self, what), str) or not getattr(self, what):
                 raise ConfigError(f"model {self.name!r}: {what} must be a non-empty URI")
+        for what in ("calibration", "eval", "revision"):
+            if getattr(self, what) is not None and not isinstance(getattr(self, what), str):
+                raise ConfigError(f"model {self.name!r}: {what} must be a string")
 
 
 @dataclass(frozen=True)
@@ -85,11 +90,15 @@ class Variant:
 class SweepSpec:
     """Budgets (ranks) × methods × allocations, on top of one template configuration."""
 
-    ranks: tuple[int | float, ...] = (1, 2, 4)
-    methods: tuple[str, ...] = ("magtruncsvd", "osd", "truncsvd")
-    allocations: tuple[str, ...] = ("uniform",)
-    compression: CompressionConfig = field(default_factory=CompressionConfig)
-    group_bytes: int = DEFAULT_GROUP_BYTES
+    ranks: tuple[int | float, ...] = setting(
+        (1, 2, 4), "budget ranks r: 32·r·(n+d) bits per layer (fractions such as 0.5 for the relaxed methods)")
+    methods: tuple[str, ...] = setting(("magtruncsvd", "osd", "truncsvd"), f"of {', '.join(METHODS)}")
+    allocations: tuple[str, ...] = setting(
+        ("uniform",), "across layers: uniform (the paper's 32·r·(n+d) each) or global (the same total, spent "
+        "where it cuts the most error)")
+    compression: CompressionConfig = setting(
+        CompressionConfig, "every other compression setting, shared by all variants", factory=True)
+    group_mib: float = setting(DEFAULT_GROUP_BYTES / (1 << 20), "layer-group size (float32 MiB per task)")
 
     def __post_init__(self) -> None:
         for name, values, allowed in (
@@ -105,10 +114,15 @@ class SweepSpec:
                                  for r in self.ranks):
             raise ConfigError(f"sweep ranks must be numbers > 0 (fractions for the relaxed methods), "
                               f"got {list(self.ranks)}")
-        if self.group_bytes < 1:
-            raise ConfigError(f"group size must be positive, got {self.group_bytes} bytes")
+        if isinstance(self.group_mib, bool) or not isinstance(self.group_mib, (int, float)) \
+                or not 0 < self.group_mib < math.inf:
+            raise ConfigError(f"group_mib must be a positive number, got {self.group_mib!r}")
         if not self.variants():  # every combination must make a valid configuration, and one must exist
             raise ConfigError(f"sweep has nothing to run: truncsvd needs whole ranks, got {list(self.ranks)}")
+
+    @property
+    def group_bytes(self) -> int:
+        return max(1, int(self.group_mib * (1 << 20)))
 
     @property
     def needs_calibration(self) -> bool:
@@ -131,7 +145,7 @@ class SweepSpec:
                     rank=rank,
                     # truncsvd factors at k = r: c is meaningless there, so it must not change identities
                     extra_rank=0 if method == "truncsvd" else self.compression.extra_rank,
-                    allocation=self.compression.allocation if method == "osd" else "equal",
+                    factor_split=self.compression.factor_split if method == "osd" else "equal",
                 )
                 out.extend(Variant(config, allocation) for allocation in dict.fromkeys(self.allocations))
         return tuple(out)
@@ -141,9 +155,9 @@ class SweepSpec:
 class FleetConfig:
     """The models of a fleet, where their artifacts and catalog go, and the sweep."""
 
-    store: str
-    models: tuple[ModelSpec, ...]
-    sweep: SweepSpec = field(default_factory=SweepSpec)
+    store: str = setting(REQUIRED, "artifact store and catalog: directory or s3://bucket/prefix")
+    models: tuple[ModelSpec, ...] = setting(REQUIRED, "the fine-tuned models, each a [[models]] table")
+    sweep: SweepSpec = setting(SweepSpec, "the variants compressed for every model", factory=True)
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -185,84 +199,26 @@ def load_fleet_config(path: str | Path) -> FleetConfig:
 
 
 def _fleet(data: Any, root: Path) -> FleetConfig:
-    data = _table(data, "the fleet file", {"store", "models", "sweep"})
+    """The fleet file's tables, relative local paths resolved against its directory."""
 
-    def resolve(uri: str) -> str:
-        return uri if is_s3(uri) or "://" in uri else str(root / Path(uri).expanduser())
+    def resolve(uri: Any) -> Any:
+        if not isinstance(uri, str) or is_s3(uri) or "://" in uri:
+            return uri
+        return str(root / Path(uri).expanduser())
 
-    if not isinstance(data.get("store"), str):
-        raise ConfigError("'store' must be a URI string")
-    raw_models = data.get("models")
-    if not isinstance(raw_models, list):
-        raise ConfigError("'models' must be a list of tables")
-    models = []
-    for number, raw in enumerate(raw_models, start=1):
-        fields = _table(raw, f"models[{number}]", {f.name for f in dataclasses.fields(ModelSpec)})
-        if not all(isinstance(v, str) for v in fields.values()):
-            raise ConfigError(f"models[{number}]: every field must be a string")
-        for key in ("base", "finetuned", "calibration", "eval"):
-            if key in fields:
-                fields[key] = resolve(fields[key])
-        try:
-            models.append(ModelSpec(**fields))
-        except TypeError as exc:
-            raise ConfigError(f"models[{number}]: {exc}") from None
-    return FleetConfig(resolve(data["store"]), tuple(models), _sweep(data.get("sweep", {})))
-
-
-def _sweep(data: Any) -> SweepSpec:
-    data = _table(data, "sweep", {"ranks", "methods", "allocations", "group_mib", "compression"})
-    kwargs: dict[str, Any] = {}
-    for key, kind in (("ranks", (int, float)), ("methods", str), ("allocations", str)):
-        if key in data:
-            kwargs[key] = _list(data[key], kind, f"sweep.{key}")
-    if "group_mib" in data:
-        if not isinstance(data["group_mib"], (int, float)) or data["group_mib"] <= 0:
-            raise ConfigError(f"sweep.group_mib must be a positive number, got {data['group_mib']!r}")
-        kwargs["group_bytes"] = int(data["group_mib"] * (1 << 20))
-    if "compression" in data:
-        kwargs["compression"] = CompressionConfig.from_dict(_table(data["compression"], "sweep.compression", None))
-    return SweepSpec(**kwargs)
+    if not isinstance(data, dict):
+        raise ConfigError("the fleet file must be a table/object")
+    data = dict(data)
+    if "store" in data:
+        data["store"] = resolve(data["store"])
+    if isinstance(data.get("models"), list):
+        data["models"] = [
+            {k: resolve(v) if k in URI_FIELDS else v for k, v in m.items()} if isinstance(m, dict) else m
+            for m in data["models"]
+        ]
+    return from_table(FleetConfig, data)
 
 
 def sweep_from_dict(data: Any) -> SweepSpec:
     """A sweep from a mapping shaped like a fleet file's ``[sweep]`` table (deployment parameters, JSON)."""
-    return _sweep(data)
-
-
-def _table(data: Any, where: str, allowed: set[str] | None) -> dict[str, Any]:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where} must be a table/object")
-    unknown = sorted(set(data) - allowed) if allowed is not None else []
-    if unknown:
-        raise ConfigError(f"{where}: unknown field {unknown[0]!r}; expected {', '.join(sorted(allowed or ()))}")
-    return dict(data)
-
-
-def _list(value: Any, kind: type | tuple[type, ...], where: str) -> tuple[Any, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
-        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise ConfigError(f"{where} must be a list of {names}, got {value!r}")
-    return tuple(value)
-
-
-def parse_rank(text: str) -> int | float:
-    """A budget rank as typed: ``2`` stays an integer, ``0.5`` is a fraction."""
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError(f"expected a number, got {text!r}") from None
-
-
-def parse_csv(text: str, convert: Callable[[str], T], what: str) -> tuple[T, ...]:
-    """``"1,2,4"`` → ``(1, 2, 4)`` for command-line lists, naming ``what`` on a bad item."""
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise ConfigError(f"{what} must list at least one value")
-    try:
-        return tuple(convert(item) for item in items)
-    except ValueError:
-        raise ConfigError(f"{what} must be a comma-separated list, got {text!r}") from None
+    return from_table(SweepSpec, data, "sweep")

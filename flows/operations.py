@@ -241,19 +241,19 @@ def missing_variants(model: ModelSpec, sweep: SweepSpec, seen: frozenset[str]) -
     return sum(t.artifact_id not in seen for t in targets)
 
 
-@flow(name="scan-checkpoints", flow_run_name="scan {prefix_uri}", validate_parameters=False, persist_result=False)
+@flow(name="scan-checkpoints", flow_run_name="scan {prefix_uri}", validate_parameters=True, persist_result=False)
 def scan_checkpoints(
     prefix_uri: str,
     base_uri: str,
     store_uri: str,
-    sweep: dict[str, Any] | None = None,
+    sweep: dict[str, Any] | SweepSpec | None = None,
     calibration: str | None = None,
     eval: str | None = None,
     retry_failed: bool = False,
 ) -> ScanReport:
     """Compress, evaluate and catalogue every checkpoint under ``prefix_uri`` not yet in the catalog.
 
-    ``sweep`` is a ``[sweep]`` table of a fleet file as a mapping (or a ``SweepSpec``; default
+    ``sweep`` is a ``[sweep]`` table of a fleet file as a mapping, or a ``SweepSpec`` (default
     :data:`DEFAULT_SWEEP`); ``calibration`` and ``eval`` are shared by every checkpoint. A
     checkpoint counts as done when each variant has a catalog row; failed rows count too unless
     ``retry_failed``, so a checkpoint that fails deterministically is not recompressed every tick.
@@ -333,7 +333,7 @@ def run_scan(
 @flow(
     name="compress-checkpoint",
     flow_run_name="compress-checkpoint {model}",
-    validate_parameters=False,
+    validate_parameters=True,
     persist_result=False,
 )
 def compress_checkpoint(
@@ -341,7 +341,7 @@ def compress_checkpoint(
     checkpoint: str,
     base: str,
     store: str | None = None,
-    sweep: dict[str, Any] | None = None,
+    sweep: dict[str, Any] | SweepSpec | None = None,
     calibration: str | None = None,
     eval: str | None = None,
 ) -> list[dict[str, Any]]:

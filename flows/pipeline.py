@@ -163,7 +163,7 @@ def commit_task(
     name="compress-model",
     flow_run_name="compress {model.name}",
     task_runner=RayTaskRunner(),
-    validate_parameters=False,
+    validate_parameters=True,
     persist_result=False,
 )
 def compress_model(model: ModelSpec, sweep: SweepSpec, store: str) -> tuple[CatalogRow, ...]:
@@ -176,7 +176,7 @@ def compress_model(model: ModelSpec, sweep: SweepSpec, store: str) -> tuple[Cata
     name="compress-fleet",
     flow_run_name="fleet: {fleet.label}",
     task_runner=RayTaskRunner(),
-    validate_parameters=False,
+    validate_parameters=True,
     persist_result=False,
 )
 def compress_fleet(fleet: FleetConfig) -> tuple[CatalogRow, ...]:

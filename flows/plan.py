@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from osd_core import __version__
-from osd_core.artifact import FORMAT_VERSION
+from osd_core.manifest import FORMAT_VERSION
 from osd_core.budget import layer_budget
 from osd_core.compress import plan_pair
 from osd_core.config import CompressionConfig

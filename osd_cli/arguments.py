@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
-from flows.fleet_config import parse_rank
+T = TypeVar("T")
 
 
 def positive_int(text: str) -> int:
@@ -30,9 +32,28 @@ def positive_number(text: str) -> float:
     return value
 
 
-def rank(text: str) -> int | float:
-    """A budget rank: ``2`` stays an integer, ``0.5`` is a fraction."""
+def number(text: str) -> int | float:
+    """A number as typed, such as a budget rank: ``2`` stays an integer, ``0.5`` is a fraction."""
     try:
-        return parse_rank(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def comma_list(item: Callable[[str], T]) -> Callable[[str], tuple[T, ...]]:
+    """An argparse type: ``"1,2,4"`` → ``(1, 2, 4)``, each item converted by ``item``."""
+
+    def convert(text: str) -> tuple[T, ...]:
+        items = [part.strip() for part in text.split(",") if part.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list of at least one value")
+        try:
+            return tuple(item(part) for part in items)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+
+    convert.__name__ = f"list of {getattr(item, '__name__', 'values')}"
+    return convert

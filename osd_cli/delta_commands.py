@@ -15,22 +15,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from osd_cli.arguments import positive_int, rank
+from osd_cli.arguments import positive_int
+from osd_cli.flags import add_settings, read_settings
 from osd_core.adapters import DTYPES as ADAPTER_DTYPES
 from osd_core.adapters import PROFILES as ADAPTER_PROFILES
-from osd_core.allocate import ALLOCATIONS as MODEL_ALLOCATIONS
-from osd_core.config import (
-    ALLOCATIONS,
-    GRADIENT_POINTS,
-    IMPORTANCES,
-    METHODS,
-    METRICS,
-    POSITIONS,
-    SIGMA_PLACEMENTS,
-    SVD_METHODS,
-    VALUE_DTYPES,
-    CompressionConfig,
-)
+from osd_core.allocate import ALLOCATIONS
+from osd_core.config import CompressionConfig
 from osd_core.errors import ConfigError
 from osd_core.outputs import scratch_dir
 
@@ -41,8 +31,8 @@ def add_delta_commands(commands: Any) -> None:
     compress.add_argument("--base", required=True, type=Path, help="base checkpoint directory (HF layout)")
     compress.add_argument("--finetuned", required=True, type=Path, help="fine-tuned checkpoint directory")
     compress.add_argument("--out", required=True, type=Path, help="delta directory to create")
-    add_config_arguments(compress)
-    compress.add_argument("--budget-allocation", choices=MODEL_ALLOCATIONS, default="uniform",
+    add_settings(compress, CompressionConfig)
+    compress.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
                           help="across layers: the paper's 32·r·(n+d) each, or the same total spent globally "
                                "where it cuts the most error (each layer's k follows its bits)")
     compress.add_argument("--calibration", type=Path, help="JSONL rows {text, label} (needed by osd)")
@@ -92,55 +82,18 @@ def add_delta_commands(commands: Any) -> None:
     workloads.set_defaults(handler=lambda args: _workloads_main(args.rest))
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = CompressionConfig()
-    parser.add_argument("--method", choices=METHODS, default=defaults.method)
-    parser.add_argument("--rank", type=rank, default=defaults.rank,
-                        help="budget rank r: 32·r·(n+d) bits per layer; relaxed methods take fractions (0.5)")
-    parser.add_argument("--extra-rank", type=int, default=defaults.extra_rank,
-                        help="c: k = ⌈r⌉ + c (default: what dense factors of the value width fill, k = 4r for int8)")
-    parser.add_argument("--sigma", choices=SIGMA_PLACEMENTS, default=defaults.sigma, help="where singular values go")
-    parser.add_argument("--allocation", choices=ALLOCATIONS, default=defaults.allocation,
-                        help="within a layer: equal density in both factors, or joint ranking (osd)")
-    parser.add_argument("--gradient-at", choices=GRADIENT_POINTS, default=defaults.gradient_at)
-    parser.add_argument("--importance", choices=IMPORTANCES, default=defaults.importance,
-                        help="osd entry score: the paper's Taylor score or the output-error damage")
-    parser.add_argument("--metric", choices=METRICS, default=defaults.metric,
-                        help="output-error metric from calibration (damage, whitening, refit)")
-    parser.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=defaults.whiten)
-    parser.add_argument("--refit", type=int, default=defaults.refit, help="least-squares refit rounds")
-    parser.add_argument("--value-dtype", choices=tuple(VALUE_DTYPES), default=defaults.value_dtype,
-                        help="stored value width (the paper counts float32; int8 adds a scale per column)")
-    parser.add_argument("--positions", choices=POSITIONS, default=defaults.positions,
-                        help="how kept entries are located: flat index (the paper), bitmap, or auto per layer")
-    parser.add_argument("--svd", choices=SVD_METHODS, default=defaults.svd)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--compress-embeddings", action=argparse.BooleanOptionalAction,
-                        default=defaults.compress_embeddings)
-
-
-def config_from_args(args: argparse.Namespace) -> CompressionConfig:
-    return CompressionConfig(
-        method=args.method, rank=args.rank, extra_rank=args.extra_rank, sigma=args.sigma,
-        allocation=args.allocation, gradient_at=args.gradient_at, svd=args.svd, seed=args.seed,
-        importance=args.importance, metric=args.metric, whiten=args.whiten, refit=args.refit,
-        value_dtype=args.value_dtype, positions=args.positions,
-        compress_embeddings=args.compress_embeddings,
-    )
-
-
 def run_compress(args: argparse.Namespace) -> int:
     from osd_core.artifact import check_delta_output
     from osd_core.compress import compress_checkpoint
 
-    config = config_from_args(args)
+    config = CompressionConfig(**read_settings(args, CompressionConfig))
     if config.needs_gradients and args.calibration is None:
         raise ConfigError("method 'osd' needs --calibration FILE (JSONL rows with text and label)")
     inputs = [args.base, args.finetuned, *([args.calibration] if args.calibration else [])]
     check_delta_output(args.out, inputs=inputs, overwrite=args.overwrite)  # before minutes of work
-    if config.rank < 1 and args.budget_allocation == "uniform" and config.method != "sparse":
+    if config.rank < 1 and args.allocation == "uniform" and config.method != "sparse":
         print(f"osd-fleet: note: below a rank-1 budget a uniform split leaves most layers a rank-{config.k} "
-              "factorisation whether they need it or not; --budget-allocation global spends the same bits where "
+              "factorisation whether they need it or not; --allocation global spends the same bits where "
               "they cut the most error (measured against uniform in the README's Results)", file=sys.stderr)
     with scratch_dir("compress") as scratch:
         gradients = None
@@ -156,15 +109,15 @@ def run_compress(args: argparse.Namespace) -> int:
             gradients = GradientFile(path)
         with tqdm(desc=f"compress {args.finetuned.name}", unit="tensor", file=sys.stderr, disable=None) as bar, \
                 tqdm(desc="measure layers for the global allocation", unit="tensor", file=sys.stderr,
-                     disable=None if args.budget_allocation == "global" else True) as measuring:
+                     disable=None if args.allocation == "global" else True) as measuring:
             report = compress_checkpoint(
                 args.base, args.finetuned, args.out, config, gradients=gradients, device=args.device,
-                overwrite=args.overwrite, allocation=args.budget_allocation,
+                overwrite=args.overwrite, allocation=args.allocation,
                 on_layer=lambda layer, done, total: _advance(bar, done, total),
                 on_measured=lambda name, done, total: _advance(measuring, done, total),
             )
     summary = {
-        "method": config.method, "r": config.rank, "c": config.c, "budget_allocation": args.budget_allocation,
+        "method": config.method, "r": config.rank, "c": config.c, "allocation": args.allocation,
         "budget_bits": report.budget_bits, "paper_bits": report.paper_bits,
         "bytes_written": report.bytes_written, "payload_bytes": report.payload_bytes,
         "dense_bytes_fp16": report.dense_bytes_fp16, "seconds": round(report.seconds, 3),
@@ -176,7 +129,7 @@ def run_compress(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     else:
-        print(f"{report.out_dir}: {config.method} r={config.rank} k={config.k} {args.budget_allocation}: "
+        print(f"{report.out_dir}: {config.method} r={config.rank} k={config.k} {args.allocation}: "
               f"{report.paper_bits:,} of "
               f"{report.budget_bits:,} budget bits; {report.bytes_written:,} bytes on disk "
               f"(dense fp16 delta: {report.dense_bytes_fp16:,}); {report.seconds:.1f} s")

@@ -17,24 +17,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from osd_cli.arguments import positive_number
+from flows.fleet_config import ModelSpec, SweepSpec
+from osd_cli.arguments import comma_list
+from osd_cli.flags import add_settings, read_settings
 from osd_core.adapters import DTYPES as ADAPTER_DTYPES
 from osd_core.adapters import PROFILES as ADAPTER_PROFILES
-from osd_core.config import (
-    GRADIENT_POINTS,
-    METHODS,
-    POSITIONS,
-    SIGMA_PLACEMENTS,
-    SVD_METHODS,
-    VALUE_DTYPES,
-    CompressionConfig,
-)
+from osd_core.config import CompressionConfig
 from osd_core.outputs import scratch_dir
+from osd_core.settings import to_table
 
 if TYPE_CHECKING:
-    from flows.fleet_config import SweepSpec
     from osd_io.catalog import CatalogRow
 
+SWEEP_AXES = ("method", "rank")  # swept: SweepSpec's methods and ranks
 EXIT_NONE_MEETS = 1
 EXIT_FAILED = 1
 DEMO_STORE = Path(".osd-fleet") / "store"
@@ -55,12 +50,7 @@ TABLE_COLUMNS = (
 def add_fleet_commands(commands: Any) -> None:
     """Register the fleet subcommands on the ``osd-fleet`` subparsers object."""
     run = commands.add_parser("run", help="compress one model at several budgets and methods, evaluate, catalogue")
-    run.add_argument("--model", required=True, help="the model's name in the catalog")
-    run.add_argument("--base", required=True, help="base checkpoint: directory or s3://bucket/prefix")
-    run.add_argument("--finetuned", required=True, help="fine-tuned checkpoint: directory or s3://bucket/prefix")
-    run.add_argument("--calibration", help="JSONL rows {text, label}, path or s3:// (needed by osd)")
-    run.add_argument("--eval", help="JSONL rows {text, label} to score each delta on, path or s3://")
-    run.add_argument("--revision", help="revision recorded in the catalog (default: start of the fine-tune's hash)")
+    add_settings(run, ModelSpec, flags={"name": "model"})
     _add_sweep_arguments(run)
     _add_store_argument(run)
     _add_runtime_arguments(run)
@@ -129,12 +119,10 @@ def add_fleet_commands(commands: Any) -> None:
 
     scan = commands.add_parser("scan", help="compress every checkpoint under a prefix that the catalog lacks")
     scan.add_argument("--prefix", required=True, help="where checkpoints appear: directory or s3://bucket/prefix")
-    scan.add_argument("--base", required=True, help="base checkpoint of them all: directory or s3://bucket/prefix")
-    scan.add_argument("--calibration", help="JSONL rows {text, label}, path or s3:// (needed by osd)")
-    scan.add_argument("--eval", help="JSONL rows {text, label} to score each delta on, path or s3://")
+    add_settings(scan, ModelSpec, skip=("name", "finetuned", "revision"))
     scan.add_argument("--retry-failed", action=argparse.BooleanOptionalAction, default=False,
                       help="compress again checkpoints whose catalog rows say failed")
-    _add_sweep_arguments(scan, methods="magtruncsvd,truncsvd", budgets="1,2")
+    _add_sweep_arguments(scan, methods=("magtruncsvd", "truncsvd"), ranks=(1, 2))
     _add_store_argument(scan)
     _add_runtime_arguments(scan)
     scan.add_argument("--json", action="store_true", help="print the scan report as one JSON object")
@@ -144,19 +132,18 @@ def add_fleet_commands(commands: Any) -> None:
         "serve", help="serve the scan (cron) and compress-on-event deployments from this process"
     )
     serve.add_argument("--prefix", required=True, help="where checkpoints appear: directory or s3://bucket/prefix")
-    serve.add_argument("--base", required=True, help="base checkpoint: directory or s3://bucket/prefix")
+    add_settings(serve, ModelSpec, skip=("name", "finetuned", "revision"))
     _add_store_argument(serve)
     serve.add_argument("--cron", default="*/30 * * * *", help="scan schedule (default: every 30 minutes, UTC)")
-    serve.add_argument("--calibration", help="JSONL rows {text, label}, path or s3:// (needed by osd)")
-    serve.add_argument("--eval", help="JSONL rows {text, label} to score each delta on, path or s3://")
-    _add_sweep_arguments(serve, methods="magtruncsvd,truncsvd", budgets="1,2")
+    _add_sweep_arguments(serve, methods=("magtruncsvd", "truncsvd"), ranks=(1, 2))
     _add_runtime_arguments(serve)
     serve.set_defaults(handler=run_serve)
 
     demo = commands.add_parser("demo", help="the whole pipeline on packaged workloads, on this machine, no setup")
-    demo.add_argument("--workloads", default="tiny", help="comma-separated workload names (default: tiny)")
+    demo.add_argument("--workloads", type=comma_list(str), default=("tiny",),
+                      help="comma-separated workload names (default: tiny)")
     # 10 variants (truncsvd runs at whole ranks only): a few minutes here
-    _add_sweep_arguments(demo, budgets="0.5,1", allocations="uniform,global")
+    _add_sweep_arguments(demo, ranks=(0.5, 1), allocations=("uniform", "global"))
     demo.add_argument("--store", default=str(DEMO_STORE), help=f"artifact store (default: {DEMO_STORE})")
     demo.add_argument(
         "--min-accuracy",
@@ -167,30 +154,11 @@ def add_fleet_commands(commands: Any) -> None:
     demo.set_defaults(handler=run_demo_command)
 
 
-def _add_sweep_arguments(
-    parser: argparse.ArgumentParser,
-    *,
-    budgets: str = "1,2,4",
-    allocations: str = "uniform",
-    methods: str = "magtruncsvd,osd,truncsvd",
-) -> None:
-    parser.add_argument("--budgets", default=budgets, help="budget ranks r, comma-separated: 32·r·(n+d) bits per layer "
-                        "(fractions such as 0.5 for the relaxed methods)")
-    parser.add_argument("--methods", default=methods, help=f"comma-separated, of {', '.join(METHODS)}")
-    parser.add_argument("--allocations", default=allocations, help="comma-separated, of uniform, global")
-    defaults = CompressionConfig()
-    parser.add_argument("--extra-rank", type=int, default=defaults.extra_rank,
-                        help="c: relaxed methods factor at k = r + c (default: 3r for int8 values, r for 16-bit)")
-    parser.add_argument("--value-dtype", choices=tuple(VALUE_DTYPES), default=defaults.value_dtype,
-                        help="value width of the relaxed methods (truncsvd, which defines the budget, stays float32)")
-    parser.add_argument("--positions", choices=POSITIONS, default=defaults.positions,
-                        help="how the relaxed methods locate kept entries: index (the paper), bitmap, or auto")
-    parser.add_argument("--sigma", choices=SIGMA_PLACEMENTS, default="sqrt")
-    parser.add_argument("--gradient-at", choices=GRADIENT_POINTS, default="finetuned")
-    parser.add_argument("--svd", choices=SVD_METHODS, default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--group-mib", type=positive_number, default=32.0,
-                        help="layer-group size (float32 MiB per task)")
+def _add_sweep_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> None:
+    """The sweep's axes (``--ranks``, ``--methods``, ``--allocations``, ``--group-mib``) and every other
+    compression setting as the template of its variants: the fields of ``SweepSpec`` and ``CompressionConfig``."""
+    add_settings(parser, SweepSpec, defaults=defaults)
+    add_settings(parser, CompressionConfig, skip=SWEEP_AXES)
 
 
 def _add_store_argument(parser: argparse.ArgumentParser) -> None:
@@ -229,26 +197,14 @@ def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def sweep_from_args(args: argparse.Namespace) -> SweepSpec:
-    from flows.fleet_config import SweepSpec, parse_csv, parse_rank
-
-    template = CompressionConfig(
-        extra_rank=args.extra_rank, sigma=args.sigma, gradient_at=args.gradient_at, svd=args.svd, seed=args.seed,
-        value_dtype=args.value_dtype, positions=args.positions,
-    )
-    return SweepSpec(
-        ranks=parse_csv(args.budgets, parse_rank, "--budgets"),
-        methods=parse_csv(args.methods, str, "--methods"),
-        allocations=parse_csv(args.allocations, str, "--allocations"),
-        compression=template,
-        group_bytes=max(1, int(args.group_mib * (1 << 20))),
-    )
+    template = CompressionConfig(**read_settings(args, CompressionConfig, skip=SWEEP_AXES))
+    return SweepSpec(**read_settings(args, SweepSpec, skip=("compression",)), compression=template)
 
 
 def run_run(args: argparse.Namespace) -> int:
-    from flows.fleet_config import ModelSpec
     from flows.pipeline import run_model
 
-    model = ModelSpec(args.model, args.base, args.finetuned, args.calibration, args.eval, args.revision)
+    model = ModelSpec(**read_settings(args, ModelSpec))
     rows = run_model(model, sweep_from_args(args), args.store, **runtime_options(args))
     return _report(rows, args.json)
 
@@ -355,11 +311,10 @@ def run_fetch(args: argparse.Namespace) -> int:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    from flows.fleet_config import parse_csv
     from osd_cli.demo import run_demo
 
     return run_demo(
-        parse_csv(args.workloads, str, "--workloads"),
+        args.workloads,
         args.store,
         sweep_from_args(args),
         min_accuracy=args.min_accuracy,
@@ -401,21 +356,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     serve_deployments(
         prefix_uri=args.prefix, base_uri=args.base, store_uri=args.store, cron=args.cron,
-        sweep=sweep_table(sweep_from_args(args)), calibration=args.calibration, eval=args.eval,
+        sweep=to_table(sweep_from_args(args)), calibration=args.calibration, eval=args.eval,
         runtime=runtime_options(args),
     )
     return 0
-
-
-def sweep_table(sweep: SweepSpec) -> dict[str, Any]:
-    """A sweep as the ``[sweep]`` table of a fleet file: the JSON form deployments take as a parameter."""
-    return {
-        "ranks": list(sweep.ranks),
-        "methods": list(sweep.methods),
-        "allocations": list(sweep.allocations),
-        "group_mib": sweep.group_bytes / (1 << 20),
-        "compression": sweep.compression.to_dict(),
-    }
 
 
 def row_json(row: CatalogRow) -> dict[str, Any]:

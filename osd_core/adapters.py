@@ -159,7 +159,7 @@ class _Plan:
 
 def _plan(artifact: DeltaArtifact, base: Checkpoint, profile: str) -> _Plan:
     """Decide, module by module, what the adapter carries: LoRA factors, biases or whole modules."""
-    info = artifact.manifest["layers"]
+    info = artifact.manifest.layers
     policy = policy_for(base.config)
     by_module: dict[str, dict[str, CompressedLayer]] = {}
     for layer in artifact.layers():
@@ -169,7 +169,7 @@ def _plan(artifact: DeltaArtifact, base: Checkpoint, profile: str) -> _Plan:
     shares = {source: target for target, source in policy.tied.items() if target not in info}
     for module, params in sorted(by_module.items()):
         weight = params.get("weight")
-        role = info[weight.name].get("role") if weight is not None else None
+        role = info[weight.name].role if weight is not None else None
         if weight is not None and weight.kind == "factored" and _as_lora(role, weight.name, policy.output, profile):
             u, v = weight.factors()
             if role == "embedding":

@@ -1,4 +1,4 @@
-"""Compression parameters, validated once at construction."""
+"""Compression parameters: declared once, with the help users read, and validated at construction."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from typing import Any
 
 from .budget import VALUE_BITS, Encoding
 from .errors import ConfigError
+from .settings import setting
 
 METHODS = ("truncsvd", "magtruncsvd", "sparse", "osd")
 SIGMA_PLACEMENTS = ("sqrt", "u", "v")
-ALLOCATIONS = ("equal", "joint")
+FACTOR_SPLITS = ("equal", "joint")
 GRADIENT_POINTS = ("finetuned", "reconstruction", "path")
 IMPORTANCES = ("taylor", "damage")
 METRICS = ("frobenius", "activation", "fisher", "kfac")
@@ -34,8 +35,8 @@ class CompressionConfig:
 
     - ``sigma``: where singular values go (``"sqrt"`` on both sides, into ``"u"`` or ``"v"``).
       Taylor scores do not depend on it; magnitude scores do.
-    - ``allocation``: ``"equal"`` density in both factors, or ``"joint"`` ranking of both factors'
-      scores under one budget.
+    - ``factor_split``: ``"equal"`` density in both factors, or ``"joint"`` ranking of both factors'
+      scores under one budget (within a layer; across layers is the compression's ``allocation``).
     - ``gradient_at``: gradients taken at the fine-tuned weights, at the rank-k reconstruction, or
       averaged along the path from base to fine-tune (integrated gradients).
     - ``importance`` (osd): ``"taylor"``, the paper's first-order score ``|U ⊙ G·V|``; or
@@ -56,27 +57,39 @@ class CompressionConfig:
     # The defaults are what measured best per byte on validation splits (README, "Results"):
     # magnitude masks of a rank-4r factorisation, int8 values, positions by bitmap or index.
     # "osd" with float32 values and indices is the paper's method as we read it, measured beside it.
-    method: str = "magtruncsvd"
-    rank: int | float = 1
-    extra_rank: int | None = None
-    sigma: str = "sqrt"
-    allocation: str = "equal"
-    gradient_at: str = "finetuned"
-    importance: str = "taylor"
-    metric: str = "fisher"
-    whiten: bool = False
-    refit: int = 0
-    value_dtype: str = "int8"
-    positions: str = "auto"
-    svd: str = "auto"
-    power_iters: int = 4
-    seed: int = 0
-    compress_embeddings: bool = True
+    # Each field's help is the flag's help (osd_cli.settings); the fleet file's [sweep.compression]
+    # table and the flows' parameters take the same names.
+    method: str = setting("magtruncsvd", "truncsvd, magtruncsvd (magnitude masks), sparse, or osd (the "
+                          "paper's Taylor-importance masks, needs calibration)", METHODS)
+    rank: int | float = setting(1, "budget rank r: 32·r·(n+d) bits per layer; the relaxed methods take "
+                                "fractions (0.5)")
+    extra_rank: int | None = setting(None, "c: factor at k = ⌈r⌉ + c (default: what dense factors of the "
+                                     "value width fill, k = 4r for int8, 2r for 16-bit)")
+    sigma: str = setting("sqrt", "where singular values go: sqrt on both factors, into u, or into v",
+                         SIGMA_PLACEMENTS)
+    factor_split: str = setting("equal", "within a layer: equal density in both factors, or joint ranking of "
+                                "both factors' scores (osd)", FACTOR_SPLITS)
+    gradient_at: str = setting("finetuned", "where osd takes its gradients: at the fine-tune, at the rank-k "
+                               "reconstruction, or along the path from base to fine-tune", GRADIENT_POINTS)
+    importance: str = setting("taylor", "osd entry score: the paper's Taylor score, or the output-error "
+                              "damage of zeroing the entry", IMPORTANCES)
+    metric: str = setting("fisher", "output-error metric from calibration (damage, whitening, refit)", METRICS)
+    whiten: bool = setting(False, "factor the delta in that metric instead of plain Frobenius")
+    refit: int = setting(0, "rounds of least-squares refit of the kept values after masking")
+    value_dtype: str = setting("int8", "stored value width (the paper counts float32; int8 adds a 32-bit "
+                               "scale per singular vector; truncsvd, which defines the budget, stays float32)",
+                               tuple(VALUE_DTYPES))
+    positions: str = setting("auto", "how kept entries are located: flat index (the paper), a bitmap of "
+                             "the factor, or auto: per layer, whichever keeps more", POSITIONS)
+    svd: str = setting("auto", "exact, randomized, or auto (randomized where it is faster)", SVD_METHODS)
+    power_iters: int = setting(4, "power iterations of the randomized SVD")
+    seed: int = setting(0, "seed of the randomized SVD (0 to 2**63 - 1)")
+    compress_embeddings: bool = setting(True, "factor embedding deltas too (else stored dense)")
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
         _choice("sigma", self.sigma, SIGMA_PLACEMENTS)
-        _choice("allocation", self.allocation, ALLOCATIONS)
+        _choice("factor_split", self.factor_split, FACTOR_SPLITS)
         _choice("gradient_at", self.gradient_at, GRADIENT_POINTS)
         _choice("svd", self.svd, SVD_METHODS)
         _choice("importance", self.importance, IMPORTANCES)
@@ -103,8 +116,8 @@ class CompressionConfig:
         for flag in ("whiten", "compress_embeddings"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
-        if self.allocation == "joint" and self.method != "osd":
-            raise ConfigError("allocation='joint' needs commensurate scores: only method 'osd' has them")
+        if self.factor_split == "joint" and self.method != "osd":
+            raise ConfigError("factor_split='joint' needs commensurate scores: only method 'osd' has them")
 
     @property
     def c(self) -> int | float:
@@ -150,13 +163,6 @@ class CompressionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"unknown compression parameters: {sorted(unknown)}")
-        return cls(**data)
 
 
 def _choice(field: str, value: str, allowed: tuple[str, ...]) -> None:

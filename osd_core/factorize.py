@@ -113,7 +113,7 @@ def _most_entries(encodings: tuple[Encoding, ...], counts: Callable[[Encoding], 
 def _counts(score_u: torch.Tensor, score_v: torch.Tensor, budget: int, config: CompressionConfig,
             encoding: Encoding) -> tuple[int, int]:
     """Kept entries of each factor under ``encoding``: equal density, or ranked jointly by score."""
-    if config.allocation == "joint":
+    if config.factor_split == "joint":
         return joint_counts(score_u.cpu(), score_v.cpu(), budget, encoding)
     return equal_density_counts(score_u.shape[0], score_v.shape[0], config.k, budget, encoding)
 

@@ -59,7 +59,7 @@ def reconstruct_checkpoint(
 def check_base_matches(base: Checkpoint, artifact: DeltaArtifact) -> None:
     """Refuse a base whose weights differ from the one the delta was made against: applying a
     delta to the wrong base would silently produce a different model."""
-    recorded = artifact.manifest["base"].get("sha256")
+    recorded = artifact.manifest.base.get("sha256")
     actual = base.identity()["sha256"]
     if recorded != actual:
         raise CheckpointError(
@@ -90,8 +90,8 @@ def apply_layer_delta(base: torch.Tensor | None, layer, dtype: torch.dtype) -> t
 
 
 def _write_weights(base: Checkpoint, artifact: DeltaArtifact, out: Path) -> None:
-    layers = artifact.manifest["layers"]
-    unknown = sorted(set(layers) - set(base.tensors) - {n for n, v in layers.items() if v["kind"] == "replace"})
+    layers = artifact.manifest.layers
+    unknown = sorted(set(layers) - set(base.tensors) - {n for n, v in layers.items() if v.kind == "replace"})
     if unknown:
         raise ArtifactError(f"{artifact.path}: delta has tensors the base lacks, e.g. {unknown[0]!r}")
     # The delta is small by construction, so it is held whole; base tensors stream.
@@ -120,7 +120,7 @@ def _write_weights(base: Checkpoint, artifact: DeltaArtifact, out: Path) -> None
 
 
 def _stored_dtype(artifact: DeltaArtifact, name: str) -> torch.dtype:
-    dtype = artifact.manifest["layers"][name].get("dtype")
+    dtype = artifact.manifest.layers[name].dtype
     if dtype not in DTYPES:
         raise ArtifactError(f"{artifact.path}: layer {name!r} has unknown dtype {dtype!r}")
     return DTYPES[dtype]
@@ -136,5 +136,5 @@ def _copy_side_files(base_dir: Path, artifact: DeltaArtifact, out: Path) -> None
     for path in sorted(base_dir.iterdir()):
         if path.is_file() and path.suffix not in WEIGHT_SUFFIXES and not path.name.endswith(".index.json"):
             shutil.copyfile(path, out / path.name)
-    for name in artifact.manifest["files"]:
+    for name in artifact.manifest.files:
         (out / name).write_bytes(artifact.side_file(name))

@@ -22,15 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from osd_core.artifact import (
-    MANIFEST,
-    SIDE_FILE_NAME,
-    PayloadEntry,
-    build_manifest,
-    manifest_bytes,
-    parse_manifest,
-)
+from osd_core.artifact import MANIFEST
 from osd_core.errors import ArtifactError
+from osd_core.manifest import LayerEntry, Manifest, PayloadEntry
 from osd_io.keys import check_key
 from osd_io.storage import ObjectStore
 
@@ -40,7 +34,7 @@ class StagedPayload(Protocol):
 
     payload: str
     sha256: str
-    layers: dict[str, dict[str, Any]]
+    layers: dict[str, LayerEntry]
 
 
 @dataclass(frozen=True)
@@ -72,13 +66,10 @@ def commit_delta(
         if recorded != result.sha256:
             raise ArtifactError(f"{store.uri_for(key)}: payload differs from what its worker wrote")
         payloads.append(PayloadEntry(result.payload, recorded, info.size, result.layers))
-    for name in files:
-        if not SIDE_FILE_NAME.fullmatch(name):
-            raise ArtifactError(f"side file name {name!r} must be a plain file name")
-    manifest = build_manifest(payloads, files, **fields)
+    manifest = Manifest.build(payloads, files, **fields)  # refuses a side file name that is not plain
     for name, data in files.items():
         store.put_bytes(_key(prefix, "files", name), data)
-    raw = manifest_bytes(manifest)
+    raw = manifest.to_bytes()
     store.put_bytes(_key(prefix, MANIFEST), raw)
     return _committed(store, prefix, raw, manifest)
 
@@ -89,7 +80,7 @@ def read_commit(store: ObjectStore, prefix: str) -> CommittedDelta | None:
     if not store.exists(key):
         return None
     raw = store.get_bytes(key)
-    return _committed(store, prefix, raw, parse_manifest(raw, store.uri_for(key)))
+    return _committed(store, prefix, raw, Manifest.parse(raw, store.uri_for(key)))
 
 
 def download_delta(store: ObjectStore, prefix: str, dest: Path, *, expected_sha256: str | None = None) -> Path:
@@ -102,11 +93,11 @@ def download_delta(store: ObjectStore, prefix: str, dest: Path, *, expected_sha2
     raw = store.get_bytes(key)
     if expected_sha256 is not None and hashlib.sha256(raw).hexdigest() != expected_sha256:
         raise ArtifactError(f"{store.uri_for(key)}: manifest differs from the one the catalog recorded")
-    manifest = parse_manifest(raw, store.uri_for(key))
+    manifest = Manifest.parse(raw, store.uri_for(key))
     (dest / "files").mkdir(parents=True, exist_ok=True)
-    for name in manifest.get("payloads", {}):
+    for name in manifest.payloads:
         store.get_file(_key(prefix, name), dest / name)
-    for name in manifest.get("files", {}):
+    for name in manifest.files:
         store.get_file(_key(prefix, "files", name), dest / "files" / name)
     (dest / MANIFEST).write_bytes(raw)
     return dest
@@ -116,14 +107,13 @@ def _key(prefix: str, *parts: str) -> str:
     return check_key("/".join((prefix, *parts)))
 
 
-def _committed(store: ObjectStore, prefix: str, raw: bytes, manifest: dict[str, Any]) -> CommittedDelta:
-    listed = [*manifest.get("payloads", {}).values(), *manifest.get("files", {}).values()]
-    totals = manifest.get("totals", {})
+def _committed(store: ObjectStore, prefix: str, raw: bytes, manifest: Manifest) -> CommittedDelta:
+    listed = [*manifest.payloads.values(), *manifest.files.values()]
     return CommittedDelta(
         prefix=prefix,
         uri=store.uri_for(prefix),
         manifest_sha256=hashlib.sha256(raw).hexdigest(),
-        bytes=len(raw) + sum(int(info["bytes"]) for info in listed),
-        budget_bits=int(totals.get("budget_bits", 0)),
-        paper_bits=int(totals.get("paper_bits", 0)),
+        bytes=len(raw) + sum(info.bytes for info in listed),
+        budget_bits=manifest.totals.get("budget_bits", 0),
+        paper_bits=manifest.totals.get("paper_bits", 0),
     )

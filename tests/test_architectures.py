@@ -83,8 +83,8 @@ def test_an_architecture_round_trips_with_default_settings(tmp_path, arch):
     report = compress_checkpoint(base, tuned, tmp_path / "delta", CompressionConfig(rank=1))
     assert report.unknown == ()
     artifact = DeltaArtifact.open(tmp_path / "delta")
-    kinds = {name: info["kind"] for name, info in artifact.manifest["layers"].items()}
-    roles = {name: info["role"] for name, info in artifact.manifest["layers"].items()}
+    kinds = {name: info.kind for name, info in artifact.manifest.layers.items()}
+    roles = {name: info.role for name, info in artifact.manifest.layers.items()}
     linear = [name for name, role in roles.items() if role == "linear"]
     assert linear and all(kinds[name] == "factored" for name in linear), kinds
     restored = reconstruct_checkpoint(base, tmp_path / "delta", tmp_path / "restored")
@@ -99,7 +99,7 @@ def test_a_tied_model_stays_tied_and_its_head_is_stored_once(tmp_path):
     config_class, settings, auto_class = ARCHITECTURES["llama-tied"]
     base, tuned = save_pair(tmp_path, config_class, settings, auto_class)
     compress_checkpoint(base, tuned, tmp_path / "delta", CompressionConfig(rank=1))
-    layers = DeltaArtifact.open(tmp_path / "delta").manifest["layers"]
+    layers = DeltaArtifact.open(tmp_path / "delta").manifest.layers
     assert "model.embed_tokens.weight" in layers and "lm_head.weight" not in layers
     restored = reconstruct_checkpoint(base, tmp_path / "delta", tmp_path / "restored")
     model = transformers.AutoModelForCausalLM.from_pretrained(restored)

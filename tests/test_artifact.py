@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from osd_core.artifact import FORMAT_VERSION, DeltaArtifact, encode_payload
+from osd_core.artifact import DeltaArtifact, encode_payload
+from osd_core.manifest import FORMAT_VERSION
 from osd_core.compress import compress_checkpoint
 from osd_core.config import CompressionConfig
 from osd_core.errors import ArtifactError, OSDError
@@ -33,11 +34,12 @@ def rewrite_manifest(path, change):
 
 def test_manifest_records_provenance_and_checksums(delta):
     manifest = DeltaArtifact.open(delta).manifest
-    assert manifest["format"] == "osd-fleet-delta" and manifest["format_version"] == FORMAT_VERSION == 3
-    assert manifest["config"]["method"] == "magtruncsvd" and manifest["osd_fleet_version"]
-    assert len(manifest["base"]["sha256"]) == 64 and len(manifest["finetuned"]["sha256"]) == 64
-    assert all(len(info["sha256"]) == 64 for info in manifest["payloads"].values())
-    assert "config.json" in manifest["files"]
+    assert manifest.to_json()["format"] == "osd-fleet-delta" and manifest.format_version == FORMAT_VERSION == 3
+    assert manifest.config["method"] == "magtruncsvd" and manifest.osd_fleet_version
+    assert len(manifest.base["sha256"]) == 64 and len(manifest.finetuned["sha256"]) == 64
+    assert all(len(info.sha256) == 64 for info in manifest.payloads.values())
+    assert "config.json" in manifest.files
+    assert (delta / "manifest.json").read_bytes() == manifest.to_bytes()  # the record round-trips exactly
 
 
 def test_newer_format_version_is_refused(delta):

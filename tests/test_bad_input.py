@@ -15,7 +15,7 @@ import shutil
 import pytest
 
 from osd_cli.main import main
-from osd_core.artifact import FORMAT_VERSION
+from osd_core.manifest import FORMAT_VERSION
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str]:

@@ -39,12 +39,12 @@ def test_a_fractional_budget_spent_globally(capsys, synthetic_pair, tmp_path):
     reports = {}
     for allocation in ("uniform", "global"):
         code, out, err = run_cli(capsys, *compress_args(base, tuned, tmp_path / allocation, "--rank", "0.5",
-                                                        "--budget-allocation", allocation, "--json"))
+                                                        "--allocation", allocation, "--json"))
         assert code == 0
-        assert ("--budget-allocation global spends" in err) == (allocation == "uniform")  # the nudge, once
+        assert ("--allocation global spends" in err) == (allocation == "uniform")  # the nudge, once
         reports[allocation] = json.loads(out)
     spread = reports["global"]
-    assert (spread["r"], spread["c"], spread["budget_allocation"]) == (0.5, 1.5, "global")
+    assert (spread["r"], spread["c"], spread["allocation"]) == (0.5, 1.5, "global")
     assert 0 < spread["paper_bits"] <= spread["budget_bits"] <= reports["uniform"]["budget_bits"]
     with pytest.raises(SystemExit) as exited:  # argparse's usage error
         run_cli(capsys, *compress_args(base, tuned, tmp_path / "x", "--rank", "half"))
@@ -124,7 +124,7 @@ def test_bad_checkpoints_exit_2_with_a_clear_line_and_leave_nothing(capsys, synt
     (["--rank", "-3"], "rank must be a number > 0, got -3"),
     (["--method", "truncsvd", "--rank", "0.5"], "rank must be an integer, got 0.5"),
     (["--extra-rank", "-1"], "extra_rank must be an integer >= 0"),
-    (["--method", "magtruncsvd", "--allocation", "joint"], "allocation='joint' needs commensurate scores"),
+    (["--method", "magtruncsvd", "--factor-split", "joint"], "factor_split='joint' needs commensurate scores"),
     (["--method", "truncsvd", "--device", "tpu"], "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
 ])
 def test_bad_parameters_exit_2(capsys, synthetic_pair, tmp_path, reliability, args, message):

@@ -150,7 +150,7 @@ def test_run_checks_parameters_and_data_before_starting_any_server(capsys, real_
     base, tuned = real_pair
     rows = tmp_path / "eval.jsonl"
     rows.write_text(json.dumps({"text": "fine", "label": 7 if "labels" in case else 1}) + "\n")
-    args = {"--budgets": "1e9" if "budget" in case else "1", "--store": "ftp://x" if "URI" in case else tmp_path,
+    args = {"--ranks": "1e9" if "budget" in case else "1", "--store": "ftp://x" if "URI" in case else tmp_path,
             "--eval": tmp_path / "absent.jsonl" if "missing" in case else rows}
     code, text = run_cli(capsys, "run", "--model", "m", "--base", base, "--finetuned", tuned, "--methods", "truncsvd",
                          *(str(x) for pair in args.items() for x in pair))

@@ -107,7 +107,8 @@ def test_taylor_score_is_first_order_loss_change():
 
 def test_joint_allocation_stays_within_budget_and_differs_from_equal():
     delta, grad = structured_delta(200, 50), gradient(200, 50)
-    joint = compress_matrix("w", delta, CompressionConfig(method="osd", rank=1, extra_rank=3, allocation="joint"), grad)
+    config = CompressionConfig(method="osd", rank=1, extra_rank=3, factor_split="joint")
+    joint = compress_matrix("w", delta, config, grad)
     equal = compress_matrix("w", delta, CompressionConfig(method="osd", rank=1, extra_rank=3), grad)
     assert joint.paper_bits <= layer_budget(200, 50, 1)
     assert joint.tensors["u.values"].numel() != equal.tensors["u.values"].numel()

@@ -45,6 +45,7 @@ from tests.s3_server import MotoEndpoint
 from tests.test_pipeline import fleet_runtime  # noqa: F401 - the session's Prefect server and Ray
 
 REPO = Path(__file__).resolve().parents[1]
+MIB = 1 << 20
 SMALL_GROUPS = 24 * 1024  # four layer groups on the synthetic model: several tasks per run
 ONE_GROUP_MIB = "1"
 
@@ -74,7 +75,7 @@ def whole_deltas(store: ObjectStore, scratch: Path) -> list[CatalogRow]:
 
 def run_args(model: str, base: Path, tuned: Path, store: str, methods: str, group_mib: str) -> list[str]:
     return [
-        "run", "--model", model, "--base", str(base), "--finetuned", str(tuned), "--budgets", "1",
+        "run", "--model", model, "--base", str(base), "--finetuned", str(tuned), "--ranks", "1",
         "--methods", methods, "--group-mib", group_mib, "--store", store,
     ]
 
@@ -178,7 +179,7 @@ class Outage:
 
 # --------------------------------------------------------------------------- the undisturbed run
 
-SWEEP = SweepSpec(ranks=(1,), methods=("magtruncsvd",), group_bytes=SMALL_GROUPS)
+SWEEP = SweepSpec(ranks=(1,), methods=("magtruncsvd",), group_mib=SMALL_GROUPS / MIB)
 
 
 @pytest.fixture(scope="module")
@@ -352,7 +353,7 @@ RUNS = 8
 def test_eight_concurrent_flow_runs_append_to_one_catalog(fleet_runtime, synthetic_pair, s3_server, reliability):  # noqa: F811
     base, tuned = synthetic_pair
     store_uri = f"{s3_server}/{uuid.uuid4().hex}"
-    sweep = SweepSpec(ranks=(1,), methods=("truncsvd",), group_bytes=1 << 20)
+    sweep = SweepSpec(ranks=(1,), methods=("truncsvd",), group_mib=1)
     barrier, done = threading.Barrier(RUNS), threading.Event()
     rows: dict[int, tuple[CatalogRow, ...]] = {}
     errors: list[BaseException] = []

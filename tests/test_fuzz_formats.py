@@ -23,7 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from osd_core.artifact import MANIFEST, DeltaArtifact, manifest_bytes, parse_manifest
+from osd_core.artifact import MANIFEST, DeltaArtifact
+from osd_core.manifest import Manifest, seal
 from osd_core.compress import compress_checkpoint
 from osd_core.config import CompressionConfig
 from osd_core.errors import ArtifactError, CheckpointError, OSDError
@@ -112,10 +113,10 @@ def test_any_change_to_a_manifest_is_refused_unless_resealed(sealed_delta, tmp_p
     changed = replaced(manifest, path, value)
     unsealed = (json.dumps(changed, indent=1, sort_keys=True) + "\n").encode()
     if unsealed == (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode():  # True == 1, not "1"
-        parse_manifest(unsealed, "fuzz")
+        Manifest.parse(unsealed, "fuzz")
         return
     with pytest.raises(ArtifactError):
-        parse_manifest(unsealed, "fuzz")
+        Manifest.parse(unsealed, "fuzz")
     forged = tmp_path_factory.mktemp("forged")
     for item in delta.rglob("*"):
         target = forged / item.relative_to(delta)
@@ -124,7 +125,7 @@ def test_any_change_to_a_manifest_is_refused_unless_resealed(sealed_delta, tmp_p
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(item.read_bytes())
-    (forged / MANIFEST).write_bytes(manifest_bytes(changed))
+    (forged / MANIFEST).write_bytes(seal(changed))
     out = forged.parent / f"{forged.name}-restored"
     try:
         DeltaArtifact.open(forged)

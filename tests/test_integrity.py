@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from osd_cli.main import main
-from osd_core.artifact import MANIFEST, SEAL, DeltaArtifact, manifest_bytes
+from osd_core.artifact import MANIFEST, DeltaArtifact
+from osd_core.manifest import SEAL, seal
 from osd_core.byte_source import LocalDirectory
 from osd_core.compress import compress_checkpoint
 from osd_core.config import CompressionConfig
@@ -44,7 +45,7 @@ def edit_manifest(delta: Path, change: Callable[[dict[str, Any]], None], *, rese
     manifest = json.loads((delta / MANIFEST).read_text())
     change(manifest)
     if reseal:
-        (delta / MANIFEST).write_bytes(manifest_bytes(manifest))
+        (delta / MANIFEST).write_bytes(seal(manifest))
     else:
         (delta / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
@@ -132,7 +133,7 @@ def test_payload_names_that_could_escape_are_refused_on_read(delta, reliability,
 def test_version_2_deltas_without_a_seal_stay_readable(synthetic_pair, delta, tmp_path):
     base, _ = synthetic_pair
     edit_manifest(delta, lambda m: (m.pop(SEAL), m.update(format_version=2)), reseal=False)
-    assert DeltaArtifact.open(delta).manifest["format_version"] == 2
+    assert DeltaArtifact.open(delta).manifest.format_version == 2
     assert main(["reconstruct", "--base", str(base), "--delta", str(delta), "--out", str(tmp_path / "r")]) == 0
 
 

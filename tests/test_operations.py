@@ -240,7 +240,7 @@ def test_a_notified_checkpoint_is_compressed_by_osd_fleet_serve(fleet_runtime, s
     env.update(RAY_AUTH_MODE="token", PREFECT_RUNNER_POLL_FREQUENCY="1")  # token: joining by address (Ray 2.60)
     command = [
         sys.executable, "-m", "osd_cli", "serve", "--prefix", str(tmp_path / "ckpts"), "--base", str(base),
-        "--store", str(store), "--cron", "0 0 1 1 *", "--budgets", "1", "--methods", "truncsvd",
+        "--store", str(store), "--cron", "0 0 1 1 *", "--ranks", "1", "--methods", "truncsvd",
         "--group-mib", "0.05", "--prefect-api-url", fleet_runtime.api_url, "--ray-address", fleet_runtime.ray_address,
         "--prefect-home", str(tmp_path / "serve-home"),
     ]

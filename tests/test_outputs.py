@@ -83,9 +83,9 @@ def test_overwrite_replaces_a_delta_and_a_restored_checkpoint(capsys, synthetic_
     base, tuned = synthetic_pair
     delta, restored = tmp_path / "delta", tmp_path / "restored"
     assert run_cli(capsys, *compress(base, tuned, delta))[0] == 0
-    first = DeltaArtifact.open(delta).manifest["config"]["rank"]
+    first = DeltaArtifact.open(delta).manifest.config["rank"]
     assert run_cli(capsys, *compress(base, tuned, delta, "--rank", "2", "--overwrite"))[0] == 0
-    assert DeltaArtifact.open(delta).manifest["config"]["rank"] == 2 != first
+    assert DeltaArtifact.open(delta).manifest.config["rank"] == 2 != first
     assert run_cli(capsys, "reconstruct", "--base", base, "--delta", delta, "--out", restored)[0] == 0
     marker = json.loads((restored / RESTORE_MARKER).read_text())
     assert marker["delta_manifest_sha256"] == DeltaArtifact.open(delta).manifest_sha256
@@ -125,7 +125,7 @@ def test_of_two_writers_of_one_output_exactly_one_wins(tmp_path):
         first.commit(**fields)
         with pytest.raises(OutputError, match="another run wrote this delta while this one was working"):
             second.commit(**fields)
-    assert DeltaArtifact.open(out).manifest["layers"]["w"]["dtype"] == "F32"
+    assert DeltaArtifact.open(out).manifest.layers["w"].dtype == "F32"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["delta"]
 
 
@@ -153,7 +153,7 @@ def test_sigterm_removes_the_partial_output_and_the_scratch_directory(real_pair,
     base, tuned = real_pair
     out = tmp_path / "delta"
     argv = [sys.executable, "-m", "osd_cli", "compress", "--base", str(base), "--finetuned", str(tuned),
-            "--out", str(out), "--rank", "0.5", "--budget-allocation", "global"]
+            "--out", str(out), "--rank", "0.5", "--allocation", "global"]
     started = time.perf_counter()
     run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     scratch_pattern = f"osd-fleet-compress-{HOST}-{run.pid}-*"
@@ -203,7 +203,7 @@ def test_a_run_killed_while_replacing_its_output_loses_neither_copy(capsys, synt
     assert tree_digest(delta) == before and not moved.exists()
     delta.rename(moved)
     assert run_cli(capsys, *compress(base, tuned, delta, "--rank", "2", "--overwrite"))[0] == 0
-    assert DeltaArtifact.open(delta).manifest["config"]["rank"] == 2
+    assert DeltaArtifact.open(delta).manifest.config["rank"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "delta", "ft"]
     reliability.fault("SIGKILL between moving the old delta aside and publishing the new one", tried=1,
                       survived=1, checked="the next run puts the old delta back first; nothing lost", seconds=0)

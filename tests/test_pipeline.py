@@ -36,6 +36,7 @@ from osd_io.storage import S3Store, open_store
 from tests.conftest import write_bert_like
 from tests.s3_server import S3_SECRET
 
+MIB = 1 << 20
 SMALL_GROUPS = 24 * 1024  # several layer groups even on the 2-layer synthetic model
 
 
@@ -199,7 +200,7 @@ def test_flow_deltas_match_the_single_process_path(fleet_runtime, synthetic_pair
     base, tuned = synthetic_pair
     base_uri, tuned_uri = inputs_on(store_uri, base, tuned)
     model = ModelSpec(f"syn-{uuid.uuid4().hex[:6]}", base_uri, tuned_uri)
-    sweep = SweepSpec(ranks=(1,), methods=("truncsvd", "magtruncsvd"), group_bytes=SMALL_GROUPS)
+    sweep = SweepSpec(ranks=(1,), methods=("truncsvd", "magtruncsvd"), group_mib=SMALL_GROUPS / MIB)
     catalog = Catalog(open_store(store_uri))
     for number in range(COMPACT_AFTER_PARTS + 1):  # earlier runs' parts: this run compacts them
         catalog.append([other_row(f"earlier-{number}")])
@@ -209,7 +210,7 @@ def test_flow_deltas_match_the_single_process_path(fleet_runtime, synthetic_pair
     for row, variant in zip(rows, sweep.variants(), strict=True):
         delta = fetched(store_uri, row, tmp_path / f"{row.method}-delta")
         manifest = DeltaArtifact.open(delta, expected_sha256=row.sha256).manifest
-        assert manifest["allocation"] == "uniform" and len(manifest["payloads"]) > 2
+        assert manifest.allocation == "uniform" and len(manifest.payloads) > 2
         assert row.bytes == sum(p.stat().st_size for p in delta.rglob("*") if p.is_file())
         reference = tmp_path / f"{row.method}-reference"
         compress_checkpoint(base, tuned, reference, variant.config)
@@ -237,7 +238,7 @@ def test_osd_on_a_real_model_from_s3_through_the_cli(
             base_uri,
             "--finetuned",
             tuned_uri,
-            "--budgets",
+            "--ranks",
             "1",
             "--methods",
             "osd",
@@ -358,7 +359,7 @@ def test_rerun_adds_no_rows_and_list_prints_one_object_per_row(fleet_runtime, sy
 
 def test_orphan_payloads_are_overwritten_and_bad_inputs_fail_their_rows(fleet_runtime, synthetic_pair, tmp_path):
     base, tuned = synthetic_pair
-    sweep = SweepSpec(ranks=(1,), methods=("truncsvd",), group_bytes=SMALL_GROUPS)
+    sweep = SweepSpec(ranks=(1,), methods=("truncsvd",), group_mib=SMALL_GROUPS / MIB)
     config = sweep.variants()[0].config
     prefix = artifact_prefix("orphans", delta_id(PairLayout.read(str(base), str(tuned)), config, "uniform", None))
     store = open_store(str(tmp_path / "store"))
@@ -392,7 +393,8 @@ def test_global_allocation_keeps_the_total_and_beats_uniform(fleet_runtime, tmp_
         str(tmp_path / "ft" / "model.safetensors"),
     )
     sweep = SweepSpec(  # truncsvd at r = 1 only; magtruncsvd at half a rank-1 budget too
-        ranks=(0.5, 1), methods=("truncsvd", "magtruncsvd"), allocations=("uniform", "global"), group_bytes=SMALL_GROUPS
+        ranks=(0.5, 1), methods=("truncsvd", "magtruncsvd"), allocations=("uniform", "global"),
+        group_mib=SMALL_GROUPS / MIB,
     )
     rows = main_rows(ModelSpec("alloc", str(tmp_path / "base"), str(tmp_path / "ft")), sweep, str(tmp_path / "store"))
     assert [(row.method, row.rank) for row in rows[::2]] == [("truncsvd", 1), ("magtruncsvd", 0.5), ("magtruncsvd", 1)]
@@ -405,17 +407,15 @@ def test_global_allocation_keeps_the_total_and_beats_uniform(fleet_runtime, tmp_
         for row in (uniform, glob):
             delta = fetched(str(tmp_path / "store"), row, tmp_path / row.artifact_id)
             manifest = DeltaArtifact.open(delta).manifest
-            assert manifest["allocation"] == row.allocation and manifest["totals"]["budget_bits"] <= uniform_total
+            assert manifest.allocation == row.allocation and manifest.totals["budget_bits"] <= uniform_total
             rebuilt = weights(reconstruct_checkpoint(tmp_path / "base", delta, tmp_path / f"{row.artifact_id}-model"))
             damage[row.allocation] = sum(
                 float(((rebuilt[n] - tuned[n]) ** 2).sum())
-                for n in manifest["layers"]
-                if manifest["layers"][n]["kind"] in ("factored", "zero") and n not in frozen
+                for n in manifest.layers
+                if manifest.layers[n].kind in ("factored", "zero") and n not in frozen
             )
-        layers = DeltaArtifact.open(tmp_path / glob.artifact_id).manifest["layers"]
-        assert all(
-            layers[n]["budget_bits"] == 0 for n in frozen if n in layers and layers[n]["budget_bits"] is not None
-        )
+        layers = DeltaArtifact.open(tmp_path / glob.artifact_id).manifest.layers
+        assert all(layers[n].budget_bits == 0 for n in frozen if n in layers and layers[n].budget_bits is not None)
         assert damage["global"] < 0.8 * damage["uniform"], (glob.method, damage)
 
 

@@ -157,8 +157,8 @@ def test_a_global_allocation_respends_the_uniform_total_where_it_cuts_more_error
     uniform = compress_checkpoint(base, tuned, tmp_path / "uniform", config)
     spread = compress_checkpoint(base, tuned, tmp_path / "global", config, allocation="global")
     manifest = DeltaArtifact.open(tmp_path / "global").manifest
-    recorded = manifest["provenance"]["global_allocation"]
-    assert manifest["allocation"] == "global"
+    recorded = manifest.provenance["global_allocation"]
+    assert manifest.allocation == "global"
     total = sum(layer.budget_bits for layer in uniform.layers if layer.kind in ("factored", "sparse", "zero"))
     assert recorded["total_bits"] == total and spread.budget_bits == recorded["bits"] <= total
     assert all(layer.paper_bits <= layer.budget_bits for layer in spread.layers if layer.kind == "factored")

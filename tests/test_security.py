@@ -89,7 +89,7 @@ def test_credentials_never_leak_and_keys_stay_under_the_prefix(
     store = f"s3://{S3_BUCKET}/{prefix}/store"
     before = bucket_keys()
     ran = [
-        cli(capsys, "-v", "run", "--model", "secure", "--base", base, "--finetuned", tuned, "--budgets", "1",
+        cli(capsys, "-v", "run", "--model", "secure", "--base", base, "--finetuned", tuned, "--ranks", "1",
             "--methods", "magtruncsvd", "--store", store),
         cli(capsys, "catalog", "list", "--store", store, "--json"),
     ]
@@ -100,7 +100,7 @@ def test_credentials_never_leak_and_keys_stay_under_the_prefix(
     with monkeypatch.context() as env:
         env.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
         refused["store: endpoint unreachable, during a flow run"] = cli(
-            capsys, "-v", "run", "--model", "secure", "--base", base, "--finetuned", tuned, "--budgets", "1",
+            capsys, "-v", "run", "--model", "secure", "--base", base, "--finetuned", tuned, "--ranks", "1",
             "--methods", "magtruncsvd", "--store", store,
         )
         env.setenv("AWS_ENDPOINT_URL", f"http://{S3_ACCESS_KEY}:{S3_SECRET}@127.0.0.1:{closed_port()}")

@@ -8,11 +8,11 @@ there themselves: a returned tensor would travel through Ray's object store and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from osd_core.allocate import Option
 from osd_core.compress import LayerPlan
 from osd_core.config import CompressionConfig
+from osd_core.manifest import LayerEntry
 from osd_io.sources import PairLayout, TensorRef
 
 
@@ -77,7 +77,7 @@ class GroupResult:
     payload: str
     sha256: str
     bytes: int
-    layers: dict[str, dict[str, Any]]
+    layers: dict[str, LayerEntry]
     seconds: float
     device: str
 
