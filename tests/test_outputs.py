@@ -117,7 +117,7 @@ def test_of_two_writers_of_one_output_exactly_one_wins(tmp_path):
     """Both pass the up-front check; the second to publish is refused and the first's delta stays."""
     out = tmp_path / "delta"
     layer = CompressedLayer("w", "dense", (2,), {"values": torch.ones(2)}, k=0, budget_bits=None, paper_bits=64)
-    fields = {"config": {}, "base": {}, "finetuned": {}}
+    fields = {"config": {}, "base": {}, "finetuned": {}, "allocation": "uniform"}
     first, second = DeltaWriter(out), DeltaWriter(out)
     with first, second:
         first.add(layer, dtype="F32")
