@@ -151,6 +151,10 @@ class SweepSpec:
         return tuple(out)
 
 
+SCAN_SWEEP = SweepSpec(ranks=(1, 2), methods=("magtruncsvd", "truncsvd"))
+"""What scans and triggered runs compress by default: no osd, which needs a calibration file."""
+
+
 @dataclass(frozen=True)
 class FleetConfig:
     """The models of a fleet, where their artifacts and catalog go, and the sweep."""
@@ -174,12 +178,15 @@ class FleetConfig:
 
 
 def check_calibration(models: tuple[ModelSpec, ...], sweep: SweepSpec) -> None:
-    if sweep.needs_calibration:
-        lacking = [m.name for m in models if m.calibration is None]
-        if lacking:
-            raise ConfigError(
-                f"model {lacking[0]!r}: method 'osd' needs a calibration file (JSONL rows with text and label)"
-            )
+    """Every model a sweep with ``osd`` runs on must have a calibration file."""
+    for model in models:
+        require_calibration(sweep, model.calibration, f"model {model.name!r}")
+
+
+def require_calibration(sweep: SweepSpec, calibration: str | None, who: str) -> None:
+    """The one check (and message) that a sweep with ``osd`` has calibration rows for ``who``."""
+    if sweep.needs_calibration and calibration is None:
+        raise ConfigError(f"{who}: method 'osd' needs a calibration file (JSONL rows with text and label)")
 
 
 def load_fleet_config(path: str | Path) -> FleetConfig:

@@ -32,11 +32,19 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.fleet_config import ModelSpec, SweepSpec, check_calibration, sweep_from_dict
+from flows.fleet_config import (
+    SCAN_SWEEP,
+    ModelSpec,
+    SweepSpec,
+    check_calibration,
+    require_calibration,
+    sweep_from_dict,
+)
 from flows.pipeline import compress_model, make_target, read_inputs
 from flows.runtime import RuntimeStartError, start_runtime
 from osd_core.checkpoint import INDEX_FILE, SINGLE_FILE
 from osd_core.errors import ConfigError, OSDError
+from osd_core.settings import to_table
 from osd_io.catalog import Catalog
 from osd_io.keys import InvalidNameError, safe_name
 from osd_io.sources import is_s3, join_uri, local_path
@@ -60,7 +68,7 @@ CHECKPOINT_EVENT = "osd-fleet.checkpoint.written"
 RESOURCE_PREFIX = "osd-fleet.checkpoint."
 STORE_ENV = "OSD_FLEET_STORE"  # the store of a deployed compress flow when the event names none
 # Deployed flows default to the two methods that need no calibration data.
-DEFAULT_SWEEP: dict[str, Any] = {"ranks": [1, 2], "methods": ["magtruncsvd", "truncsvd"], "allocations": ["uniform"]}
+DEFAULT_SWEEP: dict[str, Any] = to_table(SCAN_SWEEP)
 _IN_FLOW: dict[str, Any] = dict(cache_policy=NO_CACHE, persist_result=False)
 
 
@@ -262,8 +270,7 @@ def scan_checkpoints(
     for what, uri in (("prefix_uri", prefix_uri), ("base_uri", base_uri), ("store_uri", store_uri)):
         _check_templated(what, uri)
     spec = _as_sweep(sweep)
-    if spec.needs_calibration and calibration is None:
-        raise ConfigError("the sweep includes 'osd', which needs a calibration file (calibration=...)")
+    require_calibration(spec, calibration, f"checkpoints under {prefix_uri}")
     log = get_run_logger()
     _attach_runtime()
     found = find_checkpoints_task(prefix_uri, base_uri)
@@ -319,8 +326,7 @@ def run_scan(
 ) -> ScanReport:
     """Start the runtime if this process has none (``flows.runtime.start_runtime(**runtime)``), then scan."""
     spec = _as_sweep(sweep)
-    if spec.needs_calibration and calibration is None:
-        raise ConfigError("the sweep includes 'osd', which needs a calibration file (--calibration)")
+    require_calibration(spec, calibration, f"checkpoints under {prefix_uri}")
     start_runtime(**runtime)
     return scan_checkpoints(
         prefix_uri, base_uri, store_uri, spec, calibration, eval, retry_failed  # type: ignore[arg-type]

@@ -61,7 +61,7 @@ from flows.report import (
     table_records,
 )
 from flows.runtime import start_runtime
-from osd_core.allocate import Allocation, allocate, best_within
+from osd_core.allocate import Allocation, spend_globally
 from osd_core.checkpoint import side_files
 from osd_core.errors import OSDError
 from osd_core.outputs import scratch_dir
@@ -370,11 +370,10 @@ class _Sweep:
         measurements = staged.pop(t.artifact_id)
         try:
             curves = {curve.name: curve.options for future in measurements for curve in future.result()}
-            allocation = allocate(curves, t.plan.total_bits, baseline=t.plan.budgets)
+            allocation, uniform_cost = spend_globally(curves, t.plan.budgets)
         except Exception as exc:  # noqa: BLE001 - recorded as this variant's failure
             self._fail(t, exc)
             return None
-        uniform = best_within(curves, t.plan.budgets)
         self.log.info(
             "%s %s: allocated %s of %s bits; estimated damage %.4g (uniform: %.4g)",
             self.model.name,
@@ -382,7 +381,7 @@ class _Sweep:
             f"{allocation.bits:,}",
             f"{t.plan.total_bits:,}",
             allocation.cost,
-            uniform.cost,
+            uniform_cost,
         )
         budgets = tuple(allocation.budgets.items())
         staged[t.artifact_id] = [

@@ -26,8 +26,7 @@ from typing import Any
 
 from osd_core import __version__
 from osd_core.manifest import FORMAT_VERSION
-from osd_core.budget import layer_budget
-from osd_core.compress import plan_pair
+from osd_core.compress import plan_pair, uniform_budgets
 from osd_core.config import CompressionConfig
 from osd_core.policy import Role
 from osd_io.keys import join_key
@@ -73,7 +72,7 @@ def plan_model(
         for plan in plans
         if plan.action != "copy"
     ]
-    budgets = {job.name: layer_budget(*job.plan.shape, config.rank) for job in jobs if job.plan.action == "factorise"}
+    budgets = uniform_budgets(plans, config)
     unknown = tuple(plan.name for plan in plans if plan.role is Role.UNKNOWN)
     return ModelPlan(model, config, group_layers(jobs, group_bytes), budgets, unknown)
 

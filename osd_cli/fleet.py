@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flows.fleet_config import ModelSpec, SweepSpec
+from flows.fleet_config import SCAN_SWEEP, ModelSpec, SweepSpec
 from osd_cli.arguments import comma_list
 from osd_cli.flags import add_settings, read_settings
 from osd_core.adapters import DTYPES as ADAPTER_DTYPES
@@ -122,7 +122,7 @@ def add_fleet_commands(commands: Any) -> None:
     add_settings(scan, ModelSpec, skip=("name", "finetuned", "revision"))
     scan.add_argument("--retry-failed", action=argparse.BooleanOptionalAction, default=False,
                       help="compress again checkpoints whose catalog rows say failed")
-    _add_sweep_arguments(scan, methods=("magtruncsvd", "truncsvd"), ranks=(1, 2))
+    _add_sweep_arguments(scan, **_axes(SCAN_SWEEP))
     _add_store_argument(scan)
     _add_runtime_arguments(scan)
     scan.add_argument("--json", action="store_true", help="print the scan report as one JSON object")
@@ -135,7 +135,7 @@ def add_fleet_commands(commands: Any) -> None:
     add_settings(serve, ModelSpec, skip=("name", "finetuned", "revision"))
     _add_store_argument(serve)
     serve.add_argument("--cron", default="*/30 * * * *", help="scan schedule (default: every 30 minutes, UTC)")
-    _add_sweep_arguments(serve, methods=("magtruncsvd", "truncsvd"), ranks=(1, 2))
+    _add_sweep_arguments(serve, **_axes(SCAN_SWEEP))
     _add_runtime_arguments(serve)
     serve.set_defaults(handler=run_serve)
 
@@ -159,6 +159,11 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> No
     compression setting as the template of its variants: the fields of ``SweepSpec`` and ``CompressionConfig``."""
     add_settings(parser, SweepSpec, defaults=defaults)
     add_settings(parser, CompressionConfig, skip=SWEEP_AXES)
+
+
+def _axes(sweep: SweepSpec) -> dict[str, Any]:
+    """A sweep's axes as flag defaults."""
+    return {name: getattr(sweep, name) for name in ("ranks", "methods", "allocations", "group_mib")}
 
 
 def _add_store_argument(parser: argparse.ArgumentParser) -> None:

@@ -173,6 +173,12 @@ def allocate(
     return result
 
 
+def spend_globally(curves: Mapping[str, Sequence[Option]], uniform: Mapping[str, int]) -> tuple[Allocation, float]:
+    """The global allocation both executors run: the uniform budgets' total, spent by :func:`allocate`
+    with the uniform budgets as its floor; and the uniform budgets' own estimated cost, to compare."""
+    return allocate(curves, sum(uniform.values()), baseline=uniform), best_within(curves, uniform).cost
+
+
 def _normalise(name: str, curve: Sequence[Option]) -> list[Option]:
     """Options by ascending bits, one per bit count (the cheaper), all finite and non-negative."""
     if not curve:

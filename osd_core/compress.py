@@ -11,14 +11,14 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .allocate import ALLOCATIONS, Allocation, allocate, best_within, layer_config, measure_curve
+from .allocate import ALLOCATIONS, Allocation, layer_config, measure_curve, spend_globally
 from .artifact import DeltaWriter
 from .budget import layer_budget
 from .calibration_data import INPUT_COV, OUTPUT_FISHER, ROW_WEIGHT, GradientFile
@@ -163,8 +163,9 @@ def compress_checkpoint(
     if allocation == "global":
         chosen = _global_allocation(plans, base, finetuned, config, gradients, run_on, on_measured)
         budgets = chosen.budgets
+        total = sum(uniform_budgets(plans, config).values())
         provenance = {**(provenance or {}), "global_allocation": {
-            "bits": chosen.bits, "total_bits": _uniform_total(plans, config), "estimated_damage": chosen.cost}}
+            "bits": chosen.bits, "total_bits": total, "estimated_damage": chosen.cost}}
     reports: list[LayerReport] = []
     with writer:
         for position, plan in enumerate(plans):
@@ -214,12 +215,9 @@ def compress_checkpoint(
     )
 
 
-def _uniform_budgets(plans: list[LayerPlan], config: CompressionConfig) -> dict[str, int]:
+def uniform_budgets(plans: Sequence[LayerPlan], config: CompressionConfig) -> dict[str, int]:
+    """The paper's budget of every factorised tensor, ``32·r·(n+d)`` bits: one rule for both executors."""
     return {p.name: layer_budget(*p.shape, config.rank) for p in plans if p.action == "factorise"}
-
-
-def _uniform_total(plans: list[LayerPlan], config: CompressionConfig) -> int:
-    return sum(_uniform_budgets(plans, config).values())
 
 
 def _global_allocation(
@@ -244,10 +242,10 @@ def _global_allocation(
                                           device=device)
         if on_measured is not None:
             on_measured(plan.name, position + 1, len(factorised))
-    uniform = _uniform_budgets(plans, config)
-    chosen = allocate(curves, sum(uniform.values()), baseline=uniform)
+    uniform = uniform_budgets(plans, config)
+    chosen, uniform_cost = spend_globally(curves, uniform)
     log.info("global allocation: %s of %s bits; estimated damage %.4g (uniform: %.4g)",
-             f"{chosen.bits:,}", f"{sum(uniform.values()):,}", chosen.cost, best_within(curves, uniform).cost)
+             f"{chosen.bits:,}", f"{sum(uniform.values()):,}", chosen.cost, uniform_cost)
     return chosen
 
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from prefect.exceptions import ObjectNotFound
 
-from flows.fleet_config import sweep_from_dict
+from flows.fleet_config import SCAN_SWEEP, sweep_from_dict
 from flows.operations import (
     CHECKPOINT_EVENT,
     checkpoint_dirs,
@@ -124,7 +124,7 @@ def test_infra_files_parse_with_the_expected_keys():
         assert path == "flows/operations.py" and hasattr(getattr(operations, name), "to_deployment")
         assert deployment["work_pool"]["name"] == "osd-fleet"
         assert set(deployment["parameters"]) <= set(getattr(operations, name).parameters.properties)
-        sweep_from_dict(deployment["parameters"]["sweep"])
+        assert sweep_from_dict(deployment["parameters"]["sweep"]) == SCAN_SWEEP  # the CLI's and flows' default
     scan = deployments["scan-checkpoints"]
     CronSchedule(cron=scan["schedules"][0]["cron"], timezone=scan["schedules"][0]["timezone"])
     (trigger,) = deployments["on-checkpoint-written"]["triggers"]
