@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from osd_core.allocate import Option, allocate  # noqa: E402
-from osd_core.calibration import calibration_gradients  # noqa: E402
+from workloads.calibration import calibration_gradients  # noqa: E402
 from osd_core.calibration_data import INPUT_COV, OUTPUT_FISHER, ROW_WEIGHT, GradientFile  # noqa: E402
 from osd_core.checkpoint import Checkpoint  # noqa: E402
 from osd_core.compress import plan_pair  # noqa: E402

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import zstandard  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from osd_core.calibration import calibration_gradients  # noqa: E402
+from workloads.calibration import calibration_gradients  # noqa: E402
 from osd_core.calibration_data import GradientFile  # noqa: E402
 from osd_core.compress import compress_checkpoint  # noqa: E402
 from osd_core.config import CompressionConfig  # noqa: E402

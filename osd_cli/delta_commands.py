@@ -98,7 +98,7 @@ def run_compress(args: argparse.Namespace) -> int:
     with scratch_dir("compress") as scratch:
         gradients = None
         if config.needs_gradients:
-            from osd_core.calibration import calibration_gradients
+            from workloads.calibration import calibration_gradients
             from osd_core.calibration_data import GradientFile
 
             with tqdm(desc="calibration gradients", unit="batch", file=sys.stderr, disable=None) as bar:

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from osd_core.artifact import DeltaArtifact
-from osd_core.calibration import calibration_gradients
+from workloads.calibration import calibration_gradients
 from osd_core.calibration_data import GradientFile
 from osd_core.checkpoint import Checkpoint
 from osd_core.compress import compress_checkpoint

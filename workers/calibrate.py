@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def calibrate(job: CalibrationJob) -> str:
     """Compute the model's calibration output unless the store has it; return its URI."""
-    from osd_core.calibration import calibration_gradients  # imports transformers: only here
+    from workloads.calibration import calibration_gradients  # imports transformers: only here
 
     store = store_at(job.store)
     if store.exists(job.key):

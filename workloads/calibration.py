@@ -6,7 +6,9 @@ first model family; ``loss_fn`` is the seam for others). Only the compressible w
 gradients, so memory is the model plus one gradient buffer per such weight. Gradients are written
 to a safetensors file that workers read lazily by reference (``GradientFile``).
 
-This module needs ``transformers`` (imported on use); the rest of ``osd_core`` does not.
+It runs the model (``transformers``, imported on use), like the evaluators beside it, so it lives
+here and not in ``osd_core``, which stays pure torch: workers read its output with
+``osd_core.calibration_data`` alone.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import Checkpoint
-from .compress import plan_pair
-from .config import CompressionConfig
-from .errors import CalibrationError, MissingTensorError
-from .calibration_data import INPUT_COV, OUTPUT_FISHER, ROW_WEIGHT
-from .svd import truncated_svd
+from osd_core.calibration_data import INPUT_COV, OUTPUT_FISHER, ROW_WEIGHT
+from osd_core.checkpoint import Checkpoint
+from osd_core.compress import plan_pair
+from osd_core.config import CompressionConfig
+from osd_core.errors import CalibrationError, MissingTensorError
+from osd_core.svd import truncated_svd
 
 log = logging.getLogger(__name__)
 
