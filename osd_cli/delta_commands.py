@@ -67,12 +67,15 @@ def add_delta_commands(commands: Any) -> None:
     export.add_argument("--json", action="store_true", help="print one JSON object with the report")
     export.set_defaults(handler=run_export)
 
-    evaluate = commands.add_parser("evaluate", help="accuracy of base + compressed delta on labelled rows")
+    evaluate = commands.add_parser("evaluate", help="score base + compressed delta on JSONL rows (accuracy, "
+                                                    "log-likelihood acc/acc_norm or perplexity)")
     evaluate.add_argument("--base", required=True, type=Path)
     evaluate.add_argument("--delta", required=True, type=Path)
-    evaluate.add_argument("--data", required=True, type=Path, help="JSONL rows {text, label}")
-    evaluate.add_argument("--batch-size", type=positive_int, default=64)
-    evaluate.add_argument("--max-length", type=positive_int, default=64)
+    evaluate.add_argument("--data", required=True, type=Path,
+                          help="JSONL rows: {text, label} for a classifier; {prompt, choices, label} (acc), "
+                               "{text}, {prompt, completion} or {messages} (perplexity) for a causal LM")
+    evaluate.add_argument("--batch-size", type=positive_int, help="rows per batch (default: 64 classifier, 16 LM)")
+    evaluate.add_argument("--max-length", type=positive_int, help="tokens per row (default: 64 classifier, 256 LM)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=run_evaluate)
 
@@ -164,17 +167,18 @@ def run_export(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     """Reconstruct into a scratch directory and score it: the same path users serve from."""
     from osd_core.reconstruct import reconstruct_checkpoint
-    from workloads.evaluate import evaluate_checkpoint
+    from workloads.evaluate import score_checkpoint
 
     with scratch_dir("eval") as scratch:
         restored = reconstruct_checkpoint(args.base, args.delta, Path(scratch) / "model")
-        result = evaluate_checkpoint(restored, args.data, batch_size=args.batch_size, max_length=args.max_length,
-                                     progress=sys.stderr.isatty(), tokenizer_dir=args.base)
+        score = score_checkpoint(restored, args.data, batch_size=args.batch_size, max_length=args.max_length,
+                                 progress=sys.stderr.isatty(), tokenizer_dir=args.base)
     if args.json:
-        print(json.dumps({"accuracy": result.accuracy, "macro_f1": result.macro_f1, "n": result.n,
-                          "seconds": round(result.seconds, 3)}, sort_keys=True))
+        print(json.dumps({"metric": score.metric, "value": score.value, score.metric: score.value, **score.extra,
+                          "n": score.n, "seconds": round(score.seconds, 3)}, sort_keys=True))
     else:
-        print(f"accuracy {result.accuracy:.4f}, macro-F1 {result.macro_f1:.4f} on {result.n} rows of {args.data}")
+        extra = "".join(f", {name} {value:.4g}" for name, value in score.extra.items())
+        print(f"{score.metric} {score.value:.4f}{extra} on {score.n} rows of {args.data}")
     return 0
 
 

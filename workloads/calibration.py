@@ -1,10 +1,13 @@
-"""Task-loss gradients of a model's compressible weights, from a few labelled calibration rows.
+"""Task-loss gradients of a model's compressible weights, from a few calibration rows.
 
 OSD ranks factor entries by a Taylor estimate built from the layer gradient ``G = ∂L/∂W``. We take
-the mean gradient of the cross-entropy over calibration batches, for sequence classification (the
-first model family; ``loss_fn`` is the seam for others). Only the compressible weights require
-gradients, so memory is the model plus one gradient buffer per such weight. Gradients are written
-to a safetensors file that workers read lazily by reference (``GradientFile``).
+the mean gradient of the task loss over calibration batches: the cross-entropy of the label for a
+sequence classifier, and for a causal LM the next-token cross-entropy of the rows' target tokens
+(every token of ``{text}``, the completion of ``{prompt, completion}``, the assistant's last
+message of ``{messages}``, the right choice of ``{prompt, choices, label}``; ``workloads.task_rows``).
+Only the compressible weights require gradients, so memory is the model plus one gradient buffer
+per such weight. Gradients are written to a safetensors file that workers read lazily by
+reference (``GradientFile``).
 
 It runs the model (``transformers``, imported on use), like the evaluators beside it, so it lives
 here and not in ``osd_core``, which stays pure torch: workers read its output with
@@ -13,11 +16,10 @@ here and not in ``osd_core``, which stays pure torch: workers read its output wi
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -28,48 +30,13 @@ from osd_core.compress import plan_pair
 from osd_core.config import CompressionConfig
 from osd_core.errors import CalibrationError, MissingTensorError
 from osd_core.svd import truncated_svd
+from workloads.errors import DataFormatError
+from workloads.task_rows import IGNORE, TaskRows, encode_pairs, is_causal_lm, lm_pairs, read_task_rows
 
 log = logging.getLogger(__name__)
 
 PATH_POINTS = 4
 
-
-
-@dataclass(frozen=True)
-class LabelledRow:
-    text: str
-    label: int
-
-
-def read_rows(path: str | Path, *, num_labels: int | None = None) -> list[LabelledRow]:
-    """Read ``{"text": str, "label": int}`` JSONL rows, naming the file and line of any bad one."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise CalibrationError(f"{path}: calibration file does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CalibrationError(f"{path}: cannot read calibration file ({exc})") from None
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CalibrationError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str) \
-                or type(record.get("label")) is not int:
-            raise CalibrationError(f"{path}:{number}: expected an object with a string 'text' and an integer 'label'")
-        if num_labels is not None and not 0 <= record["label"] < num_labels:
-            raise CalibrationError(
-                f"{path}:{number}: label {record['label']} is outside the model's {num_labels} classes "
-                f"[0, {num_labels})"
-            )
-        rows.append(LabelledRow(record["text"], record["label"]))
-    if not rows:
-        raise CalibrationError(f"{path}: calibration file holds no rows")
-    return rows
 
 
 def calibration_gradients(
@@ -91,15 +58,17 @@ def calibration_gradients(
     so that ``Δ ⊙ Ḡ`` attributes the loss reduction the fine-tune bought to each entry (integrated
     gradients), instead of probing a minimum where the gradient is near zero.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     base, finetuned = Checkpoint.open(base_dir), Checkpoint.open(finetuned_dir)
     names = [p.name for p in plan_pair(base, finetuned, config) if p.action == "factorise"]
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(finetuned.local_dir), use_safetensors=True, dtype=torch.float32
-    )
-    rows = read_rows(calibration, num_labels=model.config.num_labels)
+    causal = is_causal_lm(finetuned.config)
+    num_labels = None if causal else _num_labels(finetuned.config)
+    rows = _calibration_rows(calibration, num_labels, finetuned.config)
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    model = auto.from_pretrained(str(finetuned.local_dir), use_safetensors=True, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(finetuned.local_dir))
+    pairs = _scorable(lm_pairs(rows, tokenizer), tokenizer, max_length, rows) if causal else None
     params = dict(model.named_parameters())
     missing = [name for name in names if name not in params]
     if missing:
@@ -108,19 +77,25 @@ def calibration_gradients(
         param.requires_grad_(name in names)
     model.eval()  # no dropout: the gradient of the model as it will be served
     stats = _OutputErrorWeights(model, names)
-    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    count = len(rows.rows) if pairs is None else len(pairs)
+    batches = [range(i, min(i + batch_size, count)) for i in range(0, count, batch_size)]
     points = _gradient_points(params, base, finetuned, names, config)
     for point, load_point in enumerate(points):
         load_point()
         stats.enabled = point == len(points) - 1  # activation statistics from one pass: the last point
         for done, batch in enumerate(batches, start=1):
-            encoded = tokenizer(
-                [row.text for row in batch], padding=True, truncation=True, max_length=max_length,
-                return_tensors="pt",
-            )
+            if pairs is not None:
+                lm = encode_pairs(tokenizer, [pairs[i] for i in batch], max_length)
+                encoded = {"input_ids": lm.input_ids, "attention_mask": lm.attention_mask}
+                labels = lm.labels
+            else:
+                encoded = tokenizer(
+                    [rows.rows[i]["text"] for i in batch], padding=True, truncation=True, max_length=max_length,
+                    return_tensors="pt",
+                )
+                labels = torch.tensor([rows.rows[i]["label"] for i in batch])
             stats.observe(encoded)
-            labels = torch.tensor([row.label for row in batch])
-            loss = model(**encoded, labels=labels).loss * (len(batch) / (len(rows) * len(points)))
+            loss = model(**encoded, labels=labels).loss * (len(batch) / (count * len(points)))
             loss.backward()
             if progress is not None:
                 progress(point * len(batches) + done, len(points) * len(batches))
@@ -132,9 +107,33 @@ def calibration_gradients(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".partial")
-    save_file(grads, str(tmp), metadata={"rows": str(len(rows)), "gradient_at": config.gradient_at})
+    save_file(grads, str(tmp), metadata={"rows": str(count), "gradient_at": config.gradient_at})
     tmp.replace(out_path)
     return out_path
+
+
+def _scorable(pairs: list[tuple[str, str]], tokenizer: Any, max_length: int, rows: TaskRows
+              ) -> list[tuple[str, str]]:
+    """The pairs with at least one target token (a one-token text has none: nothing predicts it)."""
+    kept = [pair for pair in pairs if bool((encode_pairs(tokenizer, [pair], max_length).labels[0, 1:] != IGNORE).any())]
+    if not kept:
+        raise CalibrationError(f"{rows.path}: no row has a token to take the loss on (each needs two or more)")
+    if len(kept) < len(pairs):
+        log.warning("%s: %d row(s) with no target token left out of calibration", rows.path, len(pairs) - len(kept))
+    return kept
+
+
+def _num_labels(config: dict[str, Any]) -> int | None:
+    labels = config.get("num_labels") or len(config.get("id2label") or {})
+    return labels if isinstance(labels, int) and labels > 0 else None
+
+
+def _calibration_rows(path: str | Path, num_labels: int | None, config: dict[str, Any]) -> TaskRows:
+    """The rows the model can take, data errors reported as calibration errors (naming file and line)."""
+    try:
+        return read_task_rows(path, num_labels=num_labels).require(config)
+    except DataFormatError as exc:
+        raise CalibrationError(str(exc).replace("no such file", "calibration file does not exist")) from None
 
 
 class _OutputErrorWeights:
