@@ -71,9 +71,8 @@ from osd_io.sources import PairLayout, fetch_file, open_checkpoint, sha256_of
 from osd_io.storage import ObjectStore, open_store
 from workers.jobs import CalibrationJob, EvalJob, EvalRecord, GroupJob, GroupResult
 from workers.tasks import calibrate_task, compress_group_task, evaluate_task, measure_group_task, submit
-from workloads.jsonl import read_jsonl
+from workloads.task_rows import HIGHER_IS_BETTER, TaskRows, is_causal_lm, metric_for, read_task_rows
 
-METRIC = "accuracy"
 _IN_FLOW: dict[str, Any] = dict(cache_policy=NO_CACHE, persist_result=False)
 
 
@@ -85,6 +84,7 @@ class ModelInputs:
     calibration_sha256: str | None
     eval_sha256: str | None
     revision: str
+    metric: str  # what the eval rows measure on this model (accuracy, acc or perplexity)
 
 
 @dataclass(frozen=True)
@@ -101,14 +101,26 @@ class Target:
 
 @task(name="plan", task_run_name="plan {model.name}", **_IN_FLOW)
 def read_inputs(model: ModelSpec) -> ModelInputs:
-    """Headers and content hashes of the pair, and hashes of the calibration and eval files."""
+    """Headers and content hashes of the pair, hashes of the calibration and eval files, and the metric."""
     pair = PairLayout.read(model.base, model.finetuned)
+    metric = "accuracy"
+    if model.eval:
+        with scratch_dir("plan") as scratch:
+            metric = metric_for(pair.finetuned.config, task_rows(model.eval, pair.finetuned.config, Path(scratch)))
     return ModelInputs(
         pair,
         sha256_of(model.calibration) if model.calibration else None,
         sha256_of(model.eval) if model.eval else None,
         model.revision or pair.finetuned_identity["sha256"][:12],
+        metric,
     )
+
+
+def task_rows(uri: str, config: dict[str, Any], scratch: Path) -> TaskRows:
+    """The data file at ``uri``, checked against the model of ``config`` (its classes, its task)."""
+    classes = config.get("num_labels") or len(config.get("id2label") or {}) or None
+    causal = is_causal_lm(config)
+    return read_task_rows(fetch_file(uri, scratch), num_labels=None if causal else classes).require(config)
 
 
 def make_target(model: ModelSpec, inputs: ModelInputs, variant: Variant, group_bytes: int) -> Target:
@@ -118,7 +130,7 @@ def make_target(model: ModelSpec, inputs: ModelInputs, variant: Variant, group_b
     if variant.config.needs_gradients and inputs.calibration_sha256 is not None:
         names = [layer.name for layer in plan.factorised]
         grads = gradient_key(model.name, inputs.pair, variant.config, inputs.calibration_sha256, names)
-    ident = artifact_id(model.name, delta, inputs.eval_sha256, METRIC)
+    ident = artifact_id(model.name, delta, inputs.eval_sha256, inputs.metric)
     return Target(variant, plan, delta, ident, artifact_prefix(model.name, delta), grads)
 
 
@@ -214,10 +226,9 @@ def preflight(models: Sequence[ModelSpec], sweep: SweepSpec, store: str) -> None
         pair = PairLayout(base, finetuned, {}, {})
         for variant in sweep.variants():
             plan_model(model.name, pair, variant.config, group_bytes=sweep.group_bytes)
-        classes = finetuned.config.get("num_labels") or len(finetuned.config.get("id2label") or {}) or None
         with scratch_dir("preflight") as scratch:
             for uri in filter(None, (model.calibration, model.eval)):
-                read_jsonl(fetch_file(uri, Path(scratch)), num_labels=classes)
+                task_rows(uri, finetuned.config, Path(scratch))
 
 
 class _Sweep:
@@ -431,7 +442,7 @@ class _Sweep:
         if self.reference is None:
             return None
         try:
-            return self.reference.result().accuracy
+            return self.reference.result().value
         except Exception as exc:  # noqa: BLE001 - the deltas' rows stand without their reference
             self.log.warning(
                 "%s: scoring the fine-tune itself failed: %s: %s", self.model.name, type(exc).__name__, exc
@@ -468,7 +479,7 @@ class _Sweep:
             "finetuned_sha256": pair.finetuned_identity["sha256"],
         }
         if record is not None:
-            params.update(macro_f1=record.macro_f1, eval_rows=record.rows, eval_seconds=round(record.seconds, 3))
+            params.update(record.extra, eval_rows=record.rows, eval_seconds=round(record.seconds, 3))
             if self.finetuned_accuracy is not None:
                 params["finetuned_accuracy"] = self.finetuned_accuracy
         if t.artifact_id in self.failures:
@@ -485,8 +496,9 @@ class _Sweep:
             budget_bits=commit.budget_bits if commit else t.plan.total_bits,
             paper_bits=commit.paper_bits if commit else 0,
             bytes=commit.bytes if commit else 0,
-            accuracy=record.accuracy if record else None,
-            metric=METRIC,
+            accuracy=record.value if record else None,
+            metric=self.inputs.metric,
+            higher_is_better=HIGHER_IS_BETTER[self.inputs.metric],
             eval_data=self.inputs.eval_sha256 or "",
             uri=commit.uri if commit else "",
             sha256=commit.manifest_sha256 if commit else "",

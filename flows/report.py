@@ -64,22 +64,24 @@ def plot_key(model: str) -> str:
     return f"reports/{safe_name(model)}/{PLOT_NAME}"
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the (size, accuracy) points no other point beats, by increasing size.
+def pareto_front(points: Sequence[tuple[float, float]], *, higher_is_better: bool = True) -> list[int]:
+    """Indices of the (size, score) points no other point beats, by increasing size.
 
-    A point is on the front when every smaller-or-equal point is less accurate: for each accuracy
-    it reaches, it is the smallest delta that reaches it. Of equal points the first is kept.
+    A point is on the front when every smaller-or-equal point scores worse: for each score it
+    reaches, it is the smallest delta that reaches it (better is lower for perplexity). Of equal
+    points the first is kept.
     """
     for size, accuracy in points:
         if not (math.isfinite(size) and math.isfinite(accuracy)):
             raise ValueError(f"points must be finite (size, accuracy) pairs, got ({size!r}, {accuracy!r})")
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1], i))
+    sign = 1.0 if higher_is_better else -1.0
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -sign * points[i][1], i))
     front: list[int] = []
     best = -math.inf
     for i in order:
-        if points[i][1] > best:
+        if sign * points[i][1] > best:
             front.append(i)
-            best = points[i][1]
+            best = sign * points[i][1]
     return front
 
 
@@ -133,7 +135,7 @@ def plot_png(rows: Sequence[CatalogRow], *, reference: float | None = None) -> b
     from matplotlib.ticker import EngFormatter
 
     points = _points(rows)
-    front = pareto_front(points)
+    front = pareto_front(points, higher_is_better=rows[0].higher_is_better)
     figure = Figure(figsize=(7.5, 4.8), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
@@ -222,7 +224,7 @@ def report_markdown(
     inside the artifact, and the stored copy is for people and tools with store access.
     """
     first = rows[0]
-    front = [rows[i] for i in pareto_front(_points(rows))]
+    front = [rows[i] for i in pareto_front(_points(rows), higher_is_better=rows[0].higher_is_better)]
     encoded = base64.b64encode(png).decode("ascii")
     full = f"full fine-tune {reference:.4f}" if reference is not None else "full fine-tune not measured"
     lines = [

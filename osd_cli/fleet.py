@@ -65,11 +65,11 @@ def add_fleet_commands(commands: Any) -> None:
 
     catalog = commands.add_parser("catalog", help="query the artifact catalog")
     queries = catalog.add_subparsers(dest="query", required=True)
-    smallest = queries.add_parser("smallest", help="the smallest artifact of a model meeting an accuracy floor")
+    smallest = queries.add_parser("smallest", help="the smallest artifact of a model meeting a floor (accuracy) "
+                                                   "or a ceiling (perplexity)")
     _add_store_argument(smallest)
     smallest.add_argument("--model", required=True)
-    smallest.add_argument("--min-accuracy", required=True, type=float)
-    smallest.add_argument("--metric", help="when a model has several metrics")
+    _add_bound_arguments(smallest)
     smallest.add_argument("--json", action="store_true", help="print the row as one JSON object")
     smallest.set_defaults(handler=run_smallest)
     listing = queries.add_parser("list", help="every catalog row (one per artifact)")
@@ -91,8 +91,7 @@ def add_fleet_commands(commands: Any) -> None:
                                               "delta meeting a floor")
     _add_store_argument(fetch)
     fetch.add_argument("--model", required=True)
-    fetch.add_argument("--min-accuracy", required=True, type=float)
-    fetch.add_argument("--metric")
+    _add_bound_arguments(fetch)
     fetch.add_argument("--base", required=True, type=Path, help="local base checkpoint directory")
     fetch.add_argument("--out", required=True, type=Path, help="checkpoint (or adapter) directory to create")
     fetch.add_argument("--format", choices=("checkpoint", "peft"), default="checkpoint",
@@ -166,6 +165,15 @@ def _axes(sweep: SweepSpec) -> dict[str, Any]:
     return {name: getattr(sweep, name) for name in ("ranks", "methods", "allocations", "group_mib")}
 
 
+def _add_bound_arguments(parser: argparse.ArgumentParser) -> None:
+    """The query's bound: a floor for a higher-is-better metric, a ceiling for perplexity."""
+    bound = parser.add_mutually_exclusive_group(required=True)
+    bound.add_argument("--min-accuracy", "--at-least", dest="min_accuracy", type=float,
+                       help="floor of a higher-is-better metric (accuracy, acc, acc_norm)")
+    bound.add_argument("--at-most", type=float, help="ceiling of a lower-is-better metric (perplexity)")
+    parser.add_argument("--metric", help="which metric, when the model's rows measure several")
+
+
 def _add_store_argument(parser: argparse.ArgumentParser) -> None:
     """``--store``, by default the ``$OSD_FLEET_STORE`` that deployments and ``infra/local-stack.sh`` set."""
     default = os.environ.get("OSD_FLEET_STORE")
@@ -227,7 +235,8 @@ def run_smallest(args: argparse.Namespace) -> int:
     from osd_io.storage import open_store
 
     try:
-        row = Catalog(open_store(args.store)).smallest(args.model, args.min_accuracy, metric=args.metric)
+        row = Catalog(open_store(args.store)).smallest(args.model, args.min_accuracy, at_most=args.at_most,
+                                                       metric=args.metric)
     except NoneMeetsError as exc:
         print(f"osd-fleet: {exc}", file=sys.stderr)
         return EXIT_NONE_MEETS
@@ -235,7 +244,7 @@ def run_smallest(args: argparse.Namespace) -> int:
         print(json.dumps(row_json(row), sort_keys=True))
     else:
         print(
-            f"{row.model} {row.method} r={row.rank} {row.allocation}: accuracy {row.accuracy:.4f}, "
+            f"{row.model} {row.method} r={row.rank} {row.allocation}: {row.metric} {row.accuracy:.4f}, "
             f"{row.bytes:,} bytes at {row.uri}"
         )
     return 0
@@ -274,7 +283,8 @@ def run_plot(args: argparse.Namespace) -> int:
     rows = comparable_rows(Catalog(open_store(args.store)).rows(), args.model)
     png = plot_png(rows, reference=finetuned_accuracy(rows))
     write_file(args.out, png, what="PNG plot", is_ours=is_png)
-    front = pareto_front([(row.bytes, row.accuracy) for row in rows])  # type: ignore[misc]
+    front = pareto_front([(row.bytes, row.accuracy) for row in rows],  # type: ignore[misc]
+                         higher_is_better=rows[0].higher_is_better)
     print(f"{args.out}: {len(rows)} deltas of {args.model}, {len(front)} on the Pareto front")
     return 0
 
@@ -291,7 +301,7 @@ def run_fetch(args: argparse.Namespace) -> int:
     check(args.out, inputs=(args.base,), overwrite=args.overwrite)
     store = open_store(args.store)
     try:
-        row = Catalog(store).smallest(args.model, args.min_accuracy, metric=args.metric)
+        row = Catalog(store).smallest(args.model, args.min_accuracy, at_most=args.at_most, metric=args.metric)
     except NoneMeetsError as exc:
         print(f"osd-fleet: {exc}", file=sys.stderr)
         return EXIT_NONE_MEETS
@@ -309,7 +319,7 @@ def run_fetch(args: argparse.Namespace) -> int:
                                          expected_sha256=row.sha256)
             what = ""
     print(
-        f"{out}: {what}{row.model} {row.method} r={row.rank} {row.allocation}, accuracy {row.accuracy:.4f}, "
+        f"{out}: {what}{row.model} {row.method} r={row.rank} {row.allocation}, {row.metric} {row.accuracy:.4f}, "
         f"{row.bytes:,} bytes fetched from {row.uri}"
     )
     return 0

@@ -62,8 +62,9 @@ __all__ = [
 
 PARTS_PREFIX = "catalog/parts/"
 # Stamped into each part's schema metadata; readers refuse newer formats. 2: rank and extra_rank
-# became float64 (fractional budgets); format-1 parts (int64) are read and cast.
-CATALOG_FORMAT = 2
+# became float64 (fractional budgets); format-1 parts (int64) are read and cast. 3: the metric's
+# direction (``higher_is_better``: perplexity is lower-is-better); older parts hold accuracy only.
+CATALOG_FORMAT = 3
 COMPACT_AFTER_PARTS = 32
 _FORMAT_KEY = b"osd_fleet.catalog_format"
 STATUSES = ("ok", "failed")
@@ -95,7 +96,10 @@ class CatalogRow:
     ``bytes`` is the artifact's size on storage; ``budget_bits`` the bit budget it was
     compressed to and ``paper_bits`` the cost as the paper counts it. ``eval_data`` identifies
     the evaluation set by the sha256 of its file, ``sha256`` the artifact by its manifest.
-    ``params`` is a JSON object (a mapping given here is serialised with sorted keys).
+    ``accuracy`` holds the measured value of ``metric`` (accuracy, ``acc``, ``acc_norm``, or
+    ``perplexity``), and ``higher_is_better`` says which way is better, so queries can refuse a
+    floor on a lower-is-better metric. ``params`` is a JSON object (a mapping given here is
+    serialised with sorted keys).
     """
 
     model: str
@@ -110,6 +114,7 @@ class CatalogRow:
     bytes: int
     accuracy: float | None = None
     metric: str
+    higher_is_better: bool = True
     eval_data: str
     uri: str
     sha256: str
@@ -131,6 +136,8 @@ class CatalogRow:
                 raise ValueError(f"{f.name} must be an int >= 0, got {value!r}")
             if hint is str and not isinstance(value, str):
                 raise ValueError(f"{f.name} must be a str, got {type(value).__name__}: {value!r}")
+            if hint is bool and not isinstance(value, bool):
+                raise ValueError(f"{f.name} must be true or false, got {value!r}")
         safe_name(self.model)
         safe_name(self.revision)
         if not self.artifact_id:
@@ -170,6 +177,8 @@ class CatalogRow:
                 value = None if value is None or pd.isna(value) else float(value)
             elif name in RANK_COLUMNS:
                 value = _rank_number(name, value)
+            elif hint is bool:
+                value = bool(value)
             elif hint is int:
                 value = int(value)
             elif hint is str:
@@ -198,6 +207,7 @@ def _arrow_field(name: str, hint: Any) -> pa.Field:
     nullable = isinstance(hint, types.UnionType) and type(None) in args
     base = next(a for a in args if a is not type(None)) if nullable else hint
     arrow = {
+        bool: pa.bool_(),
         int: pa.int64(),
         float: pa.float64(),
         str: pa.string(),
@@ -298,6 +308,8 @@ class Catalog:
                 f"catalog part {self.store.uri_for(key)} has format {version}; this osd-fleet "
                 f"reads up to {CATALOG_FORMAT}: upgrade osd-fleet"
             )
+        if "higher_is_better" not in table.column_names:  # format 1 and 2 parts: accuracy, higher is better
+            table = table.append_column("higher_is_better", pa.array([True] * table.num_rows, pa.bool_()))
         missing = set(COLUMNS) - set(table.column_names)
         if missing:
             raise CatalogError(f"catalog part {self.store.uri_for(key)} lacks columns {sorted(missing)}")
@@ -343,12 +355,18 @@ class Catalog:
             df = df[df["model"] == model]
         return [CatalogRow.from_record(r) for r in df.to_dict("records")]
 
-    def smallest(self, model: str, min_accuracy: float, *, metric: str | None = None) -> CatalogRow:
-        """The smallest successful artifact of ``model`` with accuracy >= ``min_accuracy``.
+    def smallest(
+        self, model: str, at_least: float | None = None, *, at_most: float | None = None, metric: str | None = None
+    ) -> CatalogRow:
+        """The smallest successful artifact of ``model`` whose ``metric`` is ``>= at_least`` or ``<= at_most``.
 
-        Higher is assumed better for the metric; pass ``metric`` when a model has several.
-        Ties on size go to the higher accuracy. Raises NoneMeetsError saying what is closest.
+        Give exactly one bound, the one that fits the metric's direction: a floor for accuracy, a
+        ceiling for perplexity; the other is refused. ``metric`` is needed when the model's rows
+        measure several. Ties on size go to the better score. Raises NoneMeetsError saying what
+        is closest.
         """
+        if (at_least is None) == (at_most is None):
+            raise CatalogError("give exactly one bound: at_least (a floor) or at_most (a ceiling)")
         rows = [r for r in self.rows(model) if metric is None or r.metric == metric]
         ok = [r for r in rows if r.status == "ok"]
         label = f"model {model!r}" + (f" (metric {metric!r})" if metric else "")
@@ -359,11 +377,22 @@ class Catalog:
                 + (f" ({failed} failed)" if failed else "")
             )
         measured = [r for r in ok if r.accuracy is not None]
-        meets = [r for r in measured if r.accuracy >= min_accuracy]
+        metrics = sorted({r.metric for r in measured})
+        if len(metrics) > 1:
+            raise CatalogError(f"{label} has rows measuring {', '.join(metrics)}: name one with metric")
+        name = metrics[0] if metrics else metric or "accuracy"
+        higher = all(r.higher_is_better for r in measured)
+        if measured and higher != (at_least is not None):
+            wanted, given = ("a floor (at least)", "a ceiling") if higher else ("a ceiling (at most)", "a floor")
+            raise CatalogError(f"{name} of {label} is {'higher' if higher else 'lower'}-is-better: ask for {wanted}, "
+                               f"not {given}")
+        bound = float(at_least if at_least is not None else at_most)  # type: ignore[arg-type]
+        sign = 1.0 if higher else -1.0  # compare as "higher is better"
+        meets = [r for r in measured if sign * r.accuracy >= sign * bound]
         if meets:
-            return min(meets, key=lambda r: (r.bytes, -r.accuracy, r.created))
-        head = f"none of {len(ok)} artifacts of {label} meets accuracy >= {min_accuracy:g}"
+            return min(meets, key=lambda r: (r.bytes, -sign * r.accuracy, r.created))
+        head = f"none of {len(ok)} artifacts of {label} meets {name} {'>=' if higher else '<='} {bound:g}"
         if not measured:
-            raise NoneMeetsError(f"{head}; none has a measured accuracy")
-        best = max(measured, key=lambda r: (r.accuracy, -r.bytes))
+            raise NoneMeetsError(f"{head}; none has a measured {name}")
+        best = max(measured, key=lambda r: (sign * r.accuracy, -r.bytes))
         raise NoneMeetsError(f"{head}; best is {best.accuracy:.4g} at {_human_bytes(best.bytes)}")

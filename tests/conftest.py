@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -122,3 +123,35 @@ def synthetic_pair(tmp_path) -> tuple[Path, Path]:
     base_state = write_bert_like(tmp_path / "base", layers=2, hidden=32, intermediate=64, vocab=50, seed=0)
     write_bert_like(tmp_path / "ft", layers=2, hidden=32, intermediate=64, vocab=50, seed=1, base=base_state)
     return tmp_path / "base", tmp_path / "ft"
+
+
+WORDS = "the a cat dog sat ran on under mat rug red blue big small is was yes no and then".split()
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}" \
+                "{% if add_generation_prompt %}assistant : {% endif %}"
+
+
+def word_tokenizer() -> Any:
+    """A word-level tokenizer over a few words, with a chat template: built here, no download."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", ":", *WORDS, "user", "assistant"])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def lm_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny random Llama base and fine-tune with :func:`word_tokenizer`'s files beside them."""
+    from tests.test_architectures import ARCHITECTURES, save_pair
+
+    root = tmp_path_factory.mktemp("lm")
+    config_class, settings, auto_class = ARCHITECTURES["llama"]
+    base, tuned = save_pair(root, config_class, {**settings, "vocab_size": 32}, auto_class)
+    for directory in (base, tuned):
+        word_tokenizer().save_pretrained(directory)
+    return base, tuned

@@ -54,7 +54,7 @@ def test_schema_is_derived_from_the_dataclass() -> None:
     assert SCHEMA.field("accuracy").type == pa.float64() and SCHEMA.field("accuracy").nullable
     assert SCHEMA.field("created").type == pa.timestamp("us", tz="UTC")
     assert not SCHEMA.field("model").nullable
-    assert SCHEMA.metadata[b"osd_fleet.catalog_format"] == b"2"
+    assert SCHEMA.metadata[b"osd_fleet.catalog_format"] == b"3"
 
 
 @pytest.mark.parametrize("accuracy", [0.93, None])
@@ -226,7 +226,7 @@ def test_newer_format_refused(store: ObjectStore) -> None:
     sink = io.BytesIO()
     pq.write_table(table, sink)
     store.put_bytes(f"{PARTS_PREFIX}future.parquet", sink.getvalue())
-    with pytest.raises(CatalogError, match="has format 99; .* reads up to 2"):
+    with pytest.raises(CatalogError, match="has format 99; .* reads up to 3"):
         Catalog(store).read()
 
 
@@ -315,3 +315,31 @@ def test_catalog_compact_command(store_uri: str, capsys: pytest.CaptureFixture[s
     assert catalog.part_count() == 1 and len(catalog.read()) == 3
     assert main(["catalog", "compact", "--store", store_uri]) == 0
     assert "nothing to merge (1 part(s))" in capsys.readouterr().out
+
+
+def test_perplexity_rows_take_a_ceiling_and_a_wrong_direction_is_refused(store: ObjectStore) -> None:
+    catalog = Catalog(store)
+    lm = {"model": "lm", "metric": "perplexity", "higher_is_better": False}
+    catalog.append([make_row(artifact_id="small", bytes=100, accuracy=14.0, **lm),
+                    make_row(artifact_id="big", bytes=900, accuracy=11.5, **lm)])
+    assert catalog.smallest("lm", at_most=12.0).artifact_id == "big"
+    assert catalog.smallest("lm", at_most=20.0).artifact_id == "small"
+    with pytest.raises(NoneMeetsError, match=r"meets perplexity <= 11; best is 11\.5 at 900 B$"):
+        catalog.smallest("lm", at_most=11.0)
+    with pytest.raises(CatalogError, match="perplexity of model 'lm' is lower-is-better: ask for a ceiling"):
+        catalog.smallest("lm", 0.9)
+    catalog.append([make_row()])
+    with pytest.raises(CatalogError, match="accuracy of model 'tiny-llama' is higher-is-better: ask for a floor"):
+        catalog.smallest("tiny-llama", at_most=0.5)
+    with pytest.raises(CatalogError, match="exactly one bound"):
+        catalog.smallest("lm")
+
+
+def test_format_2_parts_read_as_higher_is_better(store: ObjectStore) -> None:
+    table = rows_to_table([make_row()]).drop_columns(["higher_is_better"])
+    table = table.replace_schema_metadata({b"osd_fleet.catalog_format": b"2"})
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    store.put_bytes(f"{PARTS_PREFIX}old.parquet", sink.getvalue())
+    (row,) = Catalog(store).rows()
+    assert row.higher_is_better and row.metric == "accuracy" and Catalog(store).smallest("tiny-llama", 0.9) == row

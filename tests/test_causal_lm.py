@@ -19,40 +19,13 @@ from osd_cli.main import main
 from osd_core.calibration_data import GradientFile
 from osd_core.config import CompressionConfig
 from osd_core.errors import CalibrationError
-from tests.test_architectures import ARCHITECTURES, save_pair
+from tests.conftest import word_tokenizer
 from workloads.calibration import calibration_gradients
 from workloads.errors import DataFormatError
 from workloads.evaluate import score_checkpoint
 from workloads.task_rows import CHAT, CHOICE, COMPLETION, TEXT, read_task_rows
 
 transformers = pytest.importorskip("transformers")
-
-WORDS = "the a cat dog sat ran on under mat rug red blue big small is was yes no and then".split()
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}" \
-                "{% if add_generation_prompt %}assistant : {% endif %}"
-
-
-def word_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", ":", *WORDS, "user", "assistant"])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-@pytest.fixture(scope="module")
-def lm_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("lm")
-    config_class, settings, auto_class = ARCHITECTURES["llama"]
-    base, tuned = save_pair(root, config_class, {**settings, "vocab_size": 32}, auto_class)
-    for directory in (base, tuned):
-        word_tokenizer().save_pretrained(directory)
-    return base, tuned
-
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -110,7 +83,7 @@ def test_row_shapes_are_recognised_and_mixed_or_unknown_ones_refused(tmp_path):
     bad = {
         "mixed": ([TEXTS[0], CHOICES[0]], r"mixed.jsonl:2: a choice row in a file of text rows"),
         "unknown": ([{"question": "?"}], r"unknown.jsonl:1: keys \['question'\] match no row shape"),
-        "label": ([{**CHOICES[0], "label": 3}], r"label.jsonl:1: label 3 is outside its 3 choices"),
+        "label": ([{**CHOICES[0], "label": 3}], r"label.jsonl:1: label 3 is outside \[0, 3\): the row has 3 choices"),
         "chat": ([{"messages": chat["messages"][:1]}], r"chat.jsonl:1: the last message must be the assistant's"),
     }
     for name, (rows, message) in bad.items():

@@ -141,7 +141,8 @@ def test_bad_parameters_exit_2(capsys, synthetic_pair, tmp_path, reliability, ar
     ("a row without a label", '{"text": "fine"}\n',
      ":1: expected an object with a string 'text' and an integer 'label'"),
     ("a row that is not JSON", '{"text": "ok", "label": 1}\nnot json\n', ":2: not valid JSON"),
-    ("a label outside the head's range", '{"text": "ok", "label": 7}\n', "label 7 is outside the model's 2 classes"),
+    ("a label outside the head's range", '{"text": "ok", "label": 7}\n',
+     "label 7 is outside [0, 2): the model has 2 classes"),
 ])
 def test_bad_calibration_files_exit_2(capsys, real_pair, tmp_path, reliability, case, content, message):
     base, tuned = real_pair

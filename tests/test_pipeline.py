@@ -34,6 +34,7 @@ from osd_io.catalog import COMPACT_AFTER_PARTS, PARTS_PREFIX, Catalog, CatalogRo
 from osd_io.sources import is_s3
 from osd_io.storage import S3Store, open_store
 from tests.conftest import write_bert_like
+from tests.test_causal_lm import CHOICES, TEXTS, write_rows
 from tests.s3_server import S3_SECRET
 
 MIB = 1 << 20
@@ -430,6 +431,25 @@ def torch_threads(count: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_decoder_pair_through_the_flow_scored_by_log_likelihood_and_perplexity(
+    fleet_runtime, lm_pair, store_uri, tmp_path, capsys
+):
+    base, tuned = lm_pair
+    base_uri, tuned_uri = inputs_on(store_uri, base, tuned)
+    sweep = SweepSpec(ranks=(1, 2), methods=("magtruncsvd",))
+    for metric, rows, direction in (("acc", CHOICES, True), ("perplexity", TEXTS, False)):
+        data = write_rows(tmp_path / f"{metric}.jsonl", rows)
+        name = f"lm-{metric}-{uuid.uuid4().hex[:6]}"
+        found = main_rows(ModelSpec(name, base_uri, tuned_uri, eval=str(data)), sweep, store_uri)
+        assert [(r.status, r.metric, r.higher_is_better) for r in found] == [("ok", metric, direction)] * 2
+        assert all(r.accuracy is not None and "finetuned_accuracy" in r.params_dict for r in found)
+    ceiling = max(r.accuracy for r in found)
+    code = main(["catalog", "smallest", "--store", store_uri, "--model", name, "--at-most", str(ceiling), "--json"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["metric"] == "perplexity"
+    code = main(["catalog", "smallest", "--store", store_uri, "--model", name, "--min-accuracy", "0.5"])
+    assert code == 2 and "perplexity of model" in capsys.readouterr().err
 
 
 def main_rows(model: ModelSpec, sweep: SweepSpec, store_uri: str):

@@ -17,7 +17,7 @@ from workers.jobs import EvalJob, EvalRecord
 
 
 def evaluate(job: EvalJob) -> EvalRecord:
-    from workloads.evaluate import evaluate_checkpoint  # imports transformers: only here
+    from workloads.evaluate import score_checkpoint  # imports transformers: only here
 
     with scratch_dir("eval") as scratch:
         root = Path(scratch)
@@ -29,5 +29,5 @@ def evaluate(job: EvalJob) -> EvalRecord:
             )
             base = materialize(job.pair.base, job.pair.base_identity["sha256"])
             model = reconstruct_checkpoint(base, delta, root / "model", expected_sha256=job.manifest_sha256)
-        result = evaluate_checkpoint(model, fetch_file(job.data, root / "data"), progress=False)
-    return EvalRecord(result.accuracy, result.macro_f1, result.n, result.seconds)
+        score = score_checkpoint(model, fetch_file(job.data, root / "data"), progress=False)
+    return EvalRecord(score.metric, score.value, score.higher_is_better, score.extra, score.n, score.seconds)

@@ -129,7 +129,11 @@ class EvalJob:
 
 @dataclass(frozen=True)
 class EvalRecord:
-    accuracy: float
-    macro_f1: float
+    """A score as the catalog records it: the metric, its value and direction, and what came beside it."""
+
+    metric: str
+    value: float
+    higher_is_better: bool
+    extra: dict[str, float | int]
     rows: int
     seconds: float

@@ -31,9 +31,8 @@ from transformers import (
 from workloads.errors import DataFormatError, ModelFormatError, WorkloadError
 from workloads.jsonl import Row, read_jsonl
 from workloads.lm_evaluate import perplexity, score_choices
-from workloads.task_rows import CHOICE, is_causal_lm, read_task_rows
+from workloads.task_rows import CHOICE, HIGHER_IS_BETTER, is_causal_lm, read_task_rows
 
-HIGHER_IS_BETTER = {"accuracy": True, "acc": True, "acc_norm": True, "macro_f1": True, "perplexity": False}
 
 
 @dataclass(frozen=True)

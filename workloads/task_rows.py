@@ -37,6 +37,7 @@ SHAPES: dict[frozenset[str], str] = {
     frozenset({"prompt", "choices", "label"}): CHOICE,
 }
 IGNORE = -100  # the label torch's cross-entropy skips
+HIGHER_IS_BETTER = {"accuracy": True, "acc": True, "acc_norm": True, "macro_f1": True, "perplexity": False}
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,13 @@ class TaskRows:
                 f"{self.path}:{self.lines[0]}: expected an object with a string 'text' and an integer 'label' "
                 f"(a sequence classifier's rows), got a {self.kind} row")
         return self
+
+
+def metric_for(config: dict[str, Any], rows: TaskRows) -> str:
+    """The metric the evaluator reports for this model on these rows (``workloads.evaluate``)."""
+    if not is_causal_lm(config):
+        return "accuracy"
+    return "acc" if rows.kind == CHOICE else "perplexity"
 
 
 def is_causal_lm(config: dict[str, Any]) -> bool:
@@ -130,8 +138,8 @@ def _check(row: dict[str, Any], shape: str, where: str, num_labels: int | None) 
             raise DataFormatError(f"{where}: 'label' must be an integer, got {label!r}")
         limit = len(row["choices"]) if shape == CHOICE else num_labels
         if limit is not None and not 0 <= label < limit:
-            what = f"its {limit} choices" if shape == CHOICE else f"the model's {limit} classes"
-            raise DataFormatError(f"{where}: label {label} is outside {what} [0, {limit})")
+            what = f"the row has {limit} choices" if shape == CHOICE else f"the model has {limit} classes"
+            raise DataFormatError(f"{where}: label {label} is outside [0, {limit}): {what}")
 
 
 def lm_pairs(rows: TaskRows, tokenizer: Any) -> list[tuple[str, str]]:
