@@ -60,14 +60,20 @@ def read_jsonl(path: str | os.PathLike[str], num_labels: int | None = None) -> l
     return rows
 
 
-def _parse_line(line: str, path: Path, line_no: int, num_labels: int | None) -> Row:
-    where = f"{path}:{line_no}"
+def json_object(line: str, where: str) -> dict:
+    """One JSONL line as a JSON object, or a :class:`DataFormatError` naming ``where`` (file:line)."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise DataFormatError(f"{where}: not valid JSON ({exc.msg})") from exc
+        raise DataFormatError(f"{where}: not valid JSON ({exc.msg})") from None
     if not isinstance(obj, dict):
         raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _parse_line(line: str, path: Path, line_no: int, num_labels: int | None) -> Row:
+    where = f"{path}:{line_no}"
+    obj = json_object(line, where)
     text, label = obj.get("text"), obj.get("label")
     if not isinstance(text, str):
         raise DataFormatError(f"{where}: 'text' must be a string, got {text!r}")

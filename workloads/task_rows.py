@@ -17,7 +17,6 @@ loss, as lm-evaluation-harness does for its log-likelihood requests.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from workloads.errors import DataFormatError
+from workloads.jsonl import json_object
 
 CLASSIFICATION, TEXT, COMPLETION, CHAT, CHOICE = "classification", "text", "completion", "chat", "choice"
 SHAPES: dict[frozenset[str], str] = {
@@ -94,12 +94,7 @@ def read_task_rows(path: str | os.PathLike[str], *, num_labels: int | None = Non
         if not line.strip():
             continue
         where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataFormatError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise DataFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        row = json_object(line, where)
         shape = SHAPES.get(frozenset(row))
         if shape is None:
             known = "; ".join("{" + ", ".join(sorted(keys)) + "}" for keys in SHAPES)
