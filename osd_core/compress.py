@@ -263,14 +263,17 @@ def compress_tensor(
     """Compress one planned tensor pair; returns the record and its relative Frobenius error.
 
     The unit of work both the single-process path and the fleet's workers run. ``where`` names
-    the fine-tune and base locations in error messages.
+    the fine-tune and base locations in error messages. A float32 ``tuned`` is overwritten with
+    the delta: both callers read it fresh for this call, and at LLM sizes a third n×d buffer
+    would be the peak of the whole run (``bench/streaming_rss.py``).
     """
     _require_finite(where[0], plan.name, tuned)
     if plan.action == "replace":
         return dense_layer(plan.name, tuned.float(), "replace"), 0.0
     if base is None:
         raise MissingTensorError(f"{where[1]}: no base tensor {plan.name!r} to take a delta against")
-    delta = tuned.float() - base.float()
+    delta = tuned.float()  # the caller's own tensor when it is float32 already: subtract in place
+    delta.sub_(base)
     _require_finite(where[1], plan.name, delta)
     if plan.action == "factorise":
         grad, rows, cov = calibration_inputs(gradients, plan.name, config)
@@ -282,11 +285,25 @@ def compress_tensor(
 
 
 def relative_error(delta: torch.Tensor, layer: CompressedLayer) -> float:
-    """``‖Δ − Δ̂‖_F / ‖Δ‖_F`` (0 for an exactly reproduced or all-zero delta)."""
+    """``‖Δ − Δ̂‖_F / ‖Δ‖_F`` (0 for an exactly reproduced or all-zero delta).
+
+    A factored layer's error is summed over blocks of rows, so neither ``Δ̂`` nor ``Δ − Δ̂`` is
+    ever held whole: for an embedding of 49k rows that is two fewer copies of the largest tensor.
+    """
     norm = float(torch.linalg.vector_norm(delta))
     if norm == 0.0:
         return 0.0
-    return float(torch.linalg.vector_norm(delta - layer.delta().reshape(delta.shape))) / norm
+    if layer.kind != "factored":
+        return float(torch.linalg.vector_norm(delta - layer.delta().reshape(delta.shape))) / norm
+    u, v = layer.factors()
+    squared = 0.0
+    for lo in range(0, delta.shape[0], ERROR_BLOCK_ROWS):
+        block = delta[lo : lo + ERROR_BLOCK_ROWS] - u[lo : lo + ERROR_BLOCK_ROWS] @ v.T
+        squared += float(torch.linalg.vector_norm(block)) ** 2
+    return math.sqrt(squared) / norm
+
+
+ERROR_BLOCK_ROWS = 4096
 
 
 def resolve_device(device: str) -> torch.device:
