@@ -101,9 +101,6 @@ class S3Prefix:
     def __repr__(self) -> str:
         return f"S3Prefix({self.uri!r})"
 
-    def __reduce__(self) -> tuple[type[S3Prefix], tuple[str]]:
-        return S3Prefix, (self.uri,)
-
     @property
     def store(self) -> ObjectStore:
         return _s3_dir(self.uri)
