@@ -71,7 +71,7 @@ from osd_io.sources import PairLayout, fetch_file, open_checkpoint, sha256_of
 from osd_io.storage import ObjectStore, open_store
 from workers.jobs import CalibrationJob, EvalJob, EvalRecord, GroupJob, GroupResult
 from workers.tasks import calibrate_task, compress_group_task, evaluate_task, measure_group_task, submit
-from workloads.task_rows import HIGHER_IS_BETTER, TaskRows, is_causal_lm, metric_for, read_task_rows
+from workloads.task_rows import HIGHER_IS_BETTER, TaskRows, metric_for, read_rows_for
 
 _IN_FLOW: dict[str, Any] = dict(cache_policy=NO_CACHE, persist_result=False)
 
@@ -118,9 +118,7 @@ def read_inputs(model: ModelSpec) -> ModelInputs:
 
 def task_rows(uri: str, config: dict[str, Any], scratch: Path) -> TaskRows:
     """The data file at ``uri``, checked against the model of ``config`` (its classes, its task)."""
-    classes = config.get("num_labels") or len(config.get("id2label") or {}) or None
-    causal = is_causal_lm(config)
-    return read_task_rows(fetch_file(uri, scratch), num_labels=None if causal else classes).require(config)
+    return read_rows_for(fetch_file(uri, scratch), config)
 
 
 def make_target(model: ModelSpec, inputs: ModelInputs, variant: Variant, group_bytes: int) -> Target:

@@ -31,7 +31,7 @@ from osd_core.config import CompressionConfig
 from osd_core.errors import CalibrationError, MissingTensorError
 from osd_core.svd import truncated_svd
 from workloads.errors import DataFormatError
-from workloads.task_rows import IGNORE, TaskRows, encode_pairs, is_causal_lm, lm_pairs, read_task_rows
+from workloads.task_rows import IGNORE, TaskRows, encode_pairs, is_causal_lm, lm_pairs, read_rows_for
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,7 @@ def calibration_gradients(
     base, finetuned = Checkpoint.open(base_dir), Checkpoint.open(finetuned_dir)
     names = [p.name for p in plan_pair(base, finetuned, config) if p.action == "factorise"]
     causal = is_causal_lm(finetuned.config)
-    num_labels = None if causal else _num_labels(finetuned.config)
-    rows = _calibration_rows(calibration, num_labels, finetuned.config)
+    rows = _calibration_rows(calibration, finetuned.config)
     auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     model = auto.from_pretrained(str(finetuned.local_dir), use_safetensors=True, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(finetuned.local_dir))
@@ -123,15 +122,10 @@ def _scorable(pairs: list[tuple[str, str]], tokenizer: Any, max_length: int, row
     return kept
 
 
-def _num_labels(config: dict[str, Any]) -> int | None:
-    labels = config.get("num_labels") or len(config.get("id2label") or {})
-    return labels if isinstance(labels, int) and labels > 0 else None
-
-
-def _calibration_rows(path: str | Path, num_labels: int | None, config: dict[str, Any]) -> TaskRows:
+def _calibration_rows(path: str | Path, config: dict[str, Any]) -> TaskRows:
     """The rows the model can take, data errors reported as calibration errors (naming file and line)."""
     try:
-        return read_task_rows(path, num_labels=num_labels).require(config)
+        return read_rows_for(path, config)
     except DataFormatError as exc:
         raise CalibrationError(str(exc).replace("no such file", "calibration file does not exist")) from None
 

@@ -31,7 +31,7 @@ from transformers import (
 from workloads.errors import DataFormatError, ModelFormatError, WorkloadError
 from workloads.jsonl import Row, read_jsonl
 from workloads.lm_evaluate import perplexity, score_choices
-from workloads.task_rows import CHOICE, HIGHER_IS_BETTER, is_causal_lm, read_task_rows
+from workloads.task_rows import CHOICE, HIGHER_IS_BETTER, is_causal_lm, read_rows_for
 
 
 
@@ -245,7 +245,7 @@ def score_checkpoint(
         result = evaluate_checkpoint(model_dir, data_path, batch_size=batch_size or 64, max_length=max_length or 64,
                                      progress=progress, tokenizer_dir=tokenizer_dir)
         return Score("accuracy", result.accuracy, result.n, result.seconds, {"macro_f1": result.macro_f1})
-    rows = read_task_rows(data_path).require(config)
+    rows = read_rows_for(data_path, config)
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(model_dir, tokenizer_dir), local_files_only=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, local_files_only=True,

@@ -64,6 +64,13 @@ class TaskRows:
         return self
 
 
+def read_rows_for(path: str | os.PathLike[str], config: dict[str, Any]) -> TaskRows:
+    """The rows of ``path``, checked against the model of ``config.json``: a classifier's labels
+    within its classes, and a row shape its task can take."""
+    classes = None if is_causal_lm(config) else config.get("num_labels") or len(config.get("id2label") or {})
+    return read_task_rows(path, num_labels=classes or None).require(config)
+
+
 def metric_for(config: dict[str, Any], rows: TaskRows) -> str:
     """The metric the evaluator reports for this model on these rows (``workloads.evaluate``)."""
     if not is_causal_lm(config):
