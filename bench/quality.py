@@ -2,12 +2,15 @@
 
     python bench/quality.py --quick                       # CI: the `l3-rt` workload, a few minutes
     python bench/quality.py --workloads l6-rt,l6-tweets,l6-drug --ranks 1,2,4 --split eval
+    python bench/quality.py --workloads smollm2-sst2 --ranks 0.25,0.5,1,2,4 --split eval  # after `make llm`
 
 For each workload, variant, budget rank r and extra rank c it runs the real path: calibration
 (where the variant needs it) → compress_checkpoint → reconstruct_checkpoint → evaluate on the
-chosen split, and prints one table. Choices (c, variants) are made on ``--split val`` (carved from
-training data); report on ``--split eval`` (held out). Results are appended as JSON lines to
-``--results`` so long sweeps can be resumed and tabulated again.
+chosen split, and prints one table. A decoder workload (``smollm2-*``) is scored by log-likelihood
+``acc`` on its choice rows, and each cell also measures perplexity on held-out text. Choices (c,
+variants) are made on ``--split val`` (carved from training data); report on ``--split eval``
+(held out). Results are appended as JSON lines to ``--results`` so long sweeps can be resumed and
+tabulated again.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -112,6 +116,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def load_workload(name: str, split: str) -> tuple[Any, dict]:
+    """The built workload ``name`` (built now if need be) and the full fine-tune's scores on ``split``."""
+    from workloads import build_workload
+    from workloads.lm_build import LM_WORKLOADS, build_lm_workload
+
+    if name not in LM_WORKLOADS:
+        workload = build_workload(name, progress=sys.stderr.isatty())  # bars only for a person watching
+        return workload, {"full_accuracy": workload.scores["finetuned"][split].accuracy}
+    workload = build_lm_workload(name)
+    base, tuned = workload.scores["base"], workload.scores["finetuned"]
+    return workload, {"full_accuracy": tuned[split]["acc"], "full_perplexity": tuned["text"]["perplexity"],
+                      "base_accuracy": base[split]["acc"], "base_perplexity": base["text"]["perplexity"]}
+
+
 def scale_row(workload) -> dict:
     """Bytes of the full fine-tune, the fp16 dense delta and the zstd-compressed fp16 delta."""
     base = load_file(workload.base_dir / "model.safetensors")
@@ -145,7 +163,8 @@ def calibration_file(workload, rows: int | None, scratch: Path) -> Path:
 
 def run_point(workload, variant: str, config: CompressionConfig, split: str, scratch: Path, grads_cache: dict,
               calib_rows: int | None = None, allocation: str = "uniform") -> dict:
-    from workloads.evaluate import evaluate_checkpoint
+    from workloads.evaluate import score_checkpoint
+    from workloads.lm_build import LMWorkload
 
     started = time.perf_counter()
     gradients, calib_seconds = None, 0.0
@@ -163,16 +182,18 @@ def run_point(workload, variant: str, config: CompressionConfig, split: str, scr
                                  overwrite=True, allocation=allocation)
     restored = reconstruct_checkpoint(workload.base_dir, delta, scratch / "restored", overwrite=True)
     data = workload.val_path if split == "val" else workload.eval_path
-    result = evaluate_checkpoint(restored, data, progress=False, tokenizer_dir=workload.base_dir)
-    return {
+    result = score_checkpoint(restored, data, progress=False, tokenizer_dir=workload.base_dir)
+    row = {
         "workload": workload.name, "variant": variant, "r": config.rank,
         "c": config.c, "split": split, "allocation": allocation,
         "budget_bits": report.budget_bits, "paper_bits": report.paper_bits, "bytes": report.bytes_written,
-        "accuracy": result.accuracy, "macro_f1": result.macro_f1, "n": result.n,
+        "metric": result.metric, "accuracy": result.value, **result.extra, "n": result.n,
         "correct": "".join("1" if right else "0" for right in result.correct),  # per row, for paired intervals
         "calibration_rows": calib_rows, "calibration_seconds": round(calib_seconds, 1),
-        "seconds": round(time.perf_counter() - started, 1),
     }
+    if isinstance(workload, LMWorkload):  # does the compressed fine-tune still model plain text?
+        row["perplexity"] = score_checkpoint(restored, workload.text_path, progress=False).value
+    return {**row, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def report(path: Path, reference: str = "magtruncsvd-int8") -> str:
@@ -190,8 +211,11 @@ def report(path: Path, reference: str = "magtruncsvd-int8") -> str:
         first, ranks = group[0], sorted({r["r"] for r in group})
         variants = sorted({r["variant"] for r in group}, key=list(VARIANTS).index)
         sizes = [first[key] / 1e6 for key in ("finetuned_bytes", "delta_fp16_bytes", "delta_fp16_zstd_bytes")]
-        out += [f"**{workload}**, {split} split ({first['n']:,} rows), full fine-tune {first['full_accuracy']:.4f}; "
-                "fine-tune {:.1f} MB, fp16 dense delta {:.1f} MB, zstd fp16 delta {:.1f} MB".format(*sizes),
+        text = (f" (held-out perplexity {first['full_perplexity']:.2f}; base {first['base_accuracy']:.4f}, "
+                f"perplexity {first['base_perplexity']:.2f})" if "full_perplexity" in first else "")
+        out += [f"**{workload}**, {split} split ({first['n']:,} rows), full fine-tune {first['full_accuracy']:.4f}"
+                f"{text}; fine-tune {sizes[0]:.1f} MB, fp16 dense delta {sizes[1]:.1f} MB, zstd fp16 delta "
+                f"{sizes[2]:.1f} MB",
                 "", "| variant | " + " | ".join(f"r = {r}" for r in ranks) + " |", "|---|" + "---|" * len(ranks)]
         for variant in variants:
             cells = []
@@ -199,7 +223,8 @@ def report(path: Path, reference: str = "magtruncsvd-int8") -> str:
                 found = [r for r in group if r["variant"] == variant and r["r"] == rank]
                 cells.append(" / ".join(
                     f"{r['accuracy']:.4f} ({r['accuracy'] / r['full_accuracy']:.1%}, {r['bytes'] / 1e3:,.0f} KB"
-                    + (f", c={r['c']})" if r["c"] else ")") for r in found) or "–")
+                    + (f", c={r['c']}" if r["c"] else "")
+                    + (f", ppl {r['perplexity']:.2f})" if "perplexity" in r else ")") for r in found) or "–")
             out.append(f"| {variant} | " + " | ".join(cells) + " |")
         out.append("")
         outcomes: dict[tuple, list[str]] = {}
@@ -237,7 +262,6 @@ def paired_difference(ours: str, theirs: str, resamples: int = 2000, seed: int =
 
 def main(argv: list[str] | None = None) -> int:
     from osd_cli.arguments import number
-    from workloads import build_workload
 
     args = parse_args(argv)
     if args.report:
@@ -246,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.workloads.split(","):
-        workload = build_workload(name, progress=sys.stderr.isatty())  # bars only for a person watching
-        full = workload.scores["finetuned"][args.split].accuracy
+        workload, reference = load_workload(name, args.split)
+        full = reference["full_accuracy"]
         scale = scale_row(workload)
         print(f"\n{name}: full fine-tune {args.split} accuracy {full:.4f}; fine-tune {scale['finetuned_bytes']:,} B, "
               f"fp16 dense delta {scale['delta_fp16_bytes']:,} B, zstd fp16 delta {scale['delta_fp16_zstd_bytes']:,} B",
@@ -268,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                         config = replace(CompressionConfig(), rank=r, extra_rank=c, **spec)
                         row = run_point(workload, variant, config, args.split, Path(tmp), grads_cache,
                                         args.calib_rows, allocation)
-                        row.update(full_accuracy=full, **scale)
+                        row.update(**reference, **scale)
                         rows.append(row)
                         with args.results.open("a") as handle:
                             handle.write(json.dumps(row) + "\n")

@@ -1,6 +1,7 @@
 """Peak memory of ``osd-fleet compress`` on a decoder pair: bounded by the largest tensor pair, not the model.
 
     python bench/streaming_rss.py [--layers 30] [--rank 1]
+    python bench/streaming_rss.py --workload smollm2-sst2 [--method osd]   # the real pair (`make llm`)
 
 Builds (once, under a temporary directory) a Llama pair of SmolLM2-135M's shapes (hidden 576, FFN
 1536, 9 heads / 3 KV heads, vocab 49,152, tied embeddings; 30 layers, 538 MB fp32 per checkpoint)
@@ -10,7 +11,8 @@ settings in a child process, sampling its resident set every 20 ms, and prints t
 the same interpreter after what compress loads before its first tensor (its floor: torch,
 osd-fleet, and transformers with the model class built on the meta device to derive the tensor
 roles), the largest tensor pair (fine-tune and base of the biggest tensor, float32), and one
-checkpoint.
+checkpoint. ``--workload`` measures a built decoder workload's real pair instead; with
+``--method osd`` compress also calibrates (loads the model and takes gradients) in that process.
 """
 
 from __future__ import annotations
@@ -72,9 +74,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--rank", default="1")
+    parser.add_argument("--workload", help="a built decoder workload (smollm2-sst2) instead of random weights")
+    parser.add_argument("--method", default="magtruncsvd", help="osd calibrates on the workload's rows first")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="osd-rss-") as tmp:
-        base, tuned = build_pair(Path(tmp), args.layers)
+        extra = ["--method", args.method]
+        if args.workload:
+            from workloads.lm_build import load_lm_workload
+
+            workload = load_lm_workload(args.workload)
+            base, tuned, what = workload.base_dir, workload.finetuned_dir, f"workload {args.workload}"
+            if args.method == "osd":
+                extra += ["--calibration", str(workload.calib_path)]
+        else:
+            base, tuned = build_pair(Path(tmp), args.layers)
+            what = f"Llama of SmolLM2-135M shapes, {args.layers} layers"
         from osd_core.checkpoint import Checkpoint
 
         checkpoint = Checkpoint.open(tuned)
@@ -84,9 +98,9 @@ def main() -> None:
                  "policy_for(json.load(open(sys.argv[1])))")
         floor, _ = peak_rss([sys.executable, "-c", probe, str(tuned / "config.json")])
         peak, seconds = peak_rss([sys.executable, "-m", "osd_cli", "compress", "--base", str(base), "--finetuned",
-                                  str(tuned), "--out", str(Path(tmp) / "delta"), "--rank", args.rank])
-    print(f"Llama of SmolLM2-135M shapes, {args.layers} layers: {checkpoint.nbytes / MIB:.0f} MiB per checkpoint, "
-          f"largest tensor {largest.name} {list(largest.shape)}; compress --rank {args.rank} took {seconds:.1f} s")
+                                  str(tuned), "--out", str(Path(tmp) / "delta"), "--rank", args.rank, *extra])
+    print(f"{what}: {checkpoint.nbytes / MIB:.0f} MiB per checkpoint, largest tensor {largest.name} "
+          f"{list(largest.shape)}; compress --rank {args.rank} {' '.join(extra)} took {seconds:.1f} s")
     print("| measure | MiB |")
     print("|---|---:|")
     print(f"| interpreter after imports and role derivation (floor) | {floor:.0f} |")

@@ -35,7 +35,8 @@ from .errors import ArtifactError, ConfigError
 from .layer import CompressedLayer
 from .outputs import OutputDir, check_output, json_field
 from .reconstruct import check_base_matches
-from .roles import policy_for
+from .policy import ArchitecturePolicy
+from .roles import DerivedPolicy, policy_for
 
 PROFILES = ("peft", "vllm")
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -163,6 +164,10 @@ def _plan(artifact: DeltaArtifact, base: Checkpoint, profile: str) -> _Plan:
     policy = policy_for(base.config)
     by_module: dict[str, dict[str, CompressedLayer]] = {}
     for layer in artifact.layers():
+        if layer.new_rows:
+            raise ConfigError(
+                f"{artifact.path}: the fine-tune added {layer.new_rows} rows (tokens) to {layer.name!r}; a LoRA "
+                "adapter cannot grow the base's vocabulary. Serve this fine-tune merged (osd-fleet reconstruct)")
         module, _, param = layer.name.rpartition(".")
         by_module.setdefault(module, {})[param] = layer
     plan = _Plan({}, {}, {}, [], False)
@@ -170,6 +175,15 @@ def _plan(artifact: DeltaArtifact, base: Checkpoint, profile: str) -> _Plan:
     for module, params in sorted(by_module.items()):
         weight = params.get("weight")
         role = info[weight.name].role if weight is not None else None
+        if weight is not None and _expert_slice(policy, weight.name):
+            if profile == "peft":
+                raise ConfigError(
+                    f"{artifact.path}: tensor {weight.name!r} is one expert of a mixture-of-experts block; "
+                    "transformers merges the experts into one parameter that PEFT's LoRA modules cannot target. "
+                    "Serve this fine-tune merged (osd-fleet reconstruct), or export --profile vllm, which lists "
+                    "the experts as left out")
+            plan.left_out.extend(sorted(layer.name for layer in params.values() if layer.kind != "zero"))
+            continue
         if weight is not None and weight.kind == "factored" and _as_lora(role, weight.name, policy.output, profile):
             u, v = weight.factors()
             if role == "embedding":
@@ -199,6 +213,11 @@ def _plan(artifact: DeltaArtifact, base: Checkpoint, profile: str) -> _Plan:
         values.update({name: _fine_tuned(base, layer) for name, layer in changed.items()})
         plan.saved[module] = values
     return plan
+
+
+def _expert_slice(policy: ArchitecturePolicy | DerivedPolicy, name: str) -> bool:
+    """Whether ``name`` is a per-expert 2-D tensor, which the live model holds inside a 3-D parameter."""
+    return any(re.search(pattern, name) for pattern in policy.expert_slices)
 
 
 def _as_lora(role: str | None, name: str, output: str | None, profile: str) -> bool:

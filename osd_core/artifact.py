@@ -78,7 +78,7 @@ def encode_payload(name: str, layers: Sequence[tuple[CompressedLayer, Mapping[st
             tensors[f"{layer.name}::{part}"] = tensor.detach().cpu().contiguous().clone()
         entries[layer.name] = LayerEntry(
             layer.kind, tuple(layer.shape), layer.k, layer.budget_bits, layer.paper_bits,
-            name if layer.tensors else None, bytes=layer.nbytes, **extra,
+            name if layer.tensors else None, bytes=layer.nbytes, new_rows=layer.new_rows or None, **extra,
         )
     # One metadata key only: safetensors writes metadata in hash-map order, and the bytes must not vary.
     return Payload(name, save(tensors, metadata={"format": f"{FORMAT_NAME}/{FORMAT_VERSION}"}), entries)
@@ -200,7 +200,7 @@ class DeltaArtifact:
             try:
                 yield CompressedLayer(
                     name, info.kind, info.shape, tensors, k=info.k,
-                    budget_bits=info.budget_bits, paper_bits=info.paper_bits,
+                    budget_bits=info.budget_bits, paper_bits=info.paper_bits, new_rows=info.new_rows or 0,
                 )
             except OSDError as exc:
                 raise ArtifactError(f"{self.path}: {exc}") from None

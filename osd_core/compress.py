@@ -26,13 +26,14 @@ from .checkpoint import Checkpoint, side_files
 from .config import CompressionConfig
 from .errors import CheckpointError, ConfigError, MissingTensorError
 from .factorize import compress_matrix
-from .layer import CompressedLayer
+from .layer import CompressedLayer, stack_experts, with_appended_rows
 from .policy import Role
 from .roles import policy_for
 
 log = logging.getLogger(__name__)
 
 FACTORISED_ROLES = (Role.LINEAR, Role.EMBEDDING)
+FACTORISED_ACTIONS = ("factorise", "experts")  # the plans whose deltas are factored (and need gradients)
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,10 @@ class LayerPlan:
 
     name: str
     role: Role
-    action: str  # "factorise", "dense", "replace", "copy"
-    shape: tuple[int, ...]
+    action: str  # "factorise", "experts" (factorised per expert slice), "dense", "replace", "copy"
+    shape: tuple[int, ...]  # what is compressed: the base's shape
     dtype: str
+    new_rows: int = 0  # rows the fine-tune appended beyond the base's (added tokens), stored whole
 
 
 @dataclass(frozen=True)
@@ -104,20 +106,26 @@ def plan_pair(base: Checkpoint, finetuned: Checkpoint, config: CompressionConfig
             plans.append(LayerPlan(name, role, "replace", entry.shape, entry.dtype))
             continue
         base_entry = base.tensors[name]
-        if base_entry.shape != entry.shape:
+        new_rows = _new_rows(name, role, entry.shape, base_entry.shape, policy.output)
+        if base_entry.shape != entry.shape and not new_rows:
             raise CheckpointError(
                 f"tensor {name!r} has shape {list(entry.shape)} in {finetuned.location} but {list(base_entry.shape)} "
-                f"in {base.location}"
+                f"in {base.location}" + (" (only embedding and output rows may be added)" if
+                                         entry.shape[1:] == base_entry.shape[1:] else "")
             )
+        shape = base_entry.shape
         if role is Role.BUFFER:
             action = "copy"
         elif role in FACTORISED_ROLES and (role is Role.LINEAR or config.compress_embeddings):
-            action = "factorise" if _fits_rank(entry.shape, config) else "dense"
-            compressible.append(entry.shape)
+            action = "factorise" if _fits_rank(shape, config) else "dense"
+            compressible.append(shape)
+        elif role is Role.EXPERTS:
+            action = "experts" if _fits_rank(shape[1:], config) else "dense"
+            compressible.append(shape[1:])
         else:
             action = "dense"
-        plans.append(LayerPlan(name, role, action, entry.shape, entry.dtype))
-    if compressible and not any(plan.action == "factorise" for plan in plans):
+        plans.append(LayerPlan(name, role, action, shape, entry.dtype, new_rows))
+    if compressible and not any(plan.action in FACTORISED_ACTIONS for plan in plans):
         # Small matrices (a 2-class head) are stored dense by design; every matrix is a mistaken rank.
         largest = max(min(shape) for shape in compressible)
         raise ConfigError(
@@ -200,7 +208,7 @@ def compress_checkpoint(
             provenance=dict(provenance or {}),
         )
     out = Path(out_dir)
-    factorised = [r for r in reports if r.kind in ("factored", "sparse", "zero")]
+    factorised = [r for r in reports if r.kind in ("factored", "sparse", "zero", "experts")]
     return CompressionReport(
         out_dir=str(out),
         config=config.to_dict(),
@@ -216,7 +224,10 @@ def compress_checkpoint(
 
 
 def uniform_budgets(plans: Sequence[LayerPlan], config: CompressionConfig) -> dict[str, int]:
-    """The paper's budget of every factorised tensor, ``32·r·(n+d)`` bits: one rule for both executors."""
+    """The paper's budget of every factorised matrix, ``32·r·(n+d)`` bits: one rule for both executors.
+
+    Only whole matrices are here; an experts tensor spends that budget on each of its slices.
+    """
     return {p.name: layer_budget(*p.shape, config.rank) for p in plans if p.action == "factorise"}
 
 
@@ -233,11 +244,9 @@ def _global_allocation(
     curves = {}
     factorised = [p for p in plans if p.action == "factorise"]
     for position, plan in enumerate(factorised):
-        tuned = finetuned.load(plan.name)
-        _require_finite(finetuned.location, plan.name, tuned)
-        delta = tuned.float() - base.load(plan.name).float()
-        _require_finite(base.location, plan.name, delta)
-        grad, rows, cov = calibration_inputs(gradients, plan.name, config)
+        delta = tensor_delta(plan, finetuned.load(plan.name), base.load(plan.name),
+                             (finetuned.location, base.location))
+        grad, rows, cov = plan_calibration(gradients, plan, config)
         curves[plan.name] = measure_curve(plan.name, delta, config, grad, row_weight=rows, input_cov=cov,
                                           device=device)
         if on_measured is not None:
@@ -264,24 +273,72 @@ def compress_tensor(
 
     The unit of work both the single-process path and the fleet's workers run. ``where`` names
     the fine-tune and base locations in error messages. A float32 ``tuned`` is overwritten with
-    the delta: both callers read it fresh for this call, and at LLM sizes a third n×d buffer
-    would be the peak of the whole run (``bench/streaming_rss.py``).
+    the delta (``tensor_delta``). Rows a vocabulary-resized fine-tune appended are stored whole
+    beside the compressed delta of the rows both share.
     """
-    _require_finite(where[0], plan.name, tuned)
     if plan.action == "replace":
+        _require_finite(where[0], plan.name, tuned)
         return dense_layer(plan.name, tuned.float(), "replace"), 0.0
-    if base is None:
-        raise MissingTensorError(f"{where[1]}: no base tensor {plan.name!r} to take a delta against")
-    delta = tuned.float()  # the caller's own tensor when it is float32 already: subtract in place
-    delta.sub_(base)
-    _require_finite(where[1], plan.name, delta)
+    appended = tuned[plan.shape[0]:].float().clone() if plan.new_rows else None  # before the in-place delta
+    delta = tensor_delta(plan, tuned, base, where)
     if plan.action == "factorise":
-        grad, rows, cov = calibration_inputs(gradients, plan.name, config)
+        grad, rows, cov = plan_calibration(gradients, plan, config)
         layer = compress_matrix(plan.name, delta, config, grad, budget_bits=budget_bits, row_weight=rows,
                                 input_cov=cov, device=device)
+    elif plan.action == "experts":
+        layer = _compress_experts(plan, delta, config, gradients, device)
     else:
         layer = dense_layer(plan.name, delta, "dense")
-    return layer, relative_error(delta, layer)
+    error = relative_error(delta, layer)
+    return (layer if appended is None else with_appended_rows(layer, appended)), error
+
+
+def tensor_delta(plan: LayerPlan, tuned: torch.Tensor, base: torch.Tensor | None,
+                 where: tuple[object, object] = ("fine-tune", "base")) -> torch.Tensor:
+    """The float32 delta over the rows both share, both tensors checked finite.
+
+    A float32 ``tuned`` is overwritten: at LLM sizes a third n×d buffer would be the peak of the
+    whole run (``bench/streaming_rss.py``), and every caller reads it fresh for this call.
+    """
+    _require_finite(where[0], plan.name, tuned)
+    if base is None:
+        raise MissingTensorError(f"{where[1]}: no base tensor {plan.name!r} to take a delta against")
+    delta = tuned[: plan.shape[0]].float() if plan.new_rows else tuned.float()
+    delta.sub_(base)
+    _require_finite(where[1], plan.name, delta)
+    return delta
+
+
+def plan_calibration(gradients: Mapping[str, torch.Tensor] | None, plan: LayerPlan, config: CompressionConfig
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``calibration_inputs`` of a planned tensor, cut to the rows base and fine-tune share."""
+    grad, rows, cov = calibration_inputs(gradients, plan.name, config)
+    if plan.new_rows:
+        shared = plan.shape[0]
+        grad = None if grad is None else grad[:shared]
+        rows = None if rows is None else rows[:shared]
+    return grad, rows, cov
+
+
+def _new_rows(name: str, role: Role, tuned: tuple[int, ...], base: tuple[int, ...], output: str | None) -> int:
+    """Rows a vocabulary-resized fine-tune appended to an embedding or output matrix, else 0."""
+    if role is not Role.EMBEDDING and name != output:
+        return 0
+    if len(tuned) != 2 or tuned[1:] != base[1:] or tuned[0] <= base[0]:
+        return 0
+    return tuned[0] - base[0]
+
+
+def _compress_experts(plan: LayerPlan, delta: torch.Tensor, config: CompressionConfig,
+                      gradients: Mapping[str, torch.Tensor] | None, device: torch.device | str) -> CompressedLayer:
+    """Each expert slice compressed as a matrix of its own, within its own ``32·r·(n+d)`` bits.
+
+    Global allocation leaves these slices at that uniform budget: its damage curves are per tensor.
+    """
+    grad = calibration_inputs(gradients, plan.name, config)[0]  # row/column metrics are per matrix: none here
+    slices = [compress_matrix(f"{plan.name}[{e}]", delta[e], config, None if grad is None else grad[e],
+                              device=device) for e in range(delta.shape[0])]
+    return stack_experts(plan.name, slices, delta.shape[0] * layer_budget(*delta.shape[1:], config.rank))
 
 
 def relative_error(delta: torch.Tensor, layer: CompressedLayer) -> float:

@@ -8,6 +8,14 @@ never branch on the method, only on the encoding ``kind``:
 - ``dense``: the whole delta, stored in a narrow float type (norms, biases, unknown tensors).
 - ``replace``: the fine-tuned tensor itself, for tensors the base lacks (a new head).
 - ``zero``: the delta is exactly zero (frozen layers); nothing is stored.
+- ``experts``: a mixture-of-experts tensor (experts × n × d), one matrix record per expert slice
+  under the part prefix ``e<i>.``: a slice with ``u.``/``v.`` parts is factored, one with plain
+  parts is sparse, one with no parts is zero (an expert the fine-tune never routed to). Each slice
+  has its own budget and int8 scales, exactly as if it were a layer of its own.
+
+A fine-tune whose vocabulary grew (added tokens) has embedding and output rows the base lacks.
+Its record has ``new_rows``: the kind encodes the delta of the rows both share (``shared_shape``),
+and ``rows.values`` holds the appended rows whole (fp16, or fp32 where fp16 would not hold them).
 
 Kept entries of a factor (or of a sparse delta) are a ``<prefix>values`` vector located by either
 ``<prefix>index`` (flat row-major positions in the narrowest signed integer type that holds them;
@@ -25,11 +33,12 @@ import torch
 
 from .errors import ArtifactError
 
-KINDS = ("factored", "sparse", "dense", "replace", "zero")
+KINDS = ("factored", "sparse", "dense", "replace", "zero", "experts")
 
 # The encoded matrices of each kind, by part prefix; dense kinds carry one plain "values" tensor.
 MATRICES: dict[str, tuple[str, ...]] = {"factored": ("u.", "v."), "sparse": ("",)}
 FLOAT_VALUES = (torch.float32, torch.float16, torch.bfloat16)
+ROWS = "rows.values"  # the appended rows of a layer with new_rows
 
 
 @dataclass(frozen=True)
@@ -42,11 +51,24 @@ class CompressedLayer:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     k: int = 0
     budget_bits: int | None = None
-    paper_bits: int = 0
+    paper_bits: int = 0  # of the encoded delta; appended rows count in bytes only
+    new_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ArtifactError(f"{self.name}: unknown layer kind {self.kind!r}; expected one of {KINDS}")
+        if self.new_rows:
+            self._check_new_rows()
+        if self.kind == "experts":
+            if len(self.shape) != 3:
+                raise ArtifactError(f"{self.name}: an experts layer is 3-D (experts × n × d), got {list(self.shape)}")
+            slots = {f"e{i}." for i in range(self.shape[0])}
+            stray = sorted(key for key in self.tensors if key[: key.find(".") + 1] not in slots)
+            if stray:
+                raise ArtifactError(
+                    f"{self.name}: experts layer has parts outside its {self.shape[0]} slices: {stray[:3]}")
+            self.slices()  # each slice checks its own parts
+            return
         if self.kind in MATRICES:
             for prefix in MATRICES[self.kind]:
                 _check_parts(self.name, self.tensors, prefix)
@@ -55,35 +77,94 @@ class CompressedLayer:
             known = set() if self.kind == "zero" else {"values"}
             if known - set(self.tensors):
                 raise ArtifactError(f"{self.name}: {self.kind} layer lacks payload tensor 'values'")
-        unknown = set(self.tensors) - known
+        unknown = set(self.tensors) - known - ({ROWS} if self.new_rows else set())
         if unknown:
             raise ArtifactError(f"{self.name}: {self.kind} layer has unexpected payload tensors {sorted(unknown)}")
+
+    def _check_new_rows(self) -> None:
+        if self.kind not in ("factored", "sparse", "dense", "zero") or len(self.shape) != 2 \
+                or not 0 < self.new_rows < self.shape[0]:
+            raise ArtifactError(f"{self.name}: a {self.kind} layer of shape {list(self.shape)} cannot have "
+                                f"{self.new_rows} new rows")
+        rows = self.tensors.get(ROWS)
+        expected = self.new_rows * math.prod(self.shape[1:])
+        if rows is None or rows.dtype not in FLOAT_VALUES or rows.ndim != 1 or rows.numel() != expected:
+            raise ArtifactError(f"{self.name}: its {self.new_rows} new rows need a float vector '{ROWS}' of "
+                                f"{expected} values")
+
+    @property
+    def shared_shape(self) -> tuple[int, ...]:
+        """The shape of the rows base and fine-tune share: what the kind's delta covers."""
+        return (self.shape[0] - self.new_rows, *self.shape[1:]) if self.new_rows else self.shape
+
+    def appended_rows(self) -> torch.Tensor:
+        """The fine-tune's rows beyond the base's (added tokens), whole, in float32."""
+        rows = self.tensors[ROWS].to(torch.float32)
+        return _finite(rows, self.name, "new rows").reshape(self.new_rows, *self.shape[1:])
 
     @property
     def nbytes(self) -> int:
         """Real bytes of the payload as stored (excluding the artifact's manifest)."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
+    def slices(self) -> list[CompressedLayer]:
+        """The per-expert matrix records of an experts layer, named ``<name>[<i>]``."""
+        if self.kind != "experts":
+            raise ArtifactError(f"{self.name}: a {self.kind} layer has no expert slices")
+        records = []
+        for i in range(self.shape[0]):
+            prefix = f"e{i}."
+            parts = {key[len(prefix):]: t for key, t in self.tensors.items() if key.startswith(prefix)}
+            kind = "factored" if "u.values" in parts else "sparse" if parts else "zero"
+            records.append(CompressedLayer(f"{self.name}[{i}]", kind, self.shape[1:], parts, k=self.k))
+        return records
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The dense ``U`` (n×k) and ``V`` (d×k) of a factored layer, zeros where masked."""
         if self.kind != "factored":
             raise ArtifactError(f"{self.name}: a {self.kind} layer has no factors")
-        n, d = self.shape
+        n, d = self.shared_shape
         u = decode_matrix(self.tensors, "u.", n, self.k, self.name, "U")
         v = decode_matrix(self.tensors, "v.", d, self.k, self.name, "V")
         return u.view(n, self.k), v.view(d, self.k)
 
     def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The dense float32 delta (or, for ``replace``, the tensor itself) this layer encodes."""
+        """The dense float32 delta (or, for ``replace``, the tensor itself) this layer encodes, over
+        the rows base and fine-tune share (``appended_rows`` holds any others)."""
         if self.kind == "zero":
-            return torch.zeros(self.shape, dtype=torch.float32, device=device)
+            return torch.zeros(self.shared_shape, dtype=torch.float32, device=device)
+        if self.kind == "experts":
+            return torch.stack([part.delta(device) for part in self.slices()])
         if self.kind in ("dense", "replace"):
-            return self.tensors["values"].to(device=device, dtype=torch.float32).reshape(self.shape)
+            return self.tensors["values"].to(device=device, dtype=torch.float32).reshape(self.shared_shape)
         if self.kind == "sparse":
-            rows, cols = self.shape
-            return decode_matrix(self.tensors, "", rows, cols, self.name, "delta").to(device).view(self.shape)
+            rows, cols = self.shared_shape
+            return decode_matrix(self.tensors, "", rows, cols, self.name, "delta").to(device).view(rows, cols)
         u, v = self.factors()
         return (u.to(device) @ v.to(device).T).contiguous()
+
+
+def stack_experts(name: str, slices: list[CompressedLayer], budget_bits: int) -> CompressedLayer:
+    """One experts record of the per-slice records ``compress_matrix`` returned, in expert order."""
+    kinds = {part.kind for part in slices} - {"zero"}
+    if not kinds <= {"factored", "sparse"}:
+        raise ArtifactError(f"{name}: expert slices must be factored, sparse or zero, got {sorted(kinds)}")
+    ranks = {part.k for part in slices if part.kind == "factored"}
+    if len(ranks) > 1:
+        raise ArtifactError(f"{name}: factored expert slices must share one rank k, got {sorted(ranks)}")
+    tensors = {f"e{i}.{key}": t for i, part in enumerate(slices) for key, t in part.tensors.items()}
+    shape = (len(slices), *slices[0].shape)
+    return CompressedLayer(name, "experts", shape, tensors, k=ranks.pop() if ranks else 0,
+                           budget_bits=budget_bits, paper_bits=sum(part.paper_bits for part in slices))
+
+
+def with_appended_rows(layer: CompressedLayer, rows: torch.Tensor) -> CompressedLayer:
+    """``layer`` with the fine-tune's appended rows stored whole: fp16, or fp32 where fp16 overflows."""
+    narrow = rows.to(torch.float16)
+    stored = narrow if bool(torch.isfinite(narrow).all()) else rows.to(torch.float32)
+    return CompressedLayer(layer.name, layer.kind, (layer.shape[0] + rows.shape[0], *layer.shape[1:]),
+                           {**layer.tensors, ROWS: stored.reshape(-1).contiguous()}, k=layer.k,
+                           budget_bits=layer.budget_bits, paper_bits=layer.paper_bits, new_rows=rows.shape[0])
 
 
 def index_dtype(positions: int) -> torch.dtype:

@@ -25,9 +25,11 @@ from .errors import ArtifactError
 FORMAT_NAME = "osd-fleet-delta"
 # Version 2 added bitmap positions and int8 values with per-column scales; version 1 deltas
 # (indices and float values only) are a subset and stay readable. Version 3 seals the manifest
-# with its own digest (``manifest_sha256``), which readers of version 3 require.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# with its own digest (``manifest_sha256``), which readers of version 3 require. Version 4 adds
+# ``experts`` layers (a mixture-of-experts tensor, slice by slice) and a layer's ``new_rows`` (the
+# rows a vocabulary-resized fine-tune appended, stored whole): a version-3 reader would misread both.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 SEALED_FROM = 3
 SEAL = "manifest_sha256"
 PAYLOAD_NAME = re.compile(r"payload-[A-Za-z0-9_.-]{1,100}\.safetensors")
@@ -60,6 +62,7 @@ class LayerEntry:
     dtype: str | None = None
     role: str | None = None
     rel_error: float | None = None
+    new_rows: int | None = None  # rows the fine-tune appended (added tokens); ``shape`` includes them
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
@@ -218,6 +221,7 @@ _LAYER_FIELDS: dict[str, tuple[str, Check]] = {
     "dtype": ("a string", lambda v: isinstance(v, str)),
     "role": ("a string", lambda v: isinstance(v, str)),
     "rel_error": ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool)),
+    "new_rows": ("an integer >= 1", lambda v: _natural(v) and v >= 1),
 }
 _REQUIRED_LAYER_FIELDS = ("kind", "shape", "k", "budget_bits", "paper_bits", "file")
 _TOP_LEVEL = {"format", "format_version", "osd_fleet_version", *(f.name for f in dataclasses.fields(Manifest)), SEAL}

@@ -19,6 +19,7 @@ from enum import StrEnum
 class Role(StrEnum):
     LINEAR = "linear"  # 2-D weight of a linear map: factorised
     EMBEDDING = "embedding"  # 2-D lookup table: factorised unless the config says otherwise
+    EXPERTS = "experts"  # experts × out × in weights of a mixture-of-experts block: factorised per slice
     DENSE = "dense"  # norms, biases: the delta stored whole in a narrow float type
     HEAD = "head"  # task head: delta stored dense, or the tensor itself if the base lacks it
     BUFFER = "buffer"  # non-trainable buffer (position ids): copied from the base
@@ -34,6 +35,7 @@ class ArchitecturePolicy:
     transposed: frozenset[str] = frozenset()  # weights stored in×out (GPT-2's Conv1D); none here
     output: str | None = None  # the output embedding's weight, when the head is a language-model head
     tied: Mapping[str, str] = field(default_factory=dict)  # a tied weight: the weight it shares
+    expert_slices: tuple[str, ...] = ()  # regexes of per-expert 2-D tensors (osd_core.roles); none here
 
     def role(self, name: str) -> Role:
         for pattern, role in self.rules:

@@ -79,14 +79,19 @@ def is_restored_dir(path: Path) -> bool:
 
 
 def apply_layer_delta(base: torch.Tensor | None, layer, dtype: torch.dtype) -> torch.Tensor:
-    """``base + Δ̂`` in float32, cast to ``dtype``; a ``replace`` layer is the tensor itself."""
+    """``base + Δ̂`` in float32, cast to ``dtype``, with any rows the fine-tune appended; a ``replace``
+    layer is the tensor itself."""
     if layer.kind == "replace":
         return layer.delta().to(dtype)
     if base is None:
         raise ArtifactError(f"{layer.name}: delta has no base tensor to apply to")
-    if tuple(base.shape) != tuple(layer.shape):
-        raise ArtifactError(f"{layer.name}: delta shape {list(layer.shape)} does not match base {list(base.shape)}")
-    return (base.float() + layer.delta()).to(dtype)
+    if tuple(base.shape) != tuple(layer.shared_shape):
+        raise ArtifactError(f"{layer.name}: delta shape {list(layer.shared_shape)} does not match base "
+                            f"{list(base.shape)}")
+    tensor = base.float() + layer.delta()
+    if layer.new_rows:  # a vocabulary the fine-tune grew: its added tokens' rows, stored whole
+        tensor = torch.cat([tensor, layer.appended_rows()])
+    return tensor.to(dtype)
 
 
 def _write_weights(base: Checkpoint, artifact: DeltaArtifact, out: Path) -> None:

@@ -14,16 +14,24 @@ every parameter takes its role from the module that owns it:
   embedding, a large linear map, and is factorised;
 * registered buffers: copied from the base.
 
-A tensor of three or more dimensions (the experts of a mixture-of-experts block) is left
-``unknown``: stored dense and reported, never dropped. So is a checkpoint tensor the module tree
-lacks. Checkpoints saved from the backbone class alone (no ``model.`` or ``bert.`` prefix) are
-matched with or without the class's ``base_model_prefix``.
+* a 3-D weight of a mixture-of-experts block (transformers 5 holds a block's experts as one
+  experts × out × in tensor in a module named ``...Experts``): factorised slice by slice, each
+  expert a matrix with its own budget. Most checkpoints store those experts one 2-D tensor each
+  (``mlp.experts.3.down_proj.weight``), the layout transformers merges on load with its
+  checkpoint conversion mapping; the mapping's source patterns make each such tensor a linear map
+  of its own, so it is factorised within its own budget too.
+
+Any other tensor of three or more dimensions is left ``unknown``: stored dense and reported,
+never dropped. So is a checkpoint tensor the module tree lacks. Checkpoints saved from the
+backbone class alone (no ``model.`` or ``bert.`` prefix) are matched with or without the class's
+``base_model_prefix``.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,12 +50,15 @@ class DerivedPolicy:
     transposed: frozenset[str] = frozenset()  # weights of Conv1D modules, stored in×out
     output: str | None = None  # the output embedding's weight (a causal LM's ``lm_head.weight``)
     tied: Mapping[str, str] = field(default_factory=dict)  # a tied weight: the weight it shares
+    expert_slices: tuple[str, ...] = ()  # regexes of the per-expert 2-D tensors a checkpoint may store
 
     def role(self, name: str) -> Role:
         """The role of checkpoint tensor ``name``, trying it with and without the backbone's prefix."""
         for candidate in (name, f"{self.prefix}.{name}", name.removeprefix(f"{self.prefix}.")):
             if candidate in self.roles:
                 return self.roles[candidate]
+        if any(re.search(pattern, name) for pattern in self.expert_slices):
+            return Role.LINEAR
         return Role.UNKNOWN
 
 
@@ -111,7 +122,29 @@ def _derive(config_json: str) -> DerivedPolicy:
     tied = getattr(model, "_tied_weights_keys", None)
     if not isinstance(tied, dict) or not getattr(settings, "tie_word_embeddings", False):
         tied = {}
-    return DerivedPolicy(str(model_type), roles, prefix, frozenset(transposed), output_name, dict(tied))
+    experts = tuple(name for name, role in roles.items() if role is Role.EXPERTS)
+    return DerivedPolicy(str(model_type), roles, prefix, frozenset(transposed), output_name, dict(tied),
+                         _expert_slice_patterns(str(model_type), experts))
+
+
+def _expert_slice_patterns(model_type: str, experts: tuple[str, ...]) -> tuple[str, ...]:
+    """Regexes of the per-expert tensors transformers' conversion mapping merges into ``experts``."""
+    if not experts:
+        return ()
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:  # a transformers without conversion mappings stores experts as its modules are
+        return ()
+    patterns = []
+    for converter in get_checkpoint_conversion_mapping(model_type) or ():
+        if not isinstance(converter, WeightConverter):
+            continue
+        targets = [target.lstrip(".") for target in converter.target_patterns]
+        if any(name.endswith(target) for name in experts for target in targets):
+            patterns += [re.escape(source.lstrip(".")).replace(r"\*", r"\d+") + "$"
+                         for source in converter.source_patterns]
+    return tuple(patterns)
 
 
 def _model_class(transformers: Any, config: Mapping[str, Any], settings: Any) -> Any:
@@ -139,4 +172,6 @@ def _role(module: Any, param_name: str, ndim: int, is_head: bool, nn: Any, conv1
         return Role.LINEAR if param_name == "weight" and ndim == 2 else Role.DENSE
     if isinstance(module, nn.Embedding) and param_name == "weight":
         return Role.EMBEDDING
+    if ndim == 3 and type(module).__name__.endswith("Experts"):
+        return Role.EXPERTS
     return Role.DENSE if ndim <= 2 else Role.UNKNOWN

@@ -20,6 +20,7 @@ from osd_cli.main import main
 from osd_core.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, VLLM_RANKS, export_adapter
 from osd_core.compress import compress_checkpoint
 from osd_core.config import CompressionConfig
+from osd_core.errors import ConfigError
 from osd_core.reconstruct import reconstruct_checkpoint
 from osd_core.roles import policy_for
 from tests.test_architectures import ARCHITECTURES, INPUT_IDS, save_pair
@@ -103,3 +104,17 @@ def test_export_through_the_cli_reports_what_the_vllm_profile_leaves_out(capsys,
     assert main(args) == 2  # the adapter exists: refused without --overwrite
     assert "not empty" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
+
+
+def test_experts_of_a_moe_model_are_refused_by_peft_and_left_out_by_vllm(tmp_path):
+    config_class, settings, auto_class = ARCHITECTURES["qwen2_moe"]
+    base, tuned = save_pair(tmp_path, config_class, settings, auto_class)
+    compress_checkpoint(base, tuned, tmp_path / "delta", CompressionConfig(rank=1))
+    with pytest.raises(ConfigError, match=r"'model\.layers\.0\.mlp\.experts\.0\.down_proj\.weight' is one expert"):
+        export_adapter(base, tmp_path / "delta", tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+    report = export_adapter(base, tmp_path / "delta", tmp_path / "vllm", profile="vllm")
+    experts = [name for name in report.left_out if ".mlp.experts." in name]
+    assert len(experts) == 3 * settings["num_experts"] * settings["num_hidden_layers"]
+    config = json.loads((tmp_path / "vllm" / ADAPTER_CONFIG).read_text())
+    assert not any(".experts." in module for module in config["target_modules"])

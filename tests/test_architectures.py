@@ -11,6 +11,7 @@ linear map must be factorised.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,15 @@ import pytest
 import torch
 
 from osd_cli.main import main
+from safetensors.torch import load_file, save_file
+
+from osd_core.adapters import export_adapter
 from osd_core.artifact import DeltaArtifact
+from osd_core.budget import layer_budget
 from osd_core.compress import compress_checkpoint
 from osd_core.config import CompressionConfig
+from osd_core.errors import ConfigError
+from osd_core.factorize import compress_matrix
 from osd_core.reconstruct import reconstruct_checkpoint
 from osd_core.roles import derive_policy
 from tests.conftest import perturb
@@ -44,6 +51,9 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any], str]] = {
     "opt": ("OPTConfig", {"vocab_size": 96, "hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 2,
                           "num_attention_heads": 4, "word_embed_proj_dim": 32, "max_position_embeddings": 64,
                           "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 0}, CAUSAL),
+    # transformers 5 stores each block's experts as one experts × out × in tensor
+    "qwen2_moe": ("Qwen2MoeConfig", {**SMALL, "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32}, CAUSAL),
     "roberta": ("RobertaConfig", {**SMALL, "max_position_embeddings": 64, "num_labels": 3, "pad_token_id": 1},
                 CLASSIFIER),
     "bert": ("BertConfig", {**SMALL, "max_position_embeddings": 64, "num_labels": 3}, CLASSIFIER),
@@ -65,15 +75,24 @@ def save_pair(root: Path, config_class: str, settings: dict[str, Any], auto_clas
     return base, tuned
 
 
-def logits(directory: Path, auto_class: str, *, add: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+def logits(directory: Path, auto_class: str) -> torch.Tensor:
     model = getattr(transformers, auto_class).from_pretrained(directory, dtype="auto").eval()
-    if add is not None:
-        params = dict(model.named_parameters(remove_duplicate=False))
-        with torch.no_grad():
-            for name, delta in add.items():
-                params[name].copy_((params[name].float() + delta.reshape(params[name].shape)).to(params[name].dtype))
     with torch.no_grad():
         return model(input_ids=INPUT_IDS).logits.float()
+
+
+def base_plus(base: Path, decoded: dict[str, torch.Tensor], out: Path) -> Path:
+    """The base checkpoint with each decoded delta added to the stored tensor of its name, by hand:
+    what the reconstruction must equal, computed without it."""
+    weights = {}
+    for path in base.glob("*.safetensors"):
+        weights.update(load_file(path))
+    for name, delta in decoded.items():
+        weights[name] = (weights[name].float() + delta.reshape(weights[name].shape)).to(weights[name].dtype)
+    out.mkdir()
+    shutil.copyfile(base / "config.json", out / "config.json")
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
@@ -85,14 +104,90 @@ def test_an_architecture_round_trips_with_default_settings(tmp_path, arch):
     artifact = DeltaArtifact.open(tmp_path / "delta")
     kinds = {name: info.kind for name, info in artifact.manifest.layers.items()}
     roles = {name: info.role for name, info in artifact.manifest.layers.items()}
+    k = CompressionConfig(rank=1).k
     linear = [name for name, role in roles.items() if role == "linear"]
-    assert linear and all(kinds[name] == "factored" for name in linear), kinds
+    assert linear and all(kinds[name] == "factored" for name in linear  # a matrix thinner than k stays dense
+                          if min(artifact.manifest.layers[name].shape) >= k), kinds
+    assert all(kinds[name] == "experts" for name, role in roles.items() if role == "experts"), kinds
     restored = reconstruct_checkpoint(base, tmp_path / "delta", tmp_path / "restored")
     decoded = {layer.name: layer.delta() for layer in artifact.layers()}
-    expected = logits(base, auto_class, add=decoded)
+    expected = logits(base_plus(base, decoded, tmp_path / "expected"), auto_class)
     got = logits(restored, auto_class)
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
     assert not torch.allclose(got, logits(base, auto_class), atol=1e-4)  # the delta did something
+
+
+def test_experts_stored_as_one_3d_tensor_are_compressed_slice_by_slice(tmp_path):
+    """Most MoE checkpoints store one 2-D tensor per expert (the round trip above); some store the
+    experts × out × in tensor transformers 5 holds. Each slice then gets its own budget."""
+    config_class, settings, auto_class = ARCHITECTURES["qwen2_moe"]
+    config = getattr(transformers, config_class)(**settings)
+    torch.manual_seed(0)
+    model = getattr(transformers, auto_class).from_config(config).eval()
+    base, tuned = tmp_path / "base", tmp_path / "finetuned"
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    changed = perturb(state, seed=1)
+    name = "model.layers.0.mlp.experts.down_proj"
+    changed[name][2] = state[name][2]  # an expert the fine-tune never routed to keeps its base weights
+    for directory, weights in ((base, state), (tuned, changed)):
+        directory.mkdir()
+        config.save_pretrained(directory)
+        save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    compress_config = CompressionConfig(rank=1)
+    report = compress_checkpoint(base, tuned, tmp_path / "delta", compress_config)
+    assert report.unknown == ()
+    artifact = DeltaArtifact.open(tmp_path / "delta")
+    experts = {layer.name: layer for layer in artifact.layers() if layer.kind == "experts"}
+    assert len(experts) == 2 * settings["num_hidden_layers"]  # gate_up_proj and down_proj of each block
+    layer = experts[name]
+    assert [part.kind for part in layer.slices()] == ["factored", "factored", "zero", "factored"]
+    n, d = layer.shape[1:]
+    assert layer.budget_bits == 4 * layer_budget(n, d, 1)
+    delta = changed[name].float() - state[name].float()
+    for e, part in enumerate(layer.slices()):
+        alone = compress_matrix(f"{name}[{e}]", delta[e], compress_config)  # a 2-D layer of its own
+        assert torch.equal(part.delta(), alone.delta())
+        assert part.paper_bits <= layer_budget(n, d, 1)
+    restored = reconstruct_checkpoint(base, tmp_path / "delta", tmp_path / "restored")
+    decoded = {layer.name: layer.delta() for layer in artifact.layers()}
+    expected = logits(base_plus(base, decoded, tmp_path / "expected"), auto_class)
+    assert torch.allclose(logits(restored, auto_class), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-tied"])
+def test_a_fine_tune_with_added_tokens_stores_the_new_rows_whole(tmp_path, arch):
+    config_class, settings, auto_class = ARCHITECTURES[arch]
+    config = getattr(transformers, config_class)(**settings)
+    torch.manual_seed(0)
+    model = getattr(transformers, auto_class).from_config(config).eval()
+    base, tuned = tmp_path / "base", tmp_path / "finetuned"
+    model.save_pretrained(base)
+    model.resize_token_embeddings(settings["vocab_size"] + 3)  # three added tokens
+    state = perturb({k: v.detach() for k, v in model.state_dict().items()}, seed=1)
+    model.load_state_dict(state)
+    model.save_pretrained(tuned)
+    compress_checkpoint(base, tuned, tmp_path / "delta", CompressionConfig(rank=1))
+    artifact = DeltaArtifact.open(tmp_path / "delta")
+    grown = {name: info.new_rows for name, info in artifact.manifest.layers.items() if info.new_rows}
+    tied = settings["tie_word_embeddings"]
+    expected = {"model.embed_tokens.weight": 3} if tied else {"model.embed_tokens.weight": 3, "lm_head.weight": 3}
+    assert grown == expected
+    restored = reconstruct_checkpoint(base, tmp_path / "delta", tmp_path / "restored")
+    original, before = load_file(tuned / "model.safetensors"), load_file(base / "model.safetensors")
+    weights = load_file(restored / "model.safetensors")
+    for layer in artifact.layers():
+        if layer.new_rows:
+            vocab = settings["vocab_size"]
+            assert torch.equal(weights[layer.name][vocab:], original[layer.name][vocab:].half().float())
+            assert torch.equal(weights[layer.name][:vocab], before[layer.name] + layer.delta())
+    served = transformers.AutoModelForCausalLM.from_pretrained(restored).eval()
+    assert served.config.vocab_size == settings["vocab_size"] + 3
+    if tied:
+        assert served.lm_head.weight.data_ptr() == served.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():  # an added token is served
+        served(input_ids=torch.tensor([[settings["vocab_size"] + 2, 5]]))
+    with pytest.raises(ConfigError, match=r"added 3 rows \(tokens\) to '(model\.embed_tokens|lm_head)\.weight'"):
+        export_adapter(base, tmp_path / "delta", tmp_path / "adapter")
 
 
 def test_a_tied_model_stays_tied_and_its_head_is_stored_once(tmp_path):

@@ -34,7 +34,7 @@ def rewrite_manifest(path, change):
 
 def test_manifest_records_provenance_and_checksums(delta):
     manifest = DeltaArtifact.open(delta).manifest
-    assert manifest.to_json()["format"] == "osd-fleet-delta" and manifest.format_version == FORMAT_VERSION == 3
+    assert manifest.to_json()["format"] == "osd-fleet-delta" and manifest.format_version == FORMAT_VERSION == 4
     assert manifest.config["method"] == "magtruncsvd" and manifest.osd_fleet_version
     assert len(manifest.base["sha256"]) == 64 and len(manifest.finetuned["sha256"]) == 64
     assert all(len(info.sha256) == 64 for info in manifest.payloads.values())
@@ -141,3 +141,27 @@ def test_manifest_pinned_by_its_catalog_checksum(delta):
     rewrite_manifest(delta, lambda m: m["layers"]["classifier.weight"].update(rel_error=0.5))
     with pytest.raises(ArtifactError, match="differs from the catalog's"):
         DeltaArtifact.open(delta, expected_sha256=good)
+
+
+def test_a_layer_with_new_rows_needs_exactly_their_values():
+    rows = {"values": torch.zeros(6, dtype=torch.float16)}
+    layer = CompressedLayer("embed", "dense", (3, 2), {**rows, "rows.values": torch.ones(2, dtype=torch.float16)},
+                            new_rows=1)
+    assert layer.shared_shape == (2, 2) and layer.appended_rows().tolist() == [[1.0, 1.0]]
+    with pytest.raises(ArtifactError, match="1 new rows need a float vector 'rows.values' of 2 values"):
+        CompressedLayer("embed", "dense", (3, 2), {**rows, "rows.values": torch.ones(3)}, new_rows=1)
+    with pytest.raises(ArtifactError, match="cannot have 3 new rows"):
+        CompressedLayer("embed", "dense", (3, 2), {**rows, "rows.values": torch.ones(6)}, new_rows=3)
+    with pytest.raises(ArtifactError, match="unexpected payload tensors"):  # no new rows declared
+        CompressedLayer("embed", "dense", (2, 2), {"values": torch.zeros(4), "rows.values": torch.ones(2)})
+
+
+def test_an_experts_layer_refuses_parts_outside_its_slices():
+    sparse = {"e0.values": torch.ones(1), "e0.index": torch.tensor([3], dtype=torch.int16)}
+    layer = CompressedLayer("experts", "experts", (2, 2, 2), sparse)
+    assert [part.kind for part in layer.slices()] == ["sparse", "zero"]
+    assert layer.delta().tolist() == [[[0.0, 0.0], [0.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]]]
+    with pytest.raises(ArtifactError, match="parts outside its 2 slices"):
+        CompressedLayer("experts", "experts", (2, 2, 2), {**sparse, "e2.values": torch.ones(1)})
+    with pytest.raises(ArtifactError, match="an experts layer is 3-D"):
+        CompressedLayer("experts", "experts", (2, 2), {})

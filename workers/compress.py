@@ -17,7 +17,7 @@ import torch
 from osd_core.allocate import layer_config, measure_curve
 from osd_core.artifact import encode_payload
 from osd_core.calibration_data import GradientFile
-from osd_core.compress import calibration_inputs, compress_tensor, resolve_device
+from osd_core.compress import compress_tensor, plan_calibration, resolve_device, tensor_delta
 from osd_core.config import CompressionConfig
 from osd_core.errors import CheckpointError, ConfigError
 from osd_core.layer import CompressedLayer
@@ -61,9 +61,12 @@ def measure_group(job: GroupJob, calibration: str | None) -> tuple[LayerCurve, .
     for layer in job.group.layers:
         if layer.plan.action != "factorise":
             continue
-        grad, rows, cov = calibration_inputs(calib, layer.name, job.config)
-        options = measure_curve(layer.name, _delta(layer), job.config, grad, row_weight=rows, input_cov=cov,
-                                device=device)
+        if layer.base is None:
+            raise CheckpointError(f"{layer.name}: no base tensor to subtract (planned as {layer.plan.action})")
+        delta = tensor_delta(layer.plan, layer.finetuned.read(), layer.base.read(),
+                             (layer.finetuned.uri, layer.base.uri))
+        grad, rows, cov = plan_calibration(calib, layer.plan, job.config)
+        options = measure_curve(layer.name, delta, job.config, grad, row_weight=rows, input_cov=cov, device=device)
         curves.append(LayerCurve(layer.name, options))
     return tuple(curves)
 
@@ -85,15 +88,6 @@ def compress_layer(
     )
 
 
-def _delta(layer: LayerJob, tuned: torch.Tensor | None = None) -> torch.Tensor:
-    if layer.base is None:
-        raise CheckpointError(f"{layer.name}: no base tensor to subtract (planned as {layer.plan.action})")
-    tuned = layer.finetuned.read() if tuned is None else tuned
-    delta = tuned.float() - layer.base.read().float()
-    _require_finite(layer.base.uri, layer.name, delta)
-    return delta
-
-
 def _gradients(job: GroupJob, uri: str | None) -> GradientFile | None:
     """The calibration output, read lazily from a local (or locally cached) copy."""
     if not job.config.needs_gradients:
@@ -102,8 +96,3 @@ def _gradients(job: GroupJob, uri: str | None) -> GradientFile | None:
         raise ConfigError(f"{job.name}: method {job.config.method!r} needs calibration gradients; none were given")
     return GradientFile(local_copy(uri))
 
-
-def _require_finite(where: str, name: str, tensor: torch.Tensor) -> None:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise CheckpointError(f"{where}: tensor {name!r} contains {bad} NaN or Inf values")

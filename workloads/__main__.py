@@ -16,6 +16,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from workloads.lm_build import LM_WORKLOADS
     from workloads.recipes import WORKLOADS
 
     parser = argparse.ArgumentParser(prog="python -m workloads", description=__doc__)
@@ -25,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         "names",
         nargs="*",
         metavar="NAME",
-        help=f"workloads to build (default: all of {', '.join(WORKLOADS)})",
+        help=f"workloads to build (default: all of {', '.join(WORKLOADS)}); the decoder ones "
+        f"({', '.join(LM_WORKLOADS)}) are built by name: they need requirements-llm.txt",
     )
     build.add_argument(
         "--cache-dir",
@@ -51,25 +53,37 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "list":
         return _list(args.cache_dir)
-    unknown = [name for name in args.names if name not in WORKLOADS]
+    known = [*WORKLOADS, *LM_WORKLOADS]
+    unknown = [name for name in args.names if name not in known]
     if unknown:
-        parser.error(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(WORKLOADS)}")
+        parser.error(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(known)}")
     return _build(args.names or list(WORKLOADS), args.cache_dir, args.threads, args.progress)
 
 
 def _build(names: list[str], cache_dir: Path | None, threads: int, progress: bool) -> int:
+    import torch
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
     from transformers.utils import logging as hf_logging
 
     from workloads.build import build_workload
+    from workloads.lm_build import LM_WORKLOADS, build_lm_workload
 
     hf_logging.disable_progress_bar()
+    log = logging.getLogger("workloads")
     with logging_redirect_tqdm():
         for name in tqdm(names, desc="workloads", unit="workload", disable=not progress):
+            if name in LM_WORKLOADS:
+                torch.set_num_threads(threads)
+                built = build_lm_workload(name, cache_dir)
+                before, after = built.scores["base"], built.scores["finetuned"]
+                log.info("%s: eval acc %.4f -> %.4f, held-out perplexity %.2f -> %.2f, built in %.0f s, at %s",
+                         name, before["eval"]["acc"], after["eval"]["acc"], before["text"]["perplexity"],
+                         after["text"]["perplexity"], built.build_seconds, built.root)
+                continue
             workload = build_workload(name, cache_dir, progress=progress, num_threads=threads)
             before, after = workload.scores["base"]["eval"], workload.scores["finetuned"]["eval"]
-            logging.getLogger("workloads").info(
+            log.info(
                 "%s: eval accuracy %.4f -> %.4f (%d rows), built in %.0f s, at %s",
                 name,
                 before.accuracy,

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from osd_core.calibration_data import INPUT_COV, OUTPUT_FISHER, ROW_WEIGHT
 from osd_core.checkpoint import Checkpoint
-from osd_core.compress import plan_pair
+from osd_core.compress import FACTORISED_ACTIONS, plan_pair
 from osd_core.config import CompressionConfig
 from osd_core.errors import CalibrationError, MissingTensorError
 from osd_core.svd import truncated_svd
@@ -61,7 +61,7 @@ def calibration_gradients(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     base, finetuned = Checkpoint.open(base_dir), Checkpoint.open(finetuned_dir)
-    names = [p.name for p in plan_pair(base, finetuned, config) if p.action == "factorise"]
+    names = [p.name for p in plan_pair(base, finetuned, config) if p.action in FACTORISED_ACTIONS]
     causal = is_causal_lm(finetuned.config)
     rows = _calibration_rows(calibration, finetuned.config)
     auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification

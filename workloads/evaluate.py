@@ -44,6 +44,7 @@ class Score:
     n: int
     seconds: float
     extra: dict[str, float | int] = field(default_factory=dict)
+    correct: tuple[bool, ...] = field(default=(), repr=False, compare=False)  # per row, for accuracy metrics
 
     @property
     def higher_is_better(self) -> bool:
@@ -244,7 +245,8 @@ def score_checkpoint(
     if not is_causal_lm(config):
         result = evaluate_checkpoint(model_dir, data_path, batch_size=batch_size or 64, max_length=max_length or 64,
                                      progress=progress, tokenizer_dir=tokenizer_dir)
-        return Score("accuracy", result.accuracy, result.n, result.seconds, {"macro_f1": result.macro_f1})
+        return Score("accuracy", result.accuracy, result.n, result.seconds, {"macro_f1": result.macro_f1},
+                     result.correct)
     rows = read_rows_for(data_path, config)
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(model_dir, tokenizer_dir), local_files_only=True)
     try:
@@ -255,7 +257,7 @@ def score_checkpoint(
     sizes = {"batch_size": batch_size or 16, "max_length": max_length or 256}
     if rows.kind == CHOICE:
         choices = score_choices(model, tokenizer, rows, **sizes)
-        return Score("acc", choices.acc, choices.n, choices.seconds, {"acc_norm": choices.acc_norm})
+        return Score("acc", choices.acc, choices.n, choices.seconds, {"acc_norm": choices.acc_norm}, choices.correct)
     measured = perplexity(model, tokenizer, rows, **sizes)
     return Score("perplexity", measured.perplexity, measured.n, measured.seconds, {"tokens": measured.tokens})
 

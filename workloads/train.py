@@ -50,7 +50,7 @@ def fine_tune(
     optimizer = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr)
     warmup = int(recipe.warmup_ratio * recipe.steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _linear_warmup_decay(step, warmup, recipe.steps)
+        optimizer, lambda step: linear_warmup_decay(step, warmup, recipe.steps)
     )
     generator = torch.Generator().manual_seed(recipe.seed)
     tail = max(1, recipe.steps // 10)
@@ -60,7 +60,7 @@ def fine_tune(
         torch.manual_seed(recipe.seed)
         model.train()
         bar = tqdm(
-            _batches(len(rows), recipe.batch_size, recipe.steps, generator),
+            batch_indices(len(rows), recipe.batch_size, recipe.steps, generator),
             total=recipe.steps,
             desc=f"fine-tune {recipe.name}",
             unit="step",
@@ -109,13 +109,13 @@ def _param_groups(model: PreTrainedModel, weight_decay: float) -> list[dict]:
     ]
 
 
-def _linear_warmup_decay(step: int, warmup: int, total: int) -> float:
+def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def _batches(
+def batch_indices(
     n: int, batch_size: int, steps: int, generator: torch.Generator
 ) -> Iterator[list[int]]:
     """``steps`` batches of row indices, walking fresh permutations epoch after epoch."""
