@@ -36,13 +36,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from flows.plan import DEFAULT_GROUP_BYTES
-from osd_core.allocate import ALLOCATIONS
-from osd_core.config import METHODS, CompressionConfig
+from osd_core.config import ALLOCATIONS, METHODS, CompressionConfig
 from osd_core.errors import ConfigError
 from osd_core.settings import REQUIRED, from_table, setting
 from osd_io.keys import safe_name
-from osd_io.sources import is_s3
+from osd_io.uris import is_s3
+
+DEFAULT_GROUP_BYTES = 32 << 20  # float32 bytes of one layer group: one Ray task (flows.plan)
 
 URI_FIELDS = ("base", "finetuned", "calibration", "eval")
 

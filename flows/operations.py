@@ -47,7 +47,7 @@ from osd_core.errors import ConfigError, OSDError
 from osd_core.settings import to_table
 from osd_io.catalog import Catalog
 from osd_io.keys import InvalidNameError, safe_name
-from osd_io.sources import is_s3, join_uri, local_path
+from osd_io.uris import is_s3, join_uri, local_path
 from osd_io.storage import StorageError, open_store
 
 __all__ = [

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from flows.fleet_config import DEFAULT_GROUP_BYTES
 from osd_core import __version__
 from osd_core.manifest import FORMAT_VERSION
 from osd_core.compress import plan_pair, uniform_budgets
@@ -33,7 +34,6 @@ from osd_io.keys import join_key
 from osd_io.sources import PairLayout, tensor_refs
 from workers.jobs import LayerGroup, LayerJob
 
-DEFAULT_GROUP_BYTES = 32 << 20
 ARTIFACTS_PREFIX = "artifacts"
 GRADIENTS_PREFIX = "gradients"
 _BLOCK = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks)\.(\d+)\.")

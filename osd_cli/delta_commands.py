@@ -17,10 +17,7 @@ from tqdm import tqdm
 
 from osd_cli.arguments import positive_int
 from osd_cli.flags import add_settings, read_settings
-from osd_core.adapters import DTYPES as ADAPTER_DTYPES
-from osd_core.adapters import PROFILES as ADAPTER_PROFILES
-from osd_core.allocate import ALLOCATIONS
-from osd_core.config import CompressionConfig
+from osd_core.config import ADAPTER_DTYPES, ADAPTER_PROFILES, ALLOCATIONS, CompressionConfig
 from osd_core.errors import ConfigError
 from osd_core.outputs import scratch_dir
 
@@ -60,7 +57,7 @@ def add_delta_commands(commands: Any) -> None:
     export.add_argument("--profile", choices=ADAPTER_PROFILES, default="peft",
                         help="peft: every delta (norms, biases, head via modules_to_save); vllm: LoRA on linear maps "
                              "only, one rank from vLLM's set, no modules_to_save or biases (the rest is reported)")
-    export.add_argument("--dtype", choices=tuple(ADAPTER_DTYPES), default="float16", help="adapter tensor type")
+    export.add_argument("--dtype", choices=ADAPTER_DTYPES, default="float16", help="adapter tensor type")
     export.add_argument("--overwrite", action="store_true", help="replace an adapter exported before")
     export.add_argument("--check-base", action=argparse.BooleanOptionalAction, default=True,
                         help="refuse a base whose weights differ from the one the delta was made against")

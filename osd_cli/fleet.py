@@ -20,9 +20,7 @@ from typing import TYPE_CHECKING, Any
 from flows.fleet_config import SCAN_SWEEP, ModelSpec, SweepSpec
 from osd_cli.arguments import comma_list
 from osd_cli.flags import add_settings, read_settings
-from osd_core.adapters import DTYPES as ADAPTER_DTYPES
-from osd_core.adapters import PROFILES as ADAPTER_PROFILES
-from osd_core.config import CompressionConfig
+from osd_core.config import ADAPTER_DTYPES, ADAPTER_PROFILES, CompressionConfig
 from osd_core.outputs import scratch_dir
 from osd_core.settings import to_table
 
@@ -97,7 +95,7 @@ def add_fleet_commands(commands: Any) -> None:
     fetch.add_argument("--format", choices=("checkpoint", "peft"), default="checkpoint",
                        help="checkpoint: base + delta merged (reconstruct); peft: a LoRA adapter (export)")
     fetch.add_argument("--profile", choices=ADAPTER_PROFILES, default="peft", help="with --format peft, as in export")
-    fetch.add_argument("--dtype", choices=tuple(ADAPTER_DTYPES), default="float16",
+    fetch.add_argument("--dtype", choices=ADAPTER_DTYPES, default="float16",
                        help="with --format peft: adapter tensor type")
     fetch.add_argument("--overwrite", action="store_true")
     fetch.set_defaults(handler=run_fetch)

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 from .artifact import DeltaArtifact
 from .checkpoint import Checkpoint
+from .config import ADAPTER_DTYPES, ADAPTER_PROFILES
 from .errors import ArtifactError, ConfigError
 from .layer import CompressedLayer
 from .outputs import OutputDir, check_output, json_field
@@ -38,9 +39,9 @@ from .reconstruct import check_base_matches
 from .policy import ArchitecturePolicy
 from .roles import DerivedPolicy, policy_for
 
-PROFILES = ("peft", "vllm")
+PROFILES = ADAPTER_PROFILES
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, name) for name in ADAPTER_DTYPES}
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RECORD = "osd-fleet-adapter.json"

@@ -29,7 +29,6 @@ from .errors import BudgetError, ConfigError
 from .factorize import compress_matrix
 from .svd import truncated_svd
 
-ALLOCATIONS = ("uniform", "global")
 # Candidate budgets as multiples of the uniform one: enough resolution to move bits, few enough
 # that measuring them stays cheap next to the compression itself.
 MULTIPLIERS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)

@@ -19,8 +19,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from .errors import BudgetError, ConfigError
 
 VALUE_BITS = 32
@@ -121,34 +119,6 @@ def equal_density_counts(n: int, d: int, k: int, budget: int, encoding: Encoding
     return s_u, s_v
 
 
-def joint_counts(
-    score_u: torch.Tensor, score_v: torch.Tensor, budget: int, encoding: Encoding = PAPER
-) -> tuple[int, int]:
-    """Counts that keep the highest-scoring entries of both factors together within ``budget``.
-
-    Scores of ``U`` and ``V`` must be commensurate (the Taylor estimates of loss change are). The
-    entries are ranked jointly and taken in order while the bits stay within budget; the best
-    entry of each factor always comes first, since a factor with nothing kept zeroes the product.
-    When the whole factorisation fits it is kept whole.
-    """
-    (n, k), (d, _) = score_u.shape, score_v.shape
-    if factored_bits(n, d, k, n * k, d * k, encoding) <= budget:
-        return n * k, d * k
-    cost_u, cost_v = encoding.entry_bits(n, k), encoding.entry_bits(d, k)
-    free = budget - encoding.fixed_bits(n, k) - encoding.fixed_bits(d, k)
-    scores = torch.cat([score_u.reshape(-1), score_v.reshape(-1)]).float()
-    scores[int(score_u.reshape(-1).argmax())] = float("inf")
-    scores[n * k + int(score_v.reshape(-1).argmax())] = float("inf")
-    from_u = torch.cat([torch.ones(n * k, dtype=torch.bool), torch.zeros(d * k, dtype=torch.bool)])
-    order = torch.argsort(scores, descending=True, stable=True)
-    costs = torch.where(from_u[order], cost_u, cost_v).to(torch.int64)
-    taken = int(torch.searchsorted(torch.cumsum(costs, 0), max(free, 0), right=True))
-    s_u = min(int(from_u[order[:taken]].sum()), n * k - 1)
-    s_v = min(taken - int(from_u[order[:taken]].sum()), d * k - 1)
-    _require_entries(s_u, s_v, n, d, k, budget)
-    return s_u, s_v
-
-
 def sparse_count(n: int, d: int, budget: int, encoding: Encoding = PAPER) -> int:
     """How many entries of an n×d matrix (values plus positions) fit in ``budget`` bits."""
     if factor_bits(n, d, n * d, encoding) <= budget:
@@ -163,7 +133,7 @@ def sparse_count(n: int, d: int, budget: int, encoding: Encoding = PAPER) -> int
     return kept
 
 
-def _require_entries(s_u: int, s_v: int, n: int, d: int, k: int, budget: int) -> None:
+def require_entries(s_u: int, s_v: int, n: int, d: int, k: int, budget: int) -> None:
     if s_u < 1 or s_v < 1:
         raise BudgetError(
             f"a budget of {budget} bits cannot hold one entry of each factor of a rank-{k} "

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from .allocate import ALLOCATIONS, Allocation, layer_config, measure_curve, spend_globally
+from .allocate import Allocation, layer_config, measure_curve, spend_globally
 from .artifact import DeltaWriter
 from .budget import layer_budget
 from .calibration_data import INPUT_COV, OUTPUT_FISHER, ROW_WEIGHT, GradientFile
 from .checkpoint import Checkpoint, side_files
-from .config import CompressionConfig
+from .config import ALLOCATIONS, CompressionConfig
 from .errors import CheckpointError, ConfigError, MissingTensorError
 from .factorize import compress_matrix
 from .layer import CompressedLayer, stack_experts, with_appended_rows

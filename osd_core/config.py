@@ -19,6 +19,10 @@ METRICS = ("frobenius", "activation", "fisher", "kfac")
 VALUE_DTYPES = {"float32": 32, "float16": 16, "bfloat16": 16, "int8": 8}
 POSITIONS = ("index", "bitmap", "auto")
 SVD_METHODS = ("auto", "exact", "randomized")
+# Choices a command line offers without importing torch (``osd_core.allocate``, ``osd_core.adapters``).
+ALLOCATIONS = ("uniform", "global")  # across layers: the paper's split, or measured and spent globally
+ADAPTER_PROFILES = ("peft", "vllm")
+ADAPTER_DTYPES = ("float16", "bfloat16", "float32")
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes any int64 >= 0
 
 

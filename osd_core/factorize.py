@@ -18,7 +18,16 @@ from typing import TypeVar
 
 import torch
 
-from .budget import Encoding, equal_density_counts, factored_bits, joint_counts, layer_budget, sparse_bits, sparse_count
+from .budget import (
+    PAPER,
+    Encoding,
+    equal_density_counts,
+    factored_bits,
+    layer_budget,
+    require_entries,
+    sparse_bits,
+    sparse_count,
+)
 from .config import CompressionConfig
 from .errors import BudgetError, CheckpointError, ConfigError
 from .layer import CompressedLayer, index_dtype, pack_bitmap
@@ -373,3 +382,31 @@ def _require_finite(name: str, what: str, tensor: torch.Tensor) -> None:
     if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise CheckpointError(f"{name}: {what} contains {bad} NaN or Inf values; expected finite numbers")
+
+
+def joint_counts(
+    score_u: torch.Tensor, score_v: torch.Tensor, budget: int, encoding: Encoding = PAPER
+) -> tuple[int, int]:
+    """Counts that keep the highest-scoring entries of both factors together within ``budget``.
+
+    Scores of ``U`` and ``V`` must be commensurate (the Taylor estimates of loss change are). The
+    entries are ranked jointly and taken in order while the bits stay within budget; the best
+    entry of each factor always comes first, since a factor with nothing kept zeroes the product.
+    When the whole factorisation fits it is kept whole.
+    """
+    (n, k), (d, _) = score_u.shape, score_v.shape
+    if factored_bits(n, d, k, n * k, d * k, encoding) <= budget:
+        return n * k, d * k
+    cost_u, cost_v = encoding.entry_bits(n, k), encoding.entry_bits(d, k)
+    free = budget - encoding.fixed_bits(n, k) - encoding.fixed_bits(d, k)
+    scores = torch.cat([score_u.reshape(-1), score_v.reshape(-1)]).float()
+    scores[int(score_u.reshape(-1).argmax())] = float("inf")
+    scores[n * k + int(score_v.reshape(-1).argmax())] = float("inf")
+    from_u = torch.cat([torch.ones(n * k, dtype=torch.bool), torch.zeros(d * k, dtype=torch.bool)])
+    order = torch.argsort(scores, descending=True, stable=True)
+    costs = torch.where(from_u[order], cost_u, cost_v).to(torch.int64)
+    taken = int(torch.searchsorted(torch.cumsum(costs, 0), max(free, 0), right=True))
+    s_u = min(int(from_u[order[:taken]].sum()), n * k - 1)
+    s_v = min(taken - int(from_u[order[:taken]].sum()), d * k - 1)
+    require_entries(s_u, s_v, n, d, k, budget)
+    return s_u, s_v

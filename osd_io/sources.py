@@ -22,7 +22,6 @@ import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import torch
 
@@ -31,28 +30,9 @@ from osd_core.checkpoint import Checkpoint
 from osd_core.errors import CheckpointError
 from osd_core.safetensors_io import TensorEntry, read_tensor
 from osd_io.storage import ObjectStore, open_store
+from osd_io.uris import is_s3, join_uri, local_path
 
 log = logging.getLogger(__name__)
-
-S3_SCHEME = "s3://"
-
-
-def is_s3(uri: str) -> bool:
-    return uri.startswith(S3_SCHEME)
-
-
-def local_path(uri: str) -> Path:
-    """The local path of a plain path or ``file://`` URI (refuses ``s3://``)."""
-    if is_s3(uri):
-        raise ValueError(f"{uri} is not a local path")
-    if uri.startswith("file://"):
-        return Path(unquote(urlsplit(uri).path))
-    return Path(uri).expanduser()
-
-
-def join_uri(uri: str, name: str) -> str:
-    return f"{uri.rstrip('/')}/{name}" if is_s3(uri) else str(local_path(uri) / name)
-
 
 @lru_cache(maxsize=64)
 def _s3_dir(uri: str) -> ObjectStore:

@@ -11,12 +11,12 @@ from osd_core.budget import (
     factor_bits,
     factored_bits,
     index_bits,
-    joint_counts,
     layer_budget,
     sparse_bits,
     sparse_count,
 )
 from osd_core.errors import BudgetError, ConfigError
+from osd_core.factorize import joint_counts
 
 
 def test_dense_factors_cost_exactly_the_budget():

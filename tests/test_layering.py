@@ -10,6 +10,8 @@ test needs none of the heavy packages.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,3 +92,13 @@ def test_the_layering_test_sees_every_package_and_lazy_imports(tmp_path: Path) -
     probe.write_text("import os\nfrom osd_core import errors\n\ndef later():\n    from flows.plan import plan_model\n")
     assert {t for t, _ in imports(probe, top_level_only=False)} >= {"osd_core", "flows.plan"}
     assert "flows.plan" not in {t for t, _ in imports(probe, top_level_only=True)}
+
+
+def test_the_command_line_parses_without_torch():
+    """``osd-fleet --help`` and argument errors answer at once: torch (and transformers, Ray, Prefect,
+    pandas) are imported by the commands that use them, not by the parser."""
+    probe = ("import sys, osd_cli.main; parser = osd_cli.main.build_parser(); "
+             "heavy = [m for m in ('torch', 'transformers', 'ray', 'prefect', 'pandas') if m in sys.modules]; "
+             "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -31,7 +31,7 @@ from osd_core.errors import ConfigError
 from osd_core.reconstruct import reconstruct_checkpoint
 from osd_io.artifacts import download_delta
 from osd_io.catalog import COMPACT_AFTER_PARTS, PARTS_PREFIX, Catalog, CatalogRow, NoneMeetsError
-from osd_io.sources import is_s3
+from osd_io.uris import is_s3
 from osd_io.storage import S3Store, open_store
 from tests.conftest import write_bert_like
 from tests.test_causal_lm import CHOICES, TEXTS, write_rows
