@@ -295,17 +295,22 @@ def compress_tensor(
 
 def tensor_delta(plan: LayerPlan, tuned: torch.Tensor, base: torch.Tensor | None,
                  where: tuple[object, object] = ("fine-tune", "base")) -> torch.Tensor:
-    """The float32 delta over the rows both share, both tensors checked finite.
+    """The float32 delta over the rows both share, checked finite.
 
     A float32 ``tuned`` is overwritten: at LLM sizes a third n×d buffer would be the peak of the
-    whole run (``bench/streaming_rss.py``), and every caller reads it fresh for this call.
+    whole run (``bench/streaming_rss.py``), and every caller reads it fresh for this call. One
+    pass checks the delta; only when it fails is the base read again, to name the file at fault
+    (a NaN or Inf in either input, or a difference beyond float32, makes the delta non-finite).
     """
-    _require_finite(where[0], plan.name, tuned)
     if base is None:
         raise MissingTensorError(f"{where[1]}: no base tensor {plan.name!r} to take a delta against")
+    if plan.new_rows:
+        _require_finite(where[0], plan.name, tuned[plan.shape[0]:])  # rows stored whole, in no delta
     delta = tuned[: plan.shape[0]].float() if plan.new_rows else tuned.float()
     delta.sub_(base)
-    _require_finite(where[1], plan.name, delta)
+    if not bool(torch.isfinite(delta).all()):
+        _require_finite(where[1], plan.name, base)
+        _require_finite(where[0], plan.name, delta)  # the base is finite: the fine-tune (or the difference) is not
     return delta
 
 

@@ -57,7 +57,8 @@ def compress_matrix(
     Work runs on ``device`` (a GPU
     when available); the record is returned on the CPU. ``factors``, a truncated SVD of this
     ``delta`` at rank ``>= k`` (not whitened), is sliced instead of factoring again: a measuring
-    pass that tries several budgets of one layer pays for one SVD, not one per budget.
+    pass that tries several budgets of one layer pays for one SVD, not one per budget (nor one
+    finiteness check per budget: a delta that was factored was finite).
     """
     if delta.ndim != 2:
         raise ConfigError(f"{name}: only 2-D matrices are factorised, got shape {tuple(delta.shape)}")
@@ -75,7 +76,8 @@ def compress_matrix(
         )
     with torch.no_grad():
         delta = delta.to(device=device, dtype=torch.float32)
-        _require_finite(name, "delta", delta)
+        if factors is None:  # given factors are of this delta, which was finite to be factored
+            _require_finite(name, "delta", delta)
         if not bool(delta.any()):
             return CompressedLayer(name, "zero", (n, d), budget_bits=budget)
         if config.method == "sparse":

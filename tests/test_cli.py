@@ -1,6 +1,7 @@
 """The command line: happy paths print what users need; bad input exits 2 with one clear line."""
 
 import json
+import shutil
 import re
 import subprocess
 import sys
@@ -179,3 +180,17 @@ def test_nonexistent_base_is_named(capsys, synthetic_pair, tmp_path, reliability
     code, _, err = run_cli(capsys, *compress_args(tmp_path / "nope", tuned, tmp_path / "d", "--method", "truncsvd"))
     assert code == 2 and "nope: checkpoint directory does not exist" in err
     reliability.refused("base checkpoint directory that does not exist", err)
+
+
+@pytest.mark.parametrize("side", ["base", "finetuned"])
+def test_a_nan_is_blamed_on_the_checkpoint_that_holds_it(capsys, synthetic_pair, tmp_path, side):
+    """The delta is checked once; when it fails, the message names the file at fault, not the other."""
+    base, tuned = synthetic_pair
+    bad = tmp_path / f"bad-{side}"
+    shutil.copytree(base if side == "base" else tuned, bad)
+    state = load_file(bad / "model.safetensors")
+    state["bert.encoder.layer.0.attention.self.key.weight"][1, 2] = float("nan")
+    save_file(state, str(bad / "model.safetensors"))
+    pair = (bad, tuned) if side == "base" else (base, bad)
+    code, _, err = run_cli(capsys, *compress_args(*pair, tmp_path / "delta", "--method", "truncsvd"))
+    assert code == 2 and f"{bad}: tensor 'bert.encoder.layer.0.attention.self.key.weight' contains 1 NaN" in err, err
