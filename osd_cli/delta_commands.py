@@ -91,7 +91,7 @@ def run_compress(args: argparse.Namespace) -> int:
         raise ConfigError("method 'osd' needs --calibration FILE (JSONL rows with text and label)")
     inputs = [args.base, args.finetuned, *([args.calibration] if args.calibration else [])]
     check_delta_output(args.out, inputs=inputs, overwrite=args.overwrite)  # before minutes of work
-    if config.rank < 1 and args.allocation == "uniform" and config.method != "sparse":
+    if config.rank < 1 and args.allocation == "uniform" and config.factorises:
         print(f"osd-fleet: note: below a rank-1 budget a uniform split leaves most layers a rank-{config.k} "
               "factorisation whether they need it or not; --allocation global spends the same bits where "
               "they cut the most error (measured against uniform in the README's Results)", file=sys.stderr)

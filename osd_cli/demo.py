@@ -28,15 +28,12 @@ def run_demo(
     workloads: Sequence[str], store: str, sweep: SweepSpec, *, min_accuracy: float | None, runtime: dict[str, Any]
 ) -> int:
     """Run the demo; 0 when every variant succeeded, 1 otherwise."""
-    from workloads import build_workload  # imports transformers
-
     started = time.perf_counter()
     models, floors = [], {}
     for name in workloads:
         _say(f"workload {name}: loading (the first build fine-tunes it: a few minutes)")
-        workload = build_workload(name, progress=sys.stderr.isatty())  # the first build trains for minutes
-        base, tuned = workload.scores["base"]["eval"], workload.scores["finetuned"]["eval"]
-        _say(f"  base accuracy {base.accuracy:.4f}, fine-tune {tuned.accuracy:.4f} on {tuned.n} eval rows")
+        workload, base, tuned, rows = _load(name)
+        _say(f"  base accuracy {base:.4f}, fine-tune {tuned:.4f} on {rows} eval rows")
         models.append(
             ModelSpec(
                 name,
@@ -46,7 +43,7 @@ def run_demo(
                 str(workload.eval_path),
             )
         )
-        floors[name] = min_accuracy if min_accuracy is not None else round(tuned.accuracy - ACCURACY_SLACK, 4)
+        floors[name] = min_accuracy if min_accuracy is not None else round(tuned - ACCURACY_SLACK, 4)
     fleet = FleetConfig(str(Path(store).resolve()), tuple(models), sweep)
     variants = len(sweep.variants())
     _say(f"sweep: {variants} variants per model ({', '.join(v.label for v in sweep.variants())})")
@@ -73,6 +70,25 @@ def run_demo(
     failed = [row for row in rows if row.status != "ok"]
     _say(f"demo finished in {time.perf_counter() - started:.0f} s; {len(rows)} artifacts, {len(failed)} failed")
     return 1 if failed else 0
+
+
+def _load(name: str) -> tuple[Any, float, float, int]:
+    """A workload (built the first time) with its base and fine-tune eval accuracy and eval row count.
+
+    The decoder workloads (``smollm2-*``, after ``make llm``) score log-likelihood ``acc``.
+    """
+    from workloads import WORKLOADS, UnknownWorkloadError, build_workload  # imports transformers
+    from workloads.lm_build import LM_WORKLOADS, build_lm_workload
+
+    if name not in WORKLOADS and name not in LM_WORKLOADS:
+        raise UnknownWorkloadError(f"unknown workload {name!r}; known: {', '.join([*WORKLOADS, *LM_WORKLOADS])}")
+    if name in LM_WORKLOADS:
+        workload = build_lm_workload(name)
+        base, tuned = workload.scores["base"]["eval"], workload.scores["finetuned"]["eval"]
+        return workload, base["acc"], tuned["acc"], tuned["n"]
+    workload = build_workload(name, progress=sys.stderr.isatty())  # the first build trains for minutes
+    base, tuned = workload.scores["base"]["eval"], workload.scores["finetuned"]["eval"]
+    return workload, base.accuracy, tuned.accuracy, tuned.n
 
 
 def _say(message: str) -> None:

@@ -138,7 +138,8 @@ def add_fleet_commands(commands: Any) -> None:
 
     demo = commands.add_parser("demo", help="the whole pipeline on packaged workloads, on this machine, no setup")
     demo.add_argument("--workloads", type=comma_list(str), default=("tiny",),
-                      help="comma-separated workload names (default: tiny)")
+                      help="comma-separated workload names (default: tiny; the decoder smollm2-sst2 and "
+                           "smollm2-arc after `make llm`)")
     # 10 variants (truncsvd runs at whole ranks only): a few minutes here
     _add_sweep_arguments(demo, ranks=(0.5, 1), allocations=("uniform", "global"))
     demo.add_argument("--store", default=str(DEMO_STORE), help=f"artifact store (default: {DEMO_STORE})")

@@ -69,7 +69,7 @@ def candidate_budgets(
         ranks = {max(1, min(math.floor(m * config.rank), min(n, d))) for m in multipliers} | {config.rank}
         return tuple(sorted(layer_budget(n, d, r) for r in ranks))
     budgets = {max(1, round(m * uniform)) for m in multipliers} | {uniform}
-    if config.method == "sparse":
+    if not config.factorises:
         return tuple(sorted({min(b, VALUE_BITS * n * d) for b in budgets}))
     if config.extra_rank is not None:
         return tuple(sorted({min(b, VALUE_BITS * config.k * (n + d)) for b in budgets}))
@@ -84,7 +84,7 @@ def layer_config(config: CompressionConfig, shape: tuple[int, ...], budget: int 
     (so a layer given more bits also gets more singular vectors, not only denser ones). A fixed
     ``extra_rank`` keeps ``k`` fixed; ``sparse`` has no rank. ``None`` or 0 leaves ``config`` as is.
     """
-    if not budget or config.method == "sparse" or (config.method != "truncsvd" and config.extra_rank is not None):
+    if not budget or not config.factorises or (config.method != "truncsvd" and config.extra_rank is not None):
         return config
     n, d = shape
     rank = budget / (VALUE_BITS * (n + d))
@@ -118,7 +118,7 @@ def measure_curve(
     candidates = [(budget, layer_config(config, shape, budget)) for budget in candidate_budgets(config, shape)]
     factors = None
     top = max((c.k for _, c in candidates), default=0)
-    if config.method != "sparse" and not config.whiten and 0 < top <= min(shape):
+    if config.factorises and not config.whiten and 0 < top <= min(shape):
         matrix = delta.to(device=device, dtype=torch.float32)
         if bool(torch.isfinite(matrix).all()):  # a non-finite delta is refused below, by compress_matrix
             factors = truncated_svd(matrix, top, method=config.svd, power_iters=config.power_iters, seed=config.seed)

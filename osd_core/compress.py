@@ -380,7 +380,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _fits_rank(shape: tuple[int, ...], config: CompressionConfig) -> bool:
-    return len(shape) == 2 and (config.method == "sparse" or config.k <= min(shape))
+    return len(shape) == 2 and (not config.factorises or config.k <= min(shape))
 
 
 def dense_layer(name: str, values: torch.Tensor, kind: str) -> CompressedLayer:

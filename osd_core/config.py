@@ -10,7 +10,8 @@ from .budget import VALUE_BITS, Encoding
 from .errors import ConfigError
 from .settings import setting
 
-METHODS = ("truncsvd", "magtruncsvd", "sparse", "osd")
+METHODS = ("truncsvd", "magtruncsvd", "sparse", "dare", "osd")
+SPARSE_METHODS = ("sparse", "dare")  # entries of the delta itself, no factorisation
 SIGMA_PLACEMENTS = ("sqrt", "u", "v")
 FACTOR_SPLITS = ("equal", "joint")
 GRADIENT_POINTS = ("finetuned", "reconstruction", "path")
@@ -63,8 +64,9 @@ class CompressionConfig:
     # "osd" with float32 values and indices is the paper's method as we read it, measured beside it.
     # Each field's help is the flag's help (osd_cli.settings); the fleet file's [sweep.compression]
     # table and the flows' parameters take the same names.
-    method: str = setting("magtruncsvd", "truncsvd, magtruncsvd (magnitude masks), sparse, or osd (the "
-                          "paper's Taylor-importance masks, needs calibration)", METHODS)
+    method: str = setting("magtruncsvd", "truncsvd, magtruncsvd (magnitude masks), sparse (largest delta "
+                          "entries), dare (random delta entries, rescaled), or osd (the paper's Taylor-importance "
+                          "masks, needs calibration)", METHODS)
     rank: int | float = setting(1, "budget rank r: 32·r·(n+d) bits per layer; the relaxed methods take "
                                 "fractions (0.5)")
     extra_rank: int | None = setting(None, "c: factor at k = ⌈r⌉ + c (default: what dense factors of the "
@@ -159,6 +161,11 @@ class CompressionConfig:
         positions = "index" if self.method == "truncsvd" else self.positions
         kinds = ("index", "bitmap") if positions == "auto" else (positions,)
         return tuple(Encoding(self.value_bits, kind, scale) for kind in kinds)
+
+    @property
+    def factorises(self) -> bool:
+        """Whether deltas are factorised (rank k) rather than sparsified entry by entry."""
+        return self.method not in SPARSE_METHODS
 
     @property
     def needs_gradients(self) -> bool:

@@ -8,10 +8,12 @@ truncated SVD, top-s masks), so they differ only where the methods differ:
 - ``osd``: rank k, keep the entries with the largest first-order Taylor estimate of the loss
   change caused by zeroing them: ``|U ⊙ (G·V)|`` and ``|V ⊙ (Gᵀ·U)|`` for the layer gradient G.
 - ``sparse``: keep the largest-magnitude entries of the delta itself.
+- ``dare``: keep random entries of the delta, rescaled (DARE, a method users pick instead; see ``_dare``).
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -28,7 +30,7 @@ from .budget import (
     sparse_bits,
     sparse_count,
 )
-from .config import CompressionConfig
+from .config import SEED_LIMIT, CompressionConfig
 from .errors import BudgetError, CheckpointError, ConfigError
 from .layer import CompressedLayer, index_dtype, pack_bitmap
 from .svd import Factors, truncated_svd
@@ -70,7 +72,7 @@ def compress_matrix(
     budget = layer_budget(n, d, config.rank) if budget_bits is None else budget_bits
     if budget == 0:
         raise BudgetError(f"{name}: rank {config.rank} gives its {n}x{d} delta a budget of 0 bits; raise --rank")
-    if config.method != "sparse" and config.k > min(n, d):
+    if config.factorises and config.k > min(n, d):
         raise ConfigError(
             f"{name}: rank k = {config.k} exceeds min(n, d) = {min(n, d)} of its {n}x{d} delta"
         )
@@ -80,7 +82,7 @@ def compress_matrix(
             _require_finite(name, "delta", delta)
         if not bool(delta.any()):
             return CompressedLayer(name, "zero", (n, d), budget_bits=budget)
-        if config.method == "sparse":
+        if not config.factorises:
             return _sparse(name, delta, budget, config)
         metric = OutputMetric.build(name, (n, d), row_weight, input_cov, device)
         u, v = _factor(name, delta, config, metric, factors)
@@ -372,12 +374,34 @@ def _encode(matrix: torch.Tensor, keep: torch.Tensor | None, value_dtype: str, e
 
 
 def _sparse(name: str, delta: torch.Tensor, budget: int, config: CompressionConfig) -> CompressedLayer:
+    """The delta's own entries that fit the budget: the largest (``sparse``), or random ones (``dare``)."""
     n, d = delta.shape
     kept, encoding = _most_entries(config.encodings, lambda enc: sparse_count(n, d, budget, enc), total=int)
-    parts = _encode(delta, _top(delta.abs(), kept), config.stored_dtype, encoding, "")
+    if config.method == "dare":
+        keep, values = _dare(name, delta, kept, config.seed)
+    else:
+        keep, values = _top(delta.abs(), kept), delta
+    parts = _encode(values, keep, config.stored_dtype, encoding, "")
     return CompressedLayer(
         name, "sparse", (n, d), parts, budget_bits=budget, paper_bits=sparse_bits(n, d, kept, encoding),
     )
+
+
+def _dare(name: str, delta: torch.Tensor, kept: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DARE (Yu et al., 2024, "Language Models are Super Mario"): keep ``kept`` entries drawn at random
+    and rescale them by ``numel / kept``, so the expected delta is the delta itself.
+
+    Faithful to the paper in the drop-and-rescale rule; different in two ways. The keep count comes
+    from the bit budget (values plus positions, as every method here is charged) instead of a
+    fixed drop rate, and exactly that many entries are kept, not each one with probability 1 − p.
+    The draw is seeded by ``seed`` and the tensor's name, so a delta is reproducible.
+    """
+    numel = delta.numel()
+    if kept >= numel:
+        return torch.arange(numel, device=delta.device), delta
+    generator = torch.Generator().manual_seed((seed + zlib.crc32(name.encode())) % SEED_LIMIT)
+    keep = torch.randperm(numel, generator=generator)[:kept].sort().values.to(delta.device)
+    return keep, delta * (numel / kept)
 
 
 def _require_finite(name: str, what: str, tensor: torch.Tensor) -> None:

@@ -351,3 +351,26 @@ def test_default_extra_rank_is_what_dense_factors_of_the_value_width_fill():
     assert CompressionConfig(rank=3, extra_rank=5).c == 5
     truncsvd = CompressionConfig(method="truncsvd", rank=3)
     assert (truncsvd.c, truncsvd.k, truncsvd.stored_dtype, truncsvd.value_bits) == (0, 3, "float32", 32)
+
+
+def test_dare_keeps_as_many_entries_as_sparse_at_random_and_rescaled():
+    delta = structured_delta(60, 40)
+    config = CompressionConfig(method="dare", rank=2, **PAPER)
+    dare = compress_matrix("w", delta, config)
+    sparse = compress_matrix("w", delta, replace(config, method="sparse"))
+    kept = dare.tensors["values"].numel()
+    assert dare.kind == "sparse" and kept == sparse.tensors["values"].numel() < delta.numel()
+    assert dare.paper_bits == sparse.paper_bits <= layer_budget(60, 40, 2)
+    assert not torch.equal(dare.tensors["index"], sparse.tensors["index"])  # not the largest entries
+    positions = dare.tensors["index"].long()
+    assert torch.allclose(dare.tensors["values"], delta.reshape(-1)[positions] * delta.numel() / kept)
+    assert torch.equal(compress_matrix("w", delta, config).tensors["index"], dare.tensors["index"])  # seeded
+    assert not torch.equal(compress_matrix("v", delta, config).tensors["index"], dare.tensors["index"])
+
+
+def test_dare_is_unbiased_over_seeds():
+    delta = structured_delta(30, 20)
+    config = CompressionConfig(method="dare", rank=2, **PAPER)
+    mean = sum(compress_matrix("w", delta, replace(config, seed=seed)).delta() for seed in range(400)) / 400
+    assert rel_error(delta, compress_matrix("w", delta, config)) > 1.0  # one draw is far off in Frobenius norm
+    assert float(torch.linalg.norm(mean - delta) / torch.linalg.norm(delta)) < 0.15  # the expectation is not
