@@ -36,7 +36,7 @@ from safetensors.torch import load_file  # noqa: E402
 from workloads.calibration import calibration_gradients  # noqa: E402
 from osd_core.calibration_data import GradientFile  # noqa: E402
 from osd_core.compress import compress_checkpoint  # noqa: E402
-from osd_core.config import SPARSE_METHODS, CompressionConfig  # noqa: E402
+from osd_core.config import ENTRYWISE_METHODS, CompressionConfig  # noqa: E402
 from osd_core.reconstruct import reconstruct_checkpoint  # noqa: E402
 
 # Named variants: the baselines, the paper's OSD as we read it, and the measured alternatives. Every
@@ -61,6 +61,7 @@ VARIANTS: dict[str, dict] = {
     # a peer: DARE's random drop and rescale, charged the same bits as sparse
     "dare": {"method": "dare", **PAPER},
     "dare-int8": {"method": "dare", **PACKED},
+    "bitdelta": {"method": "bitdelta"},  # 1 bit per entry: its bytes do not follow r
     # other encodings
     "magtruncsvd-fp16": {"method": "magtruncsvd", "value_dtype": "float16", "positions": "index"},
     "magtruncsvd-bitmap": {"method": "magtruncsvd", "value_dtype": "float32", "positions": "auto"},
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                     allocation = spec.pop("allocation", "uniform")
                     if spec["method"] == "truncsvd" and not float(r).is_integer():
                         continue  # whole singular vectors only, as in fleet sweeps
-                    relaxed = spec["method"] not in ("truncsvd", *SPARSE_METHODS)
+                    relaxed = spec["method"] not in ("truncsvd", *ENTRYWISE_METHODS)
                     extras = [None if c == "auto" else int(c) for c in args.extra_ranks.split(",")] if relaxed else [0]
                     for c in extras:
                         config = replace(CompressionConfig(), rank=r, extra_rank=c, **spec)

@@ -10,8 +10,8 @@ from .budget import VALUE_BITS, Encoding
 from .errors import ConfigError
 from .settings import setting
 
-METHODS = ("truncsvd", "magtruncsvd", "sparse", "dare", "osd")
-SPARSE_METHODS = ("sparse", "dare")  # entries of the delta itself, no factorisation
+METHODS = ("truncsvd", "magtruncsvd", "sparse", "dare", "bitdelta", "osd")
+ENTRYWISE_METHODS = ("sparse", "dare", "bitdelta")  # entries of the delta itself, no factorisation
 SIGMA_PLACEMENTS = ("sqrt", "u", "v")
 FACTOR_SPLITS = ("equal", "joint")
 GRADIENT_POINTS = ("finetuned", "reconstruction", "path")
@@ -65,7 +65,8 @@ class CompressionConfig:
     # Each field's help is the flag's help (osd_cli.settings); the fleet file's [sweep.compression]
     # table and the flows' parameters take the same names.
     method: str = setting("magtruncsvd", "truncsvd, magtruncsvd (magnitude masks), sparse (largest delta "
-                          "entries), dare (random delta entries, rescaled), or osd (the paper's Taylor-importance "
+                          "entries), dare (random delta entries, rescaled), bitdelta (the sign of every entry and "
+                          "one scale: 1 bit per entry, whatever the rank), or osd (the paper's Taylor-importance "
                           "masks, needs calibration)", METHODS)
     rank: int | float = setting(1, "budget rank r: 32·r·(n+d) bits per layer; the relaxed methods take "
                                 "fractions (0.5)")
@@ -165,7 +166,7 @@ class CompressionConfig:
     @property
     def factorises(self) -> bool:
         """Whether deltas are factorised (rank k) rather than sparsified entry by entry."""
-        return self.method not in SPARSE_METHODS
+        return self.method not in ENTRYWISE_METHODS
 
     @property
     def needs_gradients(self) -> bool:

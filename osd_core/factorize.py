@@ -9,6 +9,7 @@ truncated SVD, top-s masks), so they differ only where the methods differ:
   change caused by zeroing them: ``|U ⊙ (G·V)|`` and ``|V ⊙ (Gᵀ·U)|`` for the layer gradient G.
 - ``sparse``: keep the largest-magnitude entries of the delta itself.
 - ``dare``: keep random entries of the delta, rescaled (DARE, a method users pick instead; see ``_dare``).
+- ``bitdelta``: the sign of every entry and one scale per matrix (BitDelta, a peer; see ``_signs``).
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def compress_matrix(
             _require_finite(name, "delta", delta)
         if not bool(delta.any()):
             return CompressedLayer(name, "zero", (n, d), budget_bits=budget)
+        if config.method == "bitdelta":
+            return _signs(name, delta, budget)
         if not config.factorises:
             return _sparse(name, delta, budget, config)
         metric = OutputMetric.build(name, (n, d), row_weight, input_cov, device)
@@ -385,6 +388,20 @@ def _sparse(name: str, delta: torch.Tensor, budget: int, config: CompressionConf
     return CompressedLayer(
         name, "sparse", (n, d), parts, budget_bits=budget, paper_bits=sparse_bits(n, d, kept, encoding),
     )
+
+
+def _signs(name: str, delta: torch.Tensor, budget: int) -> CompressedLayer:
+    """BitDelta (Liu et al., 2024): the sign of every entry times one scale, the mean magnitude.
+
+    The mean ``|Δ|`` is the scale that minimises the Frobenius error of a sign approximation, and is
+    the paper's starting point; its second step, distilling the scales against the fine-tune's
+    outputs, is not done here. One bit per entry whatever the budget: ``paper_bits`` says what it
+    cost, which at small ranks is many times the budget.
+    """
+    scale = delta.abs().mean().reshape(1).to(torch.float32).cpu()
+    bitmap = pack_bitmap((delta > 0).cpu())
+    return CompressedLayer(name, "sign", tuple(delta.shape), {"bitmap": bitmap, "scale": scale},
+                           budget_bits=budget, paper_bits=delta.numel() + 32)
 
 
 def _dare(name: str, delta: torch.Tensor, kept: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

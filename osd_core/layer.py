@@ -8,6 +8,8 @@ never branch on the method, only on the encoding ``kind``:
 - ``dense``: the whole delta, stored in a narrow float type (norms, biases, unknown tensors).
 - ``replace``: the fine-tuned tensor itself, for tensors the base lacks (a new head).
 - ``zero``: the delta is exactly zero (frozen layers); nothing is stored.
+- ``sign``: the sign of every entry, one bit each in ``bitmap`` (set: positive), times one float32
+  ``scale`` (BitDelta's encoding, ``osd_core.factorize``).
 - ``experts``: a mixture-of-experts tensor (experts × n × d), one matrix record per expert slice
   under the part prefix ``e<i>.``: a slice with ``u.``/``v.`` parts is factored, one with plain
   parts is sparse, one with no parts is zero (an expert the fine-tune never routed to). Each slice
@@ -33,7 +35,7 @@ import torch
 
 from .errors import ArtifactError
 
-KINDS = ("factored", "sparse", "dense", "replace", "zero", "experts")
+KINDS = ("factored", "sparse", "dense", "replace", "zero", "experts", "sign")
 
 # The encoded matrices of each kind, by part prefix; dense kinds carry one plain "values" tensor.
 MATRICES: dict[str, tuple[str, ...]] = {"factored": ("u.", "v."), "sparse": ("",)}
@@ -69,6 +71,9 @@ class CompressedLayer:
                     f"{self.name}: experts layer has parts outside its {self.shape[0]} slices: {stray[:3]}")
             self.slices()  # each slice checks its own parts
             return
+        if self.kind == "sign":
+            self._check_signs()
+            return
         if self.kind in MATRICES:
             for prefix in MATRICES[self.kind]:
                 _check_parts(self.name, self.tensors, prefix)
@@ -81,8 +86,17 @@ class CompressedLayer:
         if unknown:
             raise ArtifactError(f"{self.name}: {self.kind} layer has unexpected payload tensors {sorted(unknown)}")
 
+    def _check_signs(self) -> None:
+        numel = math.prod(self.shared_shape)
+        bitmap, scale = self.tensors.get("bitmap"), self.tensors.get("scale")
+        if set(self.tensors) - {ROWS} != {"bitmap", "scale"} or bitmap.dtype != torch.uint8 \
+                or tuple(bitmap.shape) != (math.ceil(numel / 8),) or scale.dtype != torch.float32 \
+                or tuple(scale.shape) != (1,):
+            raise ArtifactError(f"{self.name}: a sign layer of shape {list(self.shape)} needs a uint8 'bitmap' of "
+                                f"{math.ceil(numel / 8)} bytes and a float32 'scale' of shape (1,)")
+
     def _check_new_rows(self) -> None:
-        if self.kind not in ("factored", "sparse", "dense", "zero") or len(self.shape) != 2 \
+        if self.kind not in ("factored", "sparse", "dense", "zero", "sign") or len(self.shape) != 2 \
                 or not 0 < self.new_rows < self.shape[0]:
             raise ArtifactError(f"{self.name}: a {self.kind} layer of shape {list(self.shape)} cannot have "
                                 f"{self.new_rows} new rows")
@@ -135,6 +149,11 @@ class CompressedLayer:
             return torch.zeros(self.shared_shape, dtype=torch.float32, device=device)
         if self.kind == "experts":
             return torch.stack([part.delta(device) for part in self.slices()])
+        if self.kind == "sign":
+            numel = math.prod(self.shared_shape)
+            positive = unpack_bitmap(self.tensors["bitmap"], numel).to(device)
+            scale = _finite(self.tensors["scale"], self.name, "scale").to(device)
+            return (torch.where(positive, 1.0, -1.0) * scale).view(self.shared_shape)
         if self.kind in ("dense", "replace"):
             return self.tensors["values"].to(device=device, dtype=torch.float32).reshape(self.shared_shape)
         if self.kind == "sparse":

@@ -26,8 +26,9 @@ FORMAT_NAME = "osd-fleet-delta"
 # Version 2 added bitmap positions and int8 values with per-column scales; version 1 deltas
 # (indices and float values only) are a subset and stay readable. Version 3 seals the manifest
 # with its own digest (``manifest_sha256``), which readers of version 3 require. Version 4 adds
-# ``experts`` layers (a mixture-of-experts tensor, slice by slice) and a layer's ``new_rows`` (the
-# rows a vocabulary-resized fine-tune appended, stored whole): a version-3 reader would misread both.
+# ``experts`` layers (a mixture-of-experts tensor, slice by slice), ``sign`` layers (BitDelta) and a
+# layer's ``new_rows`` (the rows a vocabulary-resized fine-tune appended, stored whole): a version-3
+# reader would misread them.
 FORMAT_VERSION = 4
 READABLE_VERSIONS = (1, 2, 3, 4)
 SEALED_FROM = 3

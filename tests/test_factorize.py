@@ -374,3 +374,14 @@ def test_dare_is_unbiased_over_seeds():
     mean = sum(compress_matrix("w", delta, replace(config, seed=seed)).delta() for seed in range(400)) / 400
     assert rel_error(delta, compress_matrix("w", delta, config)) > 1.0  # one draw is far off in Frobenius norm
     assert float(torch.linalg.norm(mean - delta) / torch.linalg.norm(delta)) < 0.15  # the expectation is not
+
+
+def test_bitdelta_stores_one_bit_per_entry_and_the_mean_magnitude():
+    delta = structured_delta(600, 40)
+    layer = compress_matrix("w", delta, CompressionConfig(method="bitdelta", rank=1))
+    assert layer.kind == "sign" and layer.paper_bits == 600 * 40 + 32 and layer.nbytes == 600 * 40 // 8 + 4
+    assert layer.budget_bits == layer_budget(600, 40, 1) < layer.paper_bits  # its cost does not follow r
+    expected = torch.where(delta > 0, 1.0, -1.0) * delta.abs().mean()
+    assert torch.allclose(layer.delta(), expected)
+    with pytest.raises(ArtifactError, match="a sign layer of shape \\[600, 40\\] needs a uint8 'bitmap' of 3000"):
+        CompressedLayer("w", "sign", (600, 40), {**layer.tensors, "bitmap": layer.tensors["bitmap"][:-1]})
