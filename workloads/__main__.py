@@ -97,12 +97,12 @@ def _build(names: list[str], cache_dir: Path | None, threads: int, progress: boo
 
 def _list(cache_dir: Path | None) -> int:
     from workloads.build import workload_dir
-    from workloads.lm_build import LM_WORKLOADS, lm_workload_dir
+    from workloads.lm_build import LM_WORKLOADS
     from workloads.recipes import WORKLOADS
 
     found = [(name, recipe.dataset, recipe.steps, workload_dir(recipe, cache_dir))
              for name, recipe in WORKLOADS.items()]
-    found += [(name, recipe.task, recipe.steps, lm_workload_dir(recipe, cache_dir))
+    found += [(name, recipe.task, recipe.steps, workload_dir(recipe, cache_dir))
               for name, recipe in LM_WORKLOADS.items()]
     for name, data, steps, root in found:
         state = "built" if (root / "workload.json").is_file() else "not built"

