@@ -208,7 +208,7 @@ def compress_checkpoint(
             provenance=dict(provenance or {}),
         )
     out = Path(out_dir)
-    factorised = [r for r in reports if r.kind in ("factored", "sparse", "zero", "experts")]
+    factorised = [r for r in reports if r.budget_bits is not None]  # what the budget covers, as the manifest counts
     return CompressionReport(
         out_dir=str(out),
         config=config.to_dict(),
