@@ -11,7 +11,9 @@ are held at once: one base plus N ``vllm``-profile adapters (PEFT ``load_adapter
 ``set_adapter`` per batch) against N merged checkpoints, for N in ``--adapters``. Memory is the
 child's resident set with all N held; throughput is forward tokens per second over batches of the eval
 prompts, one batch per fine-tune in turn. The N adapters are copies of one export: memory and
-speed depend on their shapes, not their values.
+speed depend on their shapes, not their values. The N merged checkpoints are likewise one file
+loaded N times; transformers maps safetensors files, so their pages may be shared and the merged
+rows can understate N distinct checkpoints (which need about N × one checkpoint).
 """
 
 from __future__ import annotations
