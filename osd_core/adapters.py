@@ -36,8 +36,7 @@ from .errors import ArtifactError, ConfigError
 from .layer import CompressedLayer
 from .outputs import OutputDir, check_output, json_field
 from .reconstruct import check_base_matches
-from .policy import ArchitecturePolicy
-from .roles import DerivedPolicy, policy_for
+from .roles import policy_for
 
 PROFILES = ADAPTER_PROFILES
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -176,7 +175,7 @@ def _plan(artifact: DeltaArtifact, base: Checkpoint, profile: str) -> _Plan:
     for module, params in sorted(by_module.items()):
         weight = params.get("weight")
         role = info[weight.name].role if weight is not None else None
-        if weight is not None and _expert_slice(policy, weight.name):
+        if weight is not None and policy.is_expert_slice(weight.name):
             if profile == "peft":
                 raise ConfigError(
                     f"{artifact.path}: tensor {weight.name!r} is one expert of a mixture-of-experts block; "
@@ -214,11 +213,6 @@ def _plan(artifact: DeltaArtifact, base: Checkpoint, profile: str) -> _Plan:
         values.update({name: _fine_tuned(base, layer) for name, layer in changed.items()})
         plan.saved[module] = values
     return plan
-
-
-def _expert_slice(policy: ArchitecturePolicy | DerivedPolicy, name: str) -> bool:
-    """Whether ``name`` is a per-expert 2-D tensor, which the live model holds inside a 3-D parameter."""
-    return any(re.search(pattern, name) for pattern in policy.expert_slices)
 
 
 def _as_lora(role: str | None, name: str, output: str | None, profile: str) -> bool:

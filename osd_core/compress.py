@@ -26,7 +26,7 @@ from .checkpoint import Checkpoint, side_files
 from .config import ALLOCATIONS, CompressionConfig
 from .errors import CheckpointError, ConfigError, MissingTensorError
 from .factorize import compress_matrix
-from .layer import CompressedLayer, stack_experts, with_appended_rows
+from .layer import CompressedLayer, narrow_whole, stack_experts, with_appended_rows
 from .policy import Role
 from .roles import policy_for
 
@@ -387,9 +387,8 @@ def dense_layer(name: str, values: torch.Tensor, kind: str) -> CompressedLayer:
     """Store a tensor whole in fp16, or fp32 where fp16 would overflow or lose it entirely."""
     if kind == "dense" and not bool(values.any()):
         return CompressedLayer(name, "zero", tuple(values.shape))
-    narrow = values.to(torch.float16)
-    stored = narrow if bool(torch.isfinite(narrow).all()) else values.to(torch.float32)
-    return CompressedLayer(name, kind, tuple(values.shape), {"values": stored.reshape(-1).contiguous()},
+    stored = narrow_whole(values)
+    return CompressedLayer(name, kind, tuple(values.shape), {"values": stored},
                            paper_bits=stored.numel() * stored.element_size() * 8)
 
 

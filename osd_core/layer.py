@@ -177,12 +177,17 @@ def stack_experts(name: str, slices: list[CompressedLayer], budget_bits: int) ->
                            budget_bits=budget_bits, paper_bits=sum(part.paper_bits for part in slices))
 
 
+def narrow_whole(values: torch.Tensor) -> torch.Tensor:
+    """Values stored whole, flat: in fp16, or fp32 where fp16 would overflow or lose them entirely."""
+    narrow = values.to(torch.float16)
+    stored = narrow if bool(torch.isfinite(narrow).all()) else values.to(torch.float32)
+    return stored.reshape(-1).contiguous()
+
+
 def with_appended_rows(layer: CompressedLayer, rows: torch.Tensor) -> CompressedLayer:
     """``layer`` with the fine-tune's appended rows stored whole: fp16, or fp32 where fp16 overflows."""
-    narrow = rows.to(torch.float16)
-    stored = narrow if bool(torch.isfinite(narrow).all()) else rows.to(torch.float32)
     return CompressedLayer(layer.name, layer.kind, (layer.shape[0] + rows.shape[0], *layer.shape[1:]),
-                           {**layer.tensors, ROWS: stored.reshape(-1).contiguous()}, k=layer.k,
+                           {**layer.tensors, ROWS: narrow_whole(rows)}, k=layer.k,
                            budget_bits=layer.budget_bits, paper_bits=layer.paper_bits, new_rows=rows.shape[0])
 
 

@@ -37,11 +37,19 @@ class ArchitecturePolicy:
     tied: Mapping[str, str] = field(default_factory=dict)  # a tied weight: the weight it shares
     expert_slices: tuple[str, ...] = ()  # regexes of per-expert 2-D tensors (osd_core.roles); none here
 
+    def is_expert_slice(self, name: str) -> bool:
+        return is_expert_slice(self.expert_slices, name)
+
     def role(self, name: str) -> Role:
         for pattern, role in self.rules:
             if re.fullmatch(pattern, name):
                 return role
         return Role.UNKNOWN
+
+
+def is_expert_slice(patterns: tuple[str, ...], name: str) -> bool:
+    """Whether ``name`` is a per-expert 2-D tensor, which the live model holds inside a 3-D parameter."""
+    return any(re.search(pattern, name) for pattern in patterns)
 
 
 _BERT_PREFIX = r"(?:bert\.)?"

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CheckpointError
-from .policy import OVERRIDES, ArchitecturePolicy, Role
+from .policy import OVERRIDES, ArchitecturePolicy, Role, is_expert_slice
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,10 @@ class DerivedPolicy:
         for candidate in (name, f"{self.prefix}.{name}", name.removeprefix(f"{self.prefix}.")):
             if candidate in self.roles:
                 return self.roles[candidate]
-        if any(re.search(pattern, name) for pattern in self.expert_slices):
-            return Role.LINEAR
-        return Role.UNKNOWN
+        return Role.LINEAR if self.is_expert_slice(name) else Role.UNKNOWN
+
+    def is_expert_slice(self, name: str) -> bool:
+        return is_expert_slice(self.expert_slices, name)
 
 
 def policy_for(config: Mapping[str, Any]) -> ArchitecturePolicy | DerivedPolicy:
