@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from osd_core.allocate import Option, allocate  # noqa: E402
 from workloads.calibration import calibration_gradients  # noqa: E402
-from osd_core.calibration_data import INPUT_COV, OUTPUT_FISHER, ROW_WEIGHT, GradientFile  # noqa: E402
+from osd_core.calibration_data import INPUT_COV, OUTPUT_FISHER, ROW_WEIGHT, STATISTICS, GradientFile  # noqa: E402
 from osd_core.checkpoint import Checkpoint  # noqa: E402
 from osd_core.compress import plan_pair  # noqa: E402
 from osd_core.config import CompressionConfig  # noqa: E402
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                                        config) if p.action == "factorise"]
     with tempfile.TemporaryDirectory(prefix="osd-alloc-") as tmp:
         grads = GradientFile(calibration_gradients(workload.base_dir, workload.finetuned_dir, workload.calib_path,
-                                                   config, Path(tmp) / "grads.safetensors"))
+                                                   config, Path(tmp) / "grads.safetensors", statistics=STATISTICS))
         factors, curves = {}, {key: {} for key in ("frob", "kfac", "fisher", "act")}
         for name in names:
             delta = tuned[name].float() - base[name].float()

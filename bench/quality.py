@@ -34,7 +34,7 @@ import zstandard  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from workloads.calibration import calibration_gradients  # noqa: E402
-from osd_core.calibration_data import GradientFile  # noqa: E402
+from osd_core.calibration_data import STATISTICS, GradientFile  # noqa: E402
 from osd_core.compress import compress_checkpoint  # noqa: E402
 from osd_core.config import ENTRYWISE_METHODS, CompressionConfig  # noqa: E402
 from osd_core.reconstruct import reconstruct_checkpoint  # noqa: E402
@@ -178,7 +178,7 @@ def run_point(workload, variant: str, config: CompressionConfig, split: str, scr
             t0 = time.perf_counter()
             path = calibration_gradients(workload.base_dir, workload.finetuned_dir,
                                          calibration_file(workload, calib_rows, scratch), config,
-                                         scratch / f"grads-{len(grads_cache)}.safetensors")
+                                         scratch / f"grads-{len(grads_cache)}.safetensors", statistics=STATISTICS)
             grads_cache[key] = (GradientFile(path), time.perf_counter() - t0)
         gradients, calib_seconds = grads_cache[key]
     delta = scratch / f"delta-{variant}-{config.rank}-{config.c}"

@@ -27,6 +27,7 @@ from typing import Any
 from flows.fleet_config import DEFAULT_GROUP_BYTES
 from osd_core import __version__
 from osd_core.manifest import FORMAT_VERSION
+from osd_core.calibration_data import METRIC_STATISTICS
 from osd_core.compress import plan_pair, uniform_budgets
 from osd_core.config import CompressionConfig
 from osd_core.policy import Role
@@ -155,7 +156,7 @@ def gradient_key(
     model: str, pair: PairLayout, config: CompressionConfig, calibration_sha256: str, names: Sequence[str]
 ) -> str:
     """Store key of a model's calibration output; shared by every configuration that computes it alike."""
-    point: dict[str, Any] = {"gradient_at": config.gradient_at}
+    point: dict[str, Any] = {"gradient_at": config.gradient_at, "statistics": METRIC_STATISTICS[config.metric]}
     if config.gradient_at == "reconstruction":  # the rank-k point depends on the factorisation
         point.update(k=config.k, svd=config.svd, power_iters=config.power_iters, seed=config.seed)
     digest = _digest(

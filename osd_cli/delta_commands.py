@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from osd_cli.arguments import positive_int
 from osd_cli.flags import add_settings, read_settings
-from osd_core.config import ADAPTER_DTYPES, ADAPTER_PROFILES, ALLOCATIONS, CompressionConfig
+from osd_core.config import ADAPTER_DTYPES, ADAPTER_PROFILES, ALLOCATIONS, CALIBRATION_BATCH, CompressionConfig
 from osd_core.errors import ConfigError
 from osd_core.outputs import scratch_dir
 
@@ -33,7 +33,9 @@ def add_delta_commands(commands: Any) -> None:
                           help="across layers: the paper's 32·r·(n+d) each, or the same total spent globally "
                                "where it cuts the most error (each layer's k follows its bits)")
     compress.add_argument("--calibration", type=Path, help="JSONL rows {text, label} (needed by osd)")
-    compress.add_argument("--batch-size", type=positive_int, default=16, help="calibration batch size")
+    compress.add_argument("--batch-size", type=positive_int, default=CALIBRATION_BATCH,
+                          help="calibration rows per forward pass: bounds activation memory; the gradient is the "
+                               "same at any size")
     compress.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing delta directory")
     compress.add_argument("--json", action="store_true", help="print one JSON object with the report")

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from .artifact import DeltaArtifact
 from .checkpoint import Checkpoint
@@ -37,6 +36,7 @@ from .layer import CompressedLayer
 from .outputs import OutputDir, check_output, json_field
 from .reconstruct import check_base_matches
 from .roles import policy_for
+from .safetensors_io import write_safetensors
 
 PROFILES = ADAPTER_PROFILES
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -141,7 +141,7 @@ def export_adapter(
     report = AdapterReport(str(out_dir), profile, rank, len(plan.lora), tuple(sorted(plan.saved)),
                            tuple(plan.left_out), artifact.manifest_sha256)
     with output as tmp:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        write_safetensors(tmp / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         record = {"format": RECORD_FORMAT, "dtype": dtype, **report.to_dict()}
         (tmp / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")

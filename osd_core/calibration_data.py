@@ -19,6 +19,15 @@ ROW_WEIGHT = "row_weight"
 INPUT_COV = "input_cov"
 OUTPUT_FISHER = "output_fisher"
 STATISTICS = (ROW_WEIGHT, INPUT_COV, OUTPUT_FISHER)
+# What each output-error metric reads (``osd_core.compress.metric_weights``), so that calibration
+# gathers only that: the input covariances are d×d per linear map, 522 MB for SmolLM2-135M's
+# 538 MB of weights.
+METRIC_STATISTICS: dict[str, tuple[str, ...]] = {
+    "frobenius": (),
+    "activation": (ROW_WEIGHT, INPUT_COV),
+    "fisher": (ROW_WEIGHT, OUTPUT_FISHER),
+    "kfac": STATISTICS,
+}
 
 
 class GradientFile(Mapping[str, torch.Tensor]):

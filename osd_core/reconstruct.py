@@ -14,13 +14,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .artifact import DeltaArtifact
 from .checkpoint import INDEX_FILE, SINGLE_FILE, WEIGHT_SUFFIXES, Checkpoint
 from .errors import ArtifactError, CheckpointError
 from .outputs import OutputDir, check_output, json_field
-from .safetensors_io import DTYPES
+from .safetensors_io import DTYPES, write_safetensors
 
 SHARD_BYTES = 2 << 30
 RESTORE_MARKER = "osd-fleet-restore.json"
@@ -133,7 +132,7 @@ def _stored_dtype(artifact: DeltaArtifact, name: str) -> torch.dtype:
 
 def _flush(shard: dict[str, torch.Tensor], out: Path, number: int) -> tuple[str, list[str]]:
     name = f"model-{number + 1:05d}.safetensors"
-    save_file(shard, str(out / name), metadata={"format": "pt"})
+    write_safetensors(out / name, shard, {"format": "pt"})
     return name, sorted(shard)
 
 

@@ -1,10 +1,12 @@
-"""Reading safetensors files ourselves: headers for planning, one tensor at a time for work.
+"""Reading and writing safetensors files ourselves: headers for planning, one tensor at a time for work.
 
 We parse the header (8-byte little-endian length, then JSON) directly so that planning needs only
 the header bytes (one or two range reads on object storage), so that a truncated or inconsistent
 file is refused with a message naming the file and tensor, and so that a tensor is read with one
 range read into memory we own: no memory map keeps a whole shard resident while we stream.
 Every read goes through a :class:`~osd_core.byte_source.ByteSource`, local or remote alike.
+Writing streams each tensor's bytes from its own memory: ``safetensors.torch.save_file`` first
+copies every tensor into one Python ``bytes`` object, which doubles the peak of a large file.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -34,6 +38,8 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+HEADER_ALIGNMENT = 8  # the reference writer pads the header so that tensor data starts aligned
 
 
 @dataclass(frozen=True)
@@ -173,3 +179,34 @@ def read_tensor(source: ByteSource, entry: TensorEntry) -> torch.Tensor:
     if got != entry.end - entry.start:
         raise CheckpointError(f"{where(source, entry.file)}: truncated while reading tensor {entry.name!r}")
     return out
+
+
+def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+                      ) -> Path:
+    """Write ``tensors`` to ``path`` in the safetensors format, one tensor's bytes at a time.
+
+    The layout is the reference writer's (tensors in name order, header padded with spaces to a
+    multiple of 8), so any safetensors reader reads it; memory beyond the tensors themselves is one
+    tensor's contiguous copy at most, where a tensor is not contiguous already.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if tensor.dtype not in DTYPE_NAMES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % HEADER_ALIGNMENT)
+    path = Path(path)
+    with path.open("wb") as out:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        for name in sorted(tensors):
+            tensor = tensors[name].detach().cpu().contiguous()
+            if tensor.numel():
+                out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return path

@@ -129,6 +129,18 @@ def test_calibration_gradients_are_the_loss_gradient_of_the_target_tokens(lm_pai
     assert torch.allclose(GradientFile(out)[name], reference_gradient(tuned, pairs, name), atol=1e-6, rtol=1e-4)
 
 
+def test_calibration_gradients_do_not_depend_on_the_batch_size(lm_pair, tmp_path):
+    base, tuned = lm_pair
+    longer = [{"text": "the small red cat ran under the big blue mat and sat"}, {"text": "no"}]
+    rows = write_rows(tmp_path / "calib.jsonl", TEXTS + longer)  # rows of unequal lengths, padded in a batch
+    config = CompressionConfig(method="osd", rank=1)
+    one, three = (GradientFile(calibration_gradients(base, tuned, rows, config, tmp_path / f"g{size}.safetensors",
+                                                     batch_size=size)) for size in (1, 3))
+    assert one.keys() == three.keys()
+    for name in one:
+        assert torch.allclose(one[name], three[name], atol=1e-6, rtol=1e-4), name
+
+
 def test_a_causal_lm_refuses_classifier_rows_and_the_cli_scores_it(lm_pair, tmp_path, capsys):
     base, tuned = lm_pair
     labelled = write_rows(tmp_path / "labelled.jsonl", [{"text": "the cat", "label": 1}])

@@ -1,6 +1,7 @@
 """Compress → reconstruct on real checkpoints of a real pre-trained model (all-MiniLM-L6-v2)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -88,6 +89,23 @@ def test_gradients_cover_every_factorised_tensor(real_pair, tmp_path, calibratio
     assert torch.isfinite(g).all() and 0 < int((g.abs().sum(1) > 0).sum()) < g.shape[0]  # row-sparse
 
 
+def test_calibration_gradients_are_the_served_models_loss_gradient(real_pair, tmp_path, calibration_file):
+    """Layers recomputed in backward, in batches of 3: still the eval-mode model's gradient of the mean loss."""
+    from transformers import AutoTokenizer
+
+    base, tuned = real_pair
+    grads = GradientFile(calibration_gradients(base, tuned, calibration_file, CompressionConfig(method="osd", rank=1),
+                                               tmp_path / "g.safetensors", batch_size=3))
+    rows = [json.loads(line) for line in calibration_file.read_text().splitlines()]
+    model = load_model(tuned)
+    encoded = AutoTokenizer.from_pretrained(str(tuned))([row["text"] for row in rows], padding=True,
+                                                        truncation=True, max_length=64, return_tensors="pt")
+    model(**encoded, labels=torch.tensor([row["label"] for row in rows])).loss.backward()
+    for name in ("bert.encoder.layer.2.attention.self.query.weight", "bert.encoder.layer.5.output.dense.weight"):
+        expected = model.get_parameter(name).grad
+        assert torch.allclose(grads[name], expected, atol=1e-7, rtol=1e-4), name
+
+
 def test_frozen_embeddings_store_nothing_for_them(real_pair, tmp_path):
     base, tuned = real_pair
     frozen = tmp_path / "frozen"
@@ -139,9 +157,9 @@ def test_reconstruct_refuses_a_different_base(synthetic_pair, tmp_path):
     assert not (tmp_path / "restored").exists()
 
 
-def test_calibration_records_the_output_error_statistics(real_pair, tmp_path, calibration_file):
+def test_calibration_records_the_output_error_statistics_its_metric_reads(real_pair, tmp_path, calibration_file):
     base, tuned = real_pair
-    config = CompressionConfig(method="osd", rank=1, extra_rank=1, gradient_at="path")
+    config = CompressionConfig(method="osd", rank=1, extra_rank=1, gradient_at="path", metric="kfac")
     grads = GradientFile(calibration_gradients(base, tuned, calibration_file, config, tmp_path / "g.safetensors"))
     query = grads.statistics("bert.encoder.layer.0.attention.self.query.weight")
     assert query["input_cov"].shape == (384, 384) and torch.allclose(query["input_cov"], query["input_cov"].T)
@@ -149,6 +167,11 @@ def test_calibration_records_the_output_error_statistics(real_pair, tmp_path, ca
     table = grads.statistics("bert.embeddings.word_embeddings.weight")
     assert table["row_weight"].shape == (30522,) and float(table["row_weight"].sum()) == pytest.approx(1.0)
     assert "bert.embeddings.word_embeddings.weight" in grads and all("::" not in name for name in grads)
+    fisher = GradientFile(calibration_gradients(base, tuned, calibration_file, replace(config, metric="fisher"),
+                                                tmp_path / "fisher.safetensors"))
+    assert set(fisher.statistics("bert.encoder.layer.0.attention.self.query.weight")) == {"output_fisher"}
+    query_name = "bert.encoder.layer.0.attention.self.query.weight"
+    assert torch.allclose(fisher[query_name], grads[query_name], atol=1e-7)
 
 
 def test_a_global_allocation_respends_the_uniform_total_where_it_cuts_more_error(real_pair, tmp_path):

@@ -55,3 +55,21 @@ def test_peak_memory_is_a_small_fraction_of_the_model(tmp_path):
     # model: measured 18-39 MiB here for a 146 MiB model whose largest tensor is 4 MiB.
     assert growth < 0.5 * model_bytes
     assert growth < control / 4
+
+
+def test_the_streaming_writer_is_read_back_by_safetensors_itself(tmp_path):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from osd_core.safetensors_io import write_safetensors
+
+    tensors = {"w": torch.randn(3, 5), "bf": torch.randn(4).bfloat16(), "flag": torch.tensor(True),
+               "none": torch.empty(0, 7), "t": torch.arange(6, dtype=torch.int64).reshape(2, 3).T}
+    path = write_safetensors(tmp_path / "x.safetensors", tensors, {"rows": "3"})
+    back = load_file(path)
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    with safe_open(path, "pt") as opened:
+        assert opened.metadata() == {"rows": "3"}
+    header_length = int.from_bytes(path.read_bytes()[:8], "little")
+    assert (8 + header_length) % 8 == 0  # tensor data starts aligned, as the reference writer lays it out

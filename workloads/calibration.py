@@ -1,12 +1,16 @@
 """Task-loss gradients of a model's compressible weights, from a few calibration rows.
 
 OSD ranks factor entries by a Taylor estimate built from the layer gradient ``G = ∂L/∂W``. We take
-the mean gradient of the task loss over calibration batches: the cross-entropy of the label for a
-sequence classifier, and for a causal LM the next-token cross-entropy of the rows' target tokens
-(every token of ``{text}``, the completion of ``{prompt, completion}``, the assistant's last
+the gradient of the task loss averaged over calibration rows: the cross-entropy of the label for a
+sequence classifier, and for a causal LM each row's mean next-token cross-entropy over its target
+tokens (every token of ``{text}``, the completion of ``{prompt, completion}``, the assistant's last
 message of ``{messages}``, the right choice of ``{prompt, choices, label}``; ``workloads.task_rows``).
-Only the compressible weights require gradients, so memory is the model plus one gradient buffer
-per such weight. Gradients are written to a safetensors file that workers read lazily by
+Rows weigh the same however they are batched, so the batch size is only a memory knob: gradients
+accumulate over batches, and activations scale with one batch.
+
+Memory is the model, one gradient buffer per compressible weight (only those require gradients),
+one batch's activations, and the statistics the output-error metric reads (``METRIC_STATISTICS``).
+Gradients are written to a safetensors file tensor by tensor, and workers read it lazily by
 reference (``GradientFile``).
 
 It runs the model (``transformers``, imported on use), like the evaluators beside it, so it lives
@@ -17,18 +21,17 @@ here and not in ``osd_core``, which stays pure torch: workers read its output wi
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
-
-from osd_core.calibration_data import INPUT_COV, OUTPUT_FISHER, ROW_WEIGHT
+from osd_core.calibration_data import INPUT_COV, METRIC_STATISTICS, OUTPUT_FISHER, ROW_WEIGHT
 from osd_core.checkpoint import Checkpoint
 from osd_core.compress import FACTORISED_ACTIONS, plan_pair
-from osd_core.config import CompressionConfig
+from osd_core.config import CALIBRATION_BATCH, CompressionConfig
 from osd_core.errors import CalibrationError, MissingTensorError
+from osd_core.safetensors_io import write_safetensors
 from osd_core.svd import truncated_svd
 from workloads.errors import DataFormatError
 from workloads.task_rows import IGNORE, TaskRows, encode_pairs, is_causal_lm, lm_pairs, read_rows_for
@@ -38,7 +41,6 @@ log = logging.getLogger(__name__)
 PATH_POINTS = 4
 
 
-
 def calibration_gradients(
     base_dir: str | Path,
     finetuned_dir: str | Path,
@@ -46,8 +48,9 @@ def calibration_gradients(
     config: CompressionConfig,
     out_path: str | Path,
     *,
-    batch_size: int = 16,
+    batch_size: int = CALIBRATION_BATCH,
     max_length: int = 64,
+    statistics: Collection[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write the mean loss gradient of every factorised weight over the calibration rows.
@@ -57,6 +60,9 @@ def calibration_gradients(
     along the straight path from base to fine-tune ("path", midpoints of ``PATH_POINTS`` segments),
     so that ``Δ ⊙ Ḡ`` attributes the loss reduction the fine-tune bought to each entry (integrated
     gradients), instead of probing a minimum where the gradient is near zero.
+
+    ``statistics`` are the output-error statistics to gather; by default what ``config.metric``
+    reads.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -75,7 +81,9 @@ def calibration_gradients(
     for name, param in params.items():
         param.requires_grad_(name in names)
     model.eval()  # no dropout: the gradient of the model as it will be served
-    stats = _OutputErrorWeights(model, names)
+    _recompute_layer_activations(model)
+    wanted = METRIC_STATISTICS[config.metric] if statistics is None else tuple(statistics)
+    stats = _OutputErrorWeights(model, names, wanted)
     count = len(rows.rows) if pairs is None else len(pairs)
     batches = [range(i, min(i + batch_size, count)) for i in range(0, count, batch_size)]
     points = _gradient_points(params, base, finetuned, names, config)
@@ -86,16 +94,17 @@ def calibration_gradients(
             if pairs is not None:
                 lm = encode_pairs(tokenizer, [pairs[i] for i in batch], max_length)
                 encoded = {"input_ids": lm.input_ids, "attention_mask": lm.attention_mask}
-                labels = lm.labels
+                stats.observe(encoded)
+                loss = _row_mean_losses(model(**encoded, use_cache=False).logits, lm.labels).sum()
             else:
                 encoded = tokenizer(
                     [rows.rows[i]["text"] for i in batch], padding=True, truncation=True, max_length=max_length,
                     return_tensors="pt",
                 )
                 labels = torch.tensor([rows.rows[i]["label"] for i in batch])
-            stats.observe(encoded)
-            loss = model(**encoded, labels=labels).loss * (len(batch) / (count * len(points)))
-            loss.backward()
+                stats.observe(encoded)
+                loss = model(**encoded, labels=labels).loss * len(batch)
+            (loss / (count * len(points))).backward()
             if progress is not None:
                 progress(point * len(batches) + done, len(points) * len(batches))
     stats.close()
@@ -106,9 +115,36 @@ def calibration_gradients(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".partial")
-    save_file(grads, str(tmp), metadata={"rows": str(count), "gradient_at": config.gradient_at})
+    write_safetensors(tmp, grads, {"rows": str(count), "gradient_at": config.gradient_at})
     tmp.replace(out_path)
     return out_path
+
+
+def _recompute_layer_activations(model: Any) -> None:
+    """Keep only each layer's input through the forward pass and recompute the layer in backward.
+
+    Activations would otherwise be the largest part of calibration's memory after the model and
+    its gradients (SmolLM2-135M: ~160 MiB a row at 64 tokens, over 30 layers). transformers
+    checkpoints a layer only while that layer is in training mode, so only the layer modules are
+    flagged as training: their children (dropout, attention) stay in eval mode, and the gradient
+    is the served model's, as without recomputation.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        return
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.training = True
+
+
+def _row_mean_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's mean next-token cross-entropy over its labelled tokens (token ``t`` predicted at ``t - 1``)."""
+    targets = labels[:, 1:]
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=IGNORE, reduction="none")
+    return losses.sum(1) / (targets != IGNORE).sum(1).clamp(min=1)
 
 
 def _scorable(pairs: list[tuple[str, str]], tokenizer: Any, max_length: int, rows: TaskRows
@@ -141,7 +177,7 @@ class _OutputErrorWeights:
     row ``t`` is weighed by how often token ``t`` occurs (``row_weight``). Padding is excluded.
     """
 
-    def __init__(self, model: torch.nn.Module, names: Sequence[str]):
+    def __init__(self, model: torch.nn.Module, names: Sequence[str], wanted: Collection[str]):
         self.enabled = True
         self._mask: torch.Tensor | None = None
         self._sums: dict[tuple[str, str], torch.Tensor] = {}
@@ -149,13 +185,12 @@ class _OutputErrorWeights:
         self._handles = []
         for name in names:
             module = model.get_submodule(name.rsplit(".", 1)[0])
-            if isinstance(module, torch.nn.Linear):
+            if isinstance(module, torch.nn.Linear) and INPUT_COV in wanted:
                 self._handles.append(module.register_forward_hook(self._linear_hook(name)))
-            elif isinstance(module, torch.nn.Embedding):
+            elif isinstance(module, torch.nn.Embedding) and ROW_WEIGHT in wanted:
                 self._handles.append(module.register_forward_hook(self._embedding_hook(name, module.num_embeddings)))
-            else:
-                continue
-            self._handles.append(module.register_full_backward_hook(self._output_grad_hook(name)))
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and OUTPUT_FISHER in wanted:
+                self._handles.append(module.register_full_backward_hook(self._output_grad_hook(name)))
 
     def observe(self, encoded: Mapping[str, torch.Tensor]) -> None:
         self._mask = encoded.get("attention_mask")
@@ -188,7 +223,10 @@ class _OutputErrorWeights:
         if not self.enabled:
             return
         key = (name, stat)
-        self._sums[key] = self._sums.get(key, 0) + total
+        if key in self._sums:
+            self._sums[key].add_(total)
+        else:
+            self._sums[key] = total
         self._counts[key] = self._counts.get(key, 0) + count
 
     def close(self) -> None:
