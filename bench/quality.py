@@ -62,6 +62,9 @@ VARIANTS: dict[str, dict] = {
     "dare": {"method": "dare", **PAPER},
     "dare-int8": {"method": "dare", **PACKED},
     "bitdelta": {"method": "bitdelta"},  # 1 bit per entry: its bytes do not follow r
+    # a peer: ImPart's per-singular-vector random sparsity, density following σ_i
+    "impart": {"method": "impart", **PAPER},
+    "impart-int8": {"method": "impart", **PACKED},
     # other encodings
     "magtruncsvd-fp16": {"method": "magtruncsvd", "value_dtype": "float16", "positions": "index"},
     "magtruncsvd-bitmap": {"method": "magtruncsvd", "value_dtype": "float32", "positions": "auto"},

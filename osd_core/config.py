@@ -10,7 +10,7 @@ from .budget import VALUE_BITS, Encoding
 from .errors import ConfigError
 from .settings import setting
 
-METHODS = ("truncsvd", "magtruncsvd", "sparse", "dare", "bitdelta", "osd")
+METHODS = ("truncsvd", "magtruncsvd", "impart", "sparse", "dare", "bitdelta", "osd")
 ENTRYWISE_METHODS = ("sparse", "dare", "bitdelta")  # entries of the delta itself, no factorisation
 SIGMA_PLACEMENTS = ("sqrt", "u", "v")
 FACTOR_SPLITS = ("equal", "joint")
@@ -67,7 +67,8 @@ class CompressionConfig:
     # "osd" with float32 values and indices is the paper's method as we read it, measured beside it.
     # Each field's help is the flag's help (osd_cli.settings); the fleet file's [sweep.compression]
     # table and the flows' parameters take the same names.
-    method: str = setting("magtruncsvd", "truncsvd, magtruncsvd (magnitude masks), sparse (largest delta "
+    method: str = setting("magtruncsvd", "truncsvd, magtruncsvd (magnitude masks), impart (random masks whose "
+                          "density follows each singular value, rescaled), sparse (largest delta "
                           "entries), dare (random delta entries, rescaled), bitdelta (the sign of every entry and "
                           "one scale: 1 bit per entry, whatever the rank), or osd (the paper's Taylor-importance "
                           "masks, needs calibration)", METHODS)

@@ -8,7 +8,7 @@ import torch
 from osd_core.budget import Encoding, factored_bits, layer_budget, sparse_bits
 from osd_core.config import CompressionConfig
 from osd_core.errors import ArtifactError, BudgetError, CheckpointError, ConfigError
-from osd_core.factorize import compress_matrix, taylor_scores
+from osd_core.factorize import compress_matrix, proportional_counts, taylor_scores
 from osd_core.layer import CompressedLayer
 
 METHODS = ["truncsvd", "magtruncsvd", "osd", "sparse"]
@@ -374,6 +374,40 @@ def test_dare_is_unbiased_over_seeds():
     mean = sum(compress_matrix("w", delta, replace(config, seed=seed)).delta() for seed in range(400)) / 400
     assert rel_error(delta, compress_matrix("w", delta, config)) > 1.0  # one draw is far off in Frobenius norm
     assert float(torch.linalg.norm(mean - delta) / torch.linalg.norm(delta)) < 0.15  # the expectation is not
+
+
+def test_impart_spreads_the_kept_entries_by_singular_value_at_random_and_rescaled():
+    delta = structured_delta(120, 80)
+    config = CompressionConfig(method="impart", rank=2, svd="exact", **PAPER)
+    impart = compress_matrix("w", delta, config)
+    magnitude = compress_matrix("w", delta, replace(config, method="magtruncsvd"))
+    assert impart.kind == "factored" and impart.k == magnitude.k
+    assert impart.paper_bits == magnitude.paper_bits <= layer_budget(120, 80, 2)  # the same count, the same bits
+    assert not torch.equal(impart.tensors["u.index"], magnitude.tensors["u.index"])  # not the largest entries
+    per_column = torch.bincount(impart.tensors["u.index"].long() % impart.k, minlength=impart.k)
+    assert bool((per_column[:-1] >= per_column[1:]).all()) and per_column[0] > per_column[-1]  # σ descends
+    assert torch.equal(compress_matrix("w", delta, config).tensors["v.index"], impart.tensors["v.index"])  # seeded
+    assert not torch.equal(compress_matrix("x", delta, config).tensors["v.index"], impart.tensors["v.index"])
+
+
+def test_impart_is_unbiased_over_seeds():
+    delta = structured_delta(30, 20)
+    config = CompressionConfig(method="impart", rank=2, svd="exact", **PAPER)
+    rank_k = compress_matrix("w", delta, replace(config, method="truncsvd", rank=config.k)).delta()
+    mean = sum(compress_matrix("w", delta, replace(config, seed=seed)).delta() for seed in range(400)) / 400
+    one = compress_matrix("w", delta, config).delta()
+    assert float(torch.linalg.norm(one - rank_k) / torch.linalg.norm(rank_k)) > 0.3  # one draw is far off
+    assert float(torch.linalg.norm(mean - rank_k) / torch.linalg.norm(rank_k)) < 0.1  # its expectation is not
+
+
+@pytest.mark.parametrize("weights, total, cap, expected", [
+    ([4.0, 2.0, 1.0, 0.0], 10, 5, [5, 4, 1, 0]),  # the largest capped, the rest in proportion, nothing for 0
+    ([4.0, 2.0, 1.0, 0.0], 100, 5, [5, 5, 5, 0]),  # more than fits: every positive column whole
+    ([1.0, 1.0, 1.0], 4, 5, [2, 1, 1]),  # ties: the remainder to the first
+    ([3.0, 1.0], 0, 9, [0, 0]),
+])
+def test_proportional_counts(weights, total, cap, expected):
+    assert proportional_counts(torch.tensor(weights), total, cap).tolist() == expected
 
 
 def test_bitdelta_stores_one_bit_per_entry_and_the_mean_magnitude():

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from osd_core.calibration_data import INPUT_COV, METRIC_STATISTICS, OUTPUT_FISHER, ROW_WEIGHT
 from osd_core.checkpoint import Checkpoint
 from osd_core.compress import FACTORISED_ACTIONS, plan_pair
