@@ -26,10 +26,10 @@ from typing import Any
 
 from flows.fleet_config import DEFAULT_GROUP_BYTES
 from osd_core import __version__
-from osd_core.manifest import FORMAT_VERSION
 from osd_core.calibration_data import METRIC_STATISTICS
 from osd_core.compress import plan_pair, uniform_budgets
 from osd_core.config import CompressionConfig
+from osd_core.manifest import FORMAT_VERSION
 from osd_core.policy import Role
 from osd_io.keys import join_key
 from osd_io.sources import PairLayout, tensor_refs

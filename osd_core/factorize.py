@@ -460,6 +460,7 @@ def proportional_counts(weights: torch.Tensor, total: int, cap: int) -> torch.Te
     positive = weights > 0
     if total >= cap * int(positive.sum()):
         return torch.where(positive, cap, 0).long()
+
     def fill(t: float) -> torch.Tensor:
         return torch.minimum((t * weights).floor(), torch.tensor(float(cap))).long()
     low, high = 0.0, cap / float(weights[positive].min())  # fill(high) keeps every positive column whole

@@ -185,9 +185,9 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], met
                       ) -> Path:
     """Write ``tensors`` to ``path`` in the safetensors format, one tensor's bytes at a time.
 
-    The layout is the reference writer's (tensors in name order, header padded with spaces to a
-    multiple of 8), so any safetensors reader reads it; memory beyond the tensors themselves is one
-    tensor's contiguous copy at most, where a tensor is not contiguous already.
+    Tensors are laid out in name order and the header is padded with spaces to a multiple of 8, as
+    the reference writer pads it, so any safetensors reader reads the file. Memory beyond the
+    tensors themselves is one tensor's contiguous copy at most, where a tensor is not contiguous.
     """
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
