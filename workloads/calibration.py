@@ -35,7 +35,7 @@ from osd_core.errors import CalibrationError, MissingTensorError
 from osd_core.safetensors_io import write_safetensors
 from osd_core.svd import truncated_svd
 from workloads.errors import DataFormatError
-from workloads.task_rows import IGNORE, TaskRows, encode_pairs, is_causal_lm, lm_pairs, read_rows_for
+from workloads.task_rows import IGNORE, TaskRows, encode_pairs, is_causal_lm, lm_pairs, read_rows_for, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,8 @@ def calibration_gradients(
                 lm = encode_pairs(tokenizer, [pairs[i] for i in batch], max_length)
                 encoded = {"input_ids": lm.input_ids, "attention_mask": lm.attention_mask}
                 stats.observe(encoded)
-                loss = _row_mean_losses(model(**encoded, use_cache=False).logits, lm.labels).sum()
+                sums, scored = token_logprobs(model, lm)  # each row's mean target-token cross-entropy
+                loss = -(sums / scored.clamp(min=1)).sum()
             else:
                 encoded = tokenizer(
                     [rows.rows[i]["text"] for i in batch], padding=True, truncation=True, max_length=max_length,
@@ -138,14 +139,6 @@ def _recompute_layer_activations(model: Any) -> None:
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer):
             module.training = True
-
-
-def _row_mean_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each row's mean next-token cross-entropy over its labelled tokens (token ``t`` predicted at ``t - 1``)."""
-    targets = labels[:, 1:]
-    losses = torch.nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=IGNORE, reduction="none")
-    return losses.sum(1) / (targets != IGNORE).sum(1).clamp(min=1)
 
 
 def _scorable(pairs: list[tuple[str, str]], tokenizer: Any, max_length: int, rows: TaskRows
