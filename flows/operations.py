@@ -13,7 +13,7 @@ Two ways a fine-tune reaches the pipeline without anyone typing ``osd-fleet run`
   index), and compresses those not yet in the catalog. "In the catalog" is decided by the
   pipeline's own identities (``flows.plan.artifact_id`` of every sweep variant, computed by
   ``flows.pipeline.make_target``), so a scan with nothing new starts no compression and writes
-  no catalog part, and a checkpoint announced by an event and found again by a scan is
+  no catalog commit, and a checkpoint announced by an event and found again by a scan is
   compressed once.
 
 Deployed flows run in a process a Prefect worker (or ``prefect.serve``) starts; they attach to

@@ -66,7 +66,7 @@ from osd_core.checkpoint import side_files
 from osd_core.errors import OSDError
 from osd_core.outputs import scratch_dir
 from osd_io.artifacts import CommittedDelta, commit_delta, read_commit
-from osd_io.catalog import COMPACT_AFTER_PARTS, Catalog, CatalogRow
+from osd_io.catalog import COMPACT_AFTER_FILES, Catalog, CatalogRow
 from osd_io.sources import PairLayout, fetch_file, open_checkpoint, sha256_of
 from osd_io.storage import ObjectStore, open_store
 from workers.jobs import CalibrationJob, EvalJob, EvalRecord, GroupJob, GroupResult
@@ -305,17 +305,18 @@ class _Sweep:
         return ordered
 
     def _compact(self, catalog: Catalog) -> None:
-        """Merge the catalog's parts once they pass the threshold, so reads stay a few GETs.
+        """Compact the catalog table once it passes the threshold of files, so reads stay a few GETs.
 
         The rows are already written: a failure here warns and changes no outcome.
         """
         try:
-            merged = catalog.compact(min_parts=COMPACT_AFTER_PARTS + 1)
+            done = catalog.compact(min_files=COMPACT_AFTER_FILES + 1)
         except (OSDError, OSError) as exc:
             self.log.warning("catalog compaction failed (%s); the next run tries again", exc)
             return
-        if merged is not None:
-            self.log.info("catalog compacted into %s", merged)
+        if done is not None:
+            self.log.info("catalog compacted: %d files into %d, %d vacuumed", done.files_before, done.files_after,
+                          done.vacuumed)
 
     def _publish(self, rows: Sequence[CatalogRow], new: set[str], catalog: Catalog) -> None:
         """Table and plot artifacts for the Prefect UI; the PNG also goes to the store next to the catalog.

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flows.fleet_config import SCAN_SWEEP, ModelSpec, SweepSpec
-from osd_cli.arguments import comma_list
+from osd_cli.arguments import comma_list, whole_number
 from osd_cli.flags import add_settings, read_settings
-from osd_core.config import ADAPTER_DTYPES, ADAPTER_PROFILES, CompressionConfig
+from osd_core.config import ADAPTER_DTYPES, ADAPTER_PROFILES, VACUUM_RETAIN_HOURS, CompressionConfig
 from osd_core.outputs import scratch_dir
 from osd_core.settings import to_table
 
@@ -80,10 +80,18 @@ def add_fleet_commands(commands: Any) -> None:
     plot.add_argument("--model", required=True)
     plot.add_argument("--out", required=True, type=Path, help="PNG file to write")
     plot.set_defaults(handler=run_plot)
-    compact = queries.add_parser("compact", help="merge the catalog's parts into one (runs also do this past "
-                                                 "a threshold); safe beside running appends and reads")
+    compact = queries.add_parser("compact", help="rewrite the catalog table's files into one and vacuum the old "
+                                                 "ones (runs also do this past a threshold); safe beside running "
+                                                 "appends and reads")
     _add_store_argument(compact)
+    compact.add_argument("--retain-hours", type=whole_number, default=VACUUM_RETAIN_HOURS,
+                         help="keep replaced files this long for readers that opened the table before "
+                              "(default %(default)s)")
     compact.set_defaults(handler=run_compact)
+    migrate = queries.add_parser("migrate", help="move an osd-fleet 0.1 catalog (parquet parts) into the Delta "
+                                                 "table; safe to re-run, loses nothing")
+    _add_store_argument(migrate)
+    migrate.set_defaults(handler=run_migrate)
 
     fetch = commands.add_parser("fetch", help="restore a model (or its LoRA adapter) from its base and its smallest "
                                               "delta meeting a floor")
@@ -254,9 +262,26 @@ def run_compact(args: argparse.Namespace) -> int:
     from osd_io.storage import open_store
 
     catalog = Catalog(open_store(args.store))
-    before = catalog.part_count()
-    merged = catalog.compact()
-    print(f"merged {before} parts into {merged}" if merged else f"nothing to merge ({before} part(s))")
+    done = catalog.compact(retain_hours=args.retain_hours)
+    if done is None:
+        print(f"nothing to compact ({catalog.file_count()} file(s)) in {catalog.uri}")
+    else:
+        print(f"compacted {catalog.uri}: {done.files_before} files into {done.files_after}, "
+              f"{done.vacuumed} old file(s) vacuumed")
+    return 0
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    from osd_io.catalog import Catalog
+    from osd_io.storage import open_store
+
+    catalog = Catalog(open_store(args.store))
+    done = catalog.migrate()
+    if not done.parts:
+        print(f"nothing to migrate: no parquet parts beside {catalog.uri}")
+    else:
+        print(f"migrated {done.parts} part(s), {done.rows} distinct row(s) ({done.added} new) into {catalog.uri}; "
+              "parts deleted")
     return 0
 
 

@@ -27,6 +27,9 @@ ADAPTER_DTYPES = ("float16", "bfloat16", "float32")
 # Calibration rows per forward pass. Only memory depends on it (rows weigh the same in any batch):
 # SmolLM2-135M at 64 tokens takes about 160 MiB a row (peak 5,134 MiB at 16 rows, 2,841 at 2).
 CALIBRATION_BATCH = 4
+# Catalog VACUUM keeps files a compaction replaced this many hours, so a reader that opened the table
+# just before can still finish. Delta's own default is a week, for time travel, which the catalog does not use.
+VACUUM_RETAIN_HOURS = 1
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes any int64 >= 0
 
 

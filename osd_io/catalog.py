@@ -1,231 +1,88 @@
-"""The catalog of compressed artifacts: one schema, append-only parquet parts in the store.
+"""The catalog of compressed artifacts: a Delta Lake table in the same store as the artifacts.
 
 Design, and why:
 
-* **Immutable parts, no shared file.** Each :meth:`Catalog.append` writes one new parquet file
-  ``catalog/parts/<UTC time>-<uuid4>.parquet`` with a conditional write (``if_absent``), next
-  to the artifacts in the same object store. Appenders never read-modify-write a common object,
-  so any number of workers (threads, processes, hosts) can append at once with no locks and no
-  lost updates; S3 has no cheap locks, and a single catalog file would need them.
-* **All or nothing.** A part is published by one atomic PUT (or rename, locally), so a reader
-  sees a whole part or none of it, never a partial row.
-* **Idempotent by ``artifact_id``.** Readers list ``catalog/parts/``, concatenate, and keep one
-  row per ``artifact_id``: an ``ok`` row beats a ``failed`` one, then the earliest ``created``
-  wins. A rerun that appends the same artifact again changes nothing visible; a retry that
-  succeeds after a failure replaces the failure.
-* **Bounded reads.** A read costs one LIST and one GET per part, and every run appends parts.
-  :meth:`Catalog.compact` writes the merged rows as one new part, then deletes only the parts it
-  read; a reader in between sees duplicates, which the deduplication removes, and parts
-  appended meanwhile are untouched. The flow compacts once a catalog holds more than
-  :data:`COMPACT_AFTER_PARTS` parts (``bench/catalog_read.py`` measures why).
-* **One schema.** :class:`CatalogRow` is the only definition; :data:`SCHEMA` (pyarrow) is derived
-  from its type hints, so the two cannot drift.
-
-Other tools can read the parts directly (without the deduplication), e.g.
-``pyarrow.dataset.dataset("bucket/prefix/catalog/parts/", format="parquet",
-filesystem=pyarrow.fs.S3FileSystem(endpoint_override=...))`` or the glob
-``s3://bucket/prefix/catalog/parts/*.parquet``.
+* **A table format other tools read.** The catalog is the Delta table ``catalog/`` of the store
+  (``s3://bucket/prefix/catalog`` or ``<root>/catalog``): pandas (``deltalake.DeltaTable(uri)
+  .to_pandas()``), DuckDB, Spark and Polars read it with no osd-fleet code.
+* **One row per artifact, in the table itself.** :meth:`Catalog.append` is a Delta ``MERGE`` on
+  ``artifact_id``: a new artifact is inserted, an ``ok`` row replaces a ``failed`` one, and
+  anything else is left as it is. So a rerun changes nothing (and commits nothing), a retry
+  that succeeds replaces its failure, and outside readers never see duplicates.
+* **Concurrent writers, no locks.** A Delta commit is one conditional create of the next log
+  entry (S3 ``If-None-Match``; a hard link locally). Two writers that race are told so
+  (:class:`deltalake.exceptions.CommitFailedError`) and the loser merges again against the new
+  version, so any number of flows can append at once with no lost and no doubled rows.
+* **All or nothing.** Rows become visible only with their commit: a crash leaves at most data
+  files no log entry names, which readers ignore and :meth:`Catalog.compact` vacuums.
+* **Bounded reads.** Every commit adds a file. The flow calls :meth:`Catalog.compact`
+  (``OPTIMIZE`` then ``VACUUM``) once the table holds more than :data:`COMPACT_AFTER_FILES`, as
+  ``osd-fleet catalog compact`` does on demand; delta-rs checkpoints the log every 100 commits.
+* **Old catalogs move once.** Catalogs of formats 1 to 3 were parquet parts under
+  ``catalog/parts/`` (:mod:`osd_io.catalog_parts`). While any part is there the catalog refuses
+  to work and names ``osd-fleet catalog migrate``; a vacuum would otherwise delete the parts,
+  which Delta does not know.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import importlib.metadata
-import json
-import math
-import types
-import typing
-import uuid
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
+from deltalake import DeltaTable
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
-from osd_core.errors import OSDError
-from osd_io.keys import safe_name
-from osd_io.storage import AlreadyExistsError, NotFoundError, ObjectStore
+from osd_core.config import VACUUM_RETAIN_HOURS
+from osd_io.catalog_parts import PARTS_PREFIX, part_keys, read_parts
+from osd_io.catalog_rows import COLUMNS, SCHEMA, CatalogError, CatalogRow, NoneMeetsError, dedup, rows_to_table
+from osd_io.storage import ObjectStore
 
 __all__ = [
     "CATALOG_FORMAT",
-    "PARTS_PREFIX",
+    "COMPACT_AFTER_FILES",
     "SCHEMA",
+    "TABLE_KEY",
     "Catalog",
     "CatalogError",
     "CatalogRow",
+    "Compaction",
+    "Migration",
     "NoneMeetsError",
 ]
 
-PARTS_PREFIX = "catalog/parts/"
-# Stamped into each part's schema metadata; readers refuse newer formats. 2: rank and extra_rank
-# became float64 (fractional budgets); format-1 parts (int64) are read and cast. 3: the metric's
-# direction (``higher_is_better``: perplexity is lower-is-better); older parts hold accuracy only.
-CATALOG_FORMAT = 3
-COMPACT_AFTER_PARTS = 32
-_FORMAT_KEY = b"osd_fleet.catalog_format"
-STATUSES = ("ok", "failed")
+TABLE_KEY = "catalog"
+# In the table's configuration; readers refuse newer formats. 1-3 were parquet parts; 4 is Delta.
+CATALOG_FORMAT = 4
+FORMAT_PROPERTY = "osd_fleet.catalog_format"
+COMPACT_AFTER_FILES = 32
+ORPHAN_HOURS = 1
+COMMIT_ATTEMPTS = 40  # 8 writers racing on one table needed at most 17 retries in 10 merges each
+_MERGE_ON = "t.artifact_id = s.artifact_id"
+_OK_REPLACES_FAILED = "t.status <> 'ok' AND s.status = 'ok'"
+T = TypeVar("T")
 
 
-class CatalogError(OSDError):
-    """The catalog cannot be read or written as asked."""
+@dataclasses.dataclass(frozen=True)
+class Compaction:
+    """What :meth:`Catalog.compact` did: data files before and after, and files vacuumed."""
+
+    files_before: int
+    files_after: int
+    vacuumed: int
 
 
-class NoneMeetsError(CatalogError, LookupError):
-    """No artifact of the model meets the requested accuracy; the message says the best one."""
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    """What :meth:`Catalog.migrate` moved: parquet parts read and deleted, their distinct rows, rows now new."""
 
-
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("osd-fleet")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class CatalogRow:
-    """One compressed artifact (or failed attempt) of one model revision.
-
-    ``bytes`` is the artifact's size on storage; ``budget_bits`` the bit budget it was
-    compressed to and ``paper_bits`` the cost as the paper counts it. ``eval_data`` identifies
-    the evaluation set by the sha256 of its file, ``sha256`` the artifact by its manifest.
-    ``accuracy`` holds the measured value of ``metric`` (accuracy, ``acc``, ``acc_norm``, or
-    ``perplexity``), and ``higher_is_better`` says which way is better, so queries can refuse a
-    floor on a lower-is-better metric. ``params`` is a JSON object (a mapping given here is
-    serialised with sorted keys).
-    """
-
-    model: str
-    revision: str
-    base: str
-    method: str
-    rank: float  # r (a whole number reads back as an int)
-    extra_rank: float  # c = k - r
-    allocation: str
-    budget_bits: int
-    paper_bits: int
-    bytes: int
-    accuracy: float | None = None
-    metric: str
-    higher_is_better: bool = True
-    eval_data: str
-    uri: str
-    sha256: str
-    artifact_id: str
-    osd_fleet_version: str = dataclasses.field(default_factory=_package_version)
-    created: dt.datetime = dataclasses.field(default_factory=_utcnow)
-    status: str = "ok"
-    params: str = "{}"
-
-    def __post_init__(self) -> None:
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
-        if isinstance(self.params, Mapping):
-            set_("params", json.dumps(dict(self.params), sort_keys=True))
-        for f in dataclasses.fields(self):
-            hint, value = _HINTS[f.name], getattr(self, f.name)
-            if f.name in RANK_COLUMNS:
-                set_(f.name, _rank_number(f.name, value))
-            elif hint is int and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ValueError(f"{f.name} must be an int >= 0, got {value!r}")
-            if hint is str and not isinstance(value, str):
-                raise ValueError(f"{f.name} must be a str, got {type(value).__name__}: {value!r}")
-            if hint is bool and not isinstance(value, bool):
-                raise ValueError(f"{f.name} must be true or false, got {value!r}")
-        safe_name(self.model)
-        safe_name(self.revision)
-        if not self.artifact_id:
-            raise ValueError("artifact_id must not be empty")
-        if self.status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
-        if self.accuracy is not None:
-            if isinstance(self.accuracy, bool) or not isinstance(self.accuracy, (int, float)):
-                raise ValueError(f"accuracy must be a float or None, got {self.accuracy!r}")
-            if not math.isfinite(self.accuracy):
-                raise ValueError(f"accuracy must be finite (None when unmeasured), got {self.accuracy!r}")
-            set_("accuracy", float(self.accuracy))
-        if not isinstance(self.created, dt.datetime) or self.created.tzinfo is None:
-            raise ValueError(f"created must be a timezone-aware datetime, got {self.created!r}")
-        created = self.created.astimezone(dt.UTC)
-        if hasattr(created, "to_pydatetime"):  # pandas.Timestamp -> plain datetime
-            created = created.to_pydatetime()
-        set_("created", created)
-        try:
-            params = json.loads(self.params)
-        except ValueError as exc:
-            raise ValueError(f"params must be a JSON object, got {self.params[:80]!r}: {exc}") from None
-        if not isinstance(params, dict):
-            raise ValueError(f"params must be a JSON object, got {self.params[:80]!r}")
-
-    def to_record(self) -> dict[str, Any]:
-        """The row as a plain dict (column name -> value), in schema order."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> CatalogRow:
-        """Build a row from a dict as pandas or pyarrow give it (numpy scalars, NaN, Timestamp)."""
-        values: dict[str, Any] = {}
-        for name, hint in _HINTS.items():
-            value = record[name]
-            if name == "accuracy":
-                value = None if value is None or pd.isna(value) else float(value)
-            elif name in RANK_COLUMNS:
-                value = _rank_number(name, value)
-            elif hint is bool:
-                value = bool(value)
-            elif hint is int:
-                value = int(value)
-            elif hint is str:
-                value = str(value)
-            values[name] = value
-        return cls(**values)
-
-    @property
-    def params_dict(self) -> dict[str, Any]:
-        return json.loads(self.params)
-
-
-_HINTS: dict[str, Any] = typing.get_type_hints(CatalogRow)
-RANK_COLUMNS = ("rank", "extra_rank")  # fractional budgets, but whole ones read back as ints
-
-
-def _rank_number(name: str, value: Any) -> int | float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not 0 <= value < math.inf:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    return int(value) if float(value).is_integer() else float(value)
-
-
-def _arrow_field(name: str, hint: Any) -> pa.Field:
-    args = typing.get_args(hint)
-    nullable = isinstance(hint, types.UnionType) and type(None) in args
-    base = next(a for a in args if a is not type(None)) if nullable else hint
-    arrow = {
-        bool: pa.bool_(),
-        int: pa.int64(),
-        float: pa.float64(),
-        str: pa.string(),
-        dt.datetime: pa.timestamp("us", tz="UTC"),
-    }[base]
-    return pa.field(name, arrow, nullable=nullable)
-
-
-SCHEMA: pa.Schema = pa.schema(
-    [_arrow_field(f.name, _HINTS[f.name]) for f in dataclasses.fields(CatalogRow)],
-    metadata={_FORMAT_KEY: str(CATALOG_FORMAT).encode()},
-)
-COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
-
-
-def rows_to_table(rows: Sequence[CatalogRow]) -> pa.Table:
-    """Rows -> an arrow table in :data:`SCHEMA`."""
-    return pa.Table.from_pylist([r.to_record() for r in rows], schema=SCHEMA)
+    parts: int
+    rows: int
+    added: int
 
 
 def _human_bytes(n: int) -> str:
@@ -237,116 +94,192 @@ def _human_bytes(n: int) -> str:
     return f"{n} B" if unit == "B" else f"{value:.3g} {unit}"
 
 
-class Catalog:
-    """The artifact catalog stored under ``catalog/parts/`` of an :class:`ObjectStore`."""
 
-    def __init__(self, store: ObjectStore, *, max_workers: int = 8) -> None:
+
+class Catalog:
+    """The artifact catalog: the Delta table ``catalog/`` of an :class:`ObjectStore`."""
+
+    def __init__(self, store: ObjectStore) -> None:
         self.store = store
-        self.max_workers = max_workers
+        self.location = store.table_location(TABLE_KEY)
 
     def __repr__(self) -> str:
         return f"Catalog({self.store!r})"
 
+    @property
+    def uri(self) -> str:
+        """The table's URI, for other tools (the options, credentials included, stay with the store)."""
+        return self.location.uri
+
+    # -- the table
+
+    def _open(self, *, migrating: bool = False) -> DeltaTable | None:
+        """The table at its latest version (None before the first append), after the format checks."""
+        if not migrating and part_keys(self.store):
+            parts = self.store.uri_for(PARTS_PREFIX.rstrip("/"))
+            store = parts.removesuffix("/" + PARTS_PREFIX.rstrip("/"))
+            raise CatalogError(
+                f"the catalog at {parts} is in the parquet-parts layout of osd-fleet 0.1; move it into the "
+                f"Delta table once with: osd-fleet catalog migrate --store {store}"
+            )
+        try:
+            table = _delta_call(
+                f"open the catalog {self.uri}",
+                lambda: DeltaTable(self.location.uri, storage_options=self.location.storage_options),
+            )
+        except TableNotFoundError:
+            return None
+        configured = table.metadata().configuration.get(FORMAT_PROPERTY)
+        if configured is None or not configured.isdigit():
+            raise CatalogError(f"{self.uri} is a Delta table but not an osd-fleet catalog (no {FORMAT_PROPERTY})")
+        if int(configured) > CATALOG_FORMAT:
+            raise CatalogError(
+                f"the catalog {self.uri} has format {configured}; this osd-fleet reads up to "
+                f"{CATALOG_FORMAT}: upgrade osd-fleet"
+            )
+        return table
+
+    def _create(self) -> DeltaTable:
+        """Create the empty table; a concurrent creator that wins first is fine (``mode="ignore"``)."""
+        try:
+            return _delta_call(
+                f"create the catalog {self.uri}",
+                lambda: DeltaTable.create(
+                    self.location.uri,
+                    SCHEMA,
+                    mode="ignore",
+                    name="osd_fleet_catalog",
+                    configuration={FORMAT_PROPERTY: str(CATALOG_FORMAT)},
+                    storage_options=self.location.storage_options,
+                    raise_if_key_not_exists=False,
+                ),
+            )
+        except CommitFailedError:  # another writer created it between our check and our create
+            table = self._open(migrating=True)
+            assert table is not None
+            return table
+
     # -- writing
 
-    def append(self, rows: Sequence[CatalogRow]) -> str | None:
-        """Publish ``rows`` as one new immutable part; return its key (None for no rows)."""
+    def append(self, rows: Sequence[CatalogRow]) -> int | None:
+        """Merge ``rows`` into the table in one commit; return its version (None if nothing changed)."""
         rows = list(rows)
         for row in rows:
             if not isinstance(row, CatalogRow):
                 raise TypeError(f"append takes CatalogRow objects, got {type(row).__name__}")
         if not rows:
             return None
-        return self._write_part(rows_to_table(rows))
+        return self._merge(rows, migrating=False)
 
-    def _write_part(self, table: pa.Table) -> str:
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        data = sink.getvalue().to_pybytes()
-        while True:  # a uuid4 collision is practically impossible; never overwrite if it happens
-            key = f"{PARTS_PREFIX}{_utcnow():%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex}.parquet"
-            try:
-                self.store.put_bytes(key, data, if_absent=True)
-                return key
-            except AlreadyExistsError:
-                continue
+    def _merge(self, rows: Sequence[CatalogRow], *, migrating: bool) -> int | None:
+        frame = dedup(pd.DataFrame([r.to_record() for r in rows], columns=list(COLUMNS)))
+        source = rows_to_table([CatalogRow.from_record(r) for r in frame.to_dict("records")])
 
-    def compact(self, *, min_parts: int = 2) -> str | None:
-        """Merge all current parts into one once there are ``min_parts``; return the new part's key.
+        def merge_once() -> int | None:
+            table = self._open(migrating=migrating) or self._create()
+            before = table.version()
+            merger = (
+                table.merge(source, predicate=_MERGE_ON, source_alias="s", target_alias="t")
+                .when_matched_update_all(predicate=_OK_REPLACES_FAILED)
+                .when_not_matched_insert_all()
+            )
+            metrics = _delta_call(f"merge into the catalog {self.uri}", merger.execute)
+            changed = metrics["num_target_rows_inserted"] + metrics["num_target_rows_updated"]
+            return table.version() if changed and table.version() != before else None
 
-        None when there was nothing to do. Safe beside appenders and readers (see the module
-        docstring); two compactions at once leave two merged parts, which reads deduplicate.
+        return _with_retries(f"append {len(rows)} row(s) to the catalog {self.uri}", merge_once)
+
+    def compact(self, *, min_files: int = 2, retain_hours: int = VACUUM_RETAIN_HOURS) -> Compaction | None:
+        """Rewrite the table's data files into one, then vacuum replaced files older than ``retain_hours``.
+
+        None when the table has fewer than ``min_files`` files. Safe beside appenders and readers:
+        OPTIMIZE is a commit like any other, and readers never open a file younger than the retention.
         """
-        keys = self._part_keys()
-        if len(keys) < max(2, min_parts):
+        table = self._open()
+        if table is None:
             return None
-        merged = self._dedup(self._read_parts(keys))
-        new_key = self._write_part(pa.Table.from_pandas(merged, schema=SCHEMA, preserve_index=False))
-        for key in keys:  # only what we merged: parts appended meanwhile stay
-            self.store.delete(key)
-        return new_key
+        before = len(table.file_uris())
+        if before < max(2, min_files):
+            return None
 
-    def part_count(self) -> int:
-        return len(self._part_keys())
+        def optimise() -> DeltaTable:
+            fresh = self._open()
+            assert fresh is not None
+            _delta_call(f"compact the catalog {self.uri}", fresh.optimize.compact)
+            return fresh
+
+        table = _with_retries(f"compact the catalog {self.uri}", optimise)
+        # A reader then replays one checkpoint, not every commit.
+        _delta_call(f"checkpoint the catalog {self.uri}", table.create_checkpoint)
+        replaced = _delta_call(
+            f"vacuum the catalog {self.uri}",
+            lambda: table.vacuum(retention_hours=retain_hours, dry_run=False, enforce_retention_duration=False),
+        )
+        # Files no commit names: what a writer killed inside its commit left. A writer still running
+        # has such files too, for seconds, so these go only after ORPHAN_HOURS whatever retain_hours says.
+        orphans = _delta_call(
+            f"vacuum the catalog {self.uri}",
+            lambda: table.vacuum(retention_hours=max(retain_hours, ORPHAN_HOURS), dry_run=False,
+                                 enforce_retention_duration=False, full=True),
+        )
+        return Compaction(before, len(table.file_uris()), len(replaced) + len(orphans))
+
+    def version(self) -> int | None:
+        """The table's version: 0 once created, one more per commit; None before the first append."""
+        table = self._open()
+        return None if table is None else table.version()
+
+    def file_count(self) -> int:
+        """Data files in the table's current version (0 before the first append)."""
+        table = self._open()
+        return 0 if table is None else len(table.file_uris())
+
+    def migrate(self) -> Migration:
+        """Move a format 1-3 catalog's parquet parts into the table, then delete the parts.
+
+        Safe to re-run, also after a crash: the merge keeps one row per artifact (ok beats failed,
+        as reads of the parts did), and parts are deleted only once every artifact they hold is in
+        the table with a status at least as good.
+        """
+        keys = part_keys(self.store)
+        if not keys:
+            return Migration(0, 0, 0)
+        rows = [CatalogRow.from_record(r) for r in dedup(read_parts(self.store, keys)).to_dict("records")]
+        before = self._read(migrating=True)
+        self._merge(rows, migrating=True)
+        after = self._read(migrating=True).set_index("artifact_id")["status"]
+        lost = [r.artifact_id for r in rows if after.get(r.artifact_id) not in (r.status, "ok")]
+        if lost:
+            raise CatalogError(
+                f"migration left {len(lost)} artifact(s) out of {self.uri}, e.g. {lost[0]!r}; the parts are kept"
+            )
+        for key in keys:
+            self.store.delete(key)
+        return Migration(len(keys), len(rows), len(after) - len(before))
 
     # -- reading
 
-    def _part_keys(self) -> list[str]:
-        return [k for k in self.store.list(PARTS_PREFIX) if k.endswith(".parquet")]
+    def _read(self, *, migrating: bool = False) -> pd.DataFrame:
+        def read_once() -> pd.DataFrame:
+            table = self._open(migrating=migrating)
+            if table is None:
+                return SCHEMA.empty_table().to_pandas()
+            try:
+                arrow = table.to_pyarrow_table()
+            except pa.ArrowException as exc:
+                if isinstance(exc, OSError):  # e.g. a file vacuumed since we opened the table: read again
+                    raise
+                raise CatalogError(
+                    f"the catalog {self.uri} holds a data file that is not readable parquet: {str(exc)[:300]}"
+                ) from None
+            return arrow.select(list(COLUMNS)).cast(SCHEMA).to_pandas()
 
-    def _read_part(self, key: str) -> pa.Table:
-        data = self.store.get_bytes(key, verify=True)
-        try:
-            table = pq.read_table(pa.BufferReader(data))
-        except (pa.ArrowException, OSError) as exc:  # a foreign or damaged object: refused, never guessed at
-            raise CatalogError(
-                f"catalog part {self.store.uri_for(key)} is not a readable parquet file: {exc}"
-            ) from None
-        version = int((table.schema.metadata or {}).get(_FORMAT_KEY, b"0"))
-        if version > CATALOG_FORMAT:
-            raise CatalogError(
-                f"catalog part {self.store.uri_for(key)} has format {version}; this osd-fleet "
-                f"reads up to {CATALOG_FORMAT}: upgrade osd-fleet"
-            )
-        if "higher_is_better" not in table.column_names:  # format 1 and 2 parts: accuracy, higher is better
-            table = table.append_column("higher_is_better", pa.array([True] * table.num_rows, pa.bool_()))
-        missing = set(COLUMNS) - set(table.column_names)
-        if missing:
-            raise CatalogError(f"catalog part {self.store.uri_for(key)} lacks columns {sorted(missing)}")
-        return table.select(list(COLUMNS)).cast(SCHEMA)
-
-    def _read_parts(self, keys: Sequence[str]) -> pd.DataFrame:
-        if not keys:
-            return SCHEMA.empty_table().to_pandas()
-        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(keys))) as pool:
-            tables = list(pool.map(self._read_part, keys))
-        frames = []
-        for order, table in enumerate(tables):
-            frame = table.to_pandas()
-            frame["_part"] = order  # keys are sorted by time: a tiebreak for equal `created`
-            frames.append(frame)
-        return pd.concat(frames, ignore_index=True)
-
-    @staticmethod
-    def _dedup(df: pd.DataFrame) -> pd.DataFrame:
-        """One row per artifact_id: ok before failed, then earliest created, then earliest part."""
-        if "_part" not in df:
-            df = df.assign(_part=0)
-        df = df.assign(_failed=df["status"] != "ok")
-        df = df.sort_values(["artifact_id", "_failed", "created", "_part"], kind="stable")
-        df = df.drop_duplicates("artifact_id", keep="first")
-        df = df.sort_values(["created", "artifact_id"], kind="stable")
-        return df.drop(columns=["_failed", "_part"]).reset_index(drop=True)
+        frame = _with_retries(f"read the catalog {self.uri}", read_once, retry_on=(DeltaError, OSError), attempts=3)
+        return dedup(frame)
 
     def read(self) -> pd.DataFrame:
         """The whole catalog, one row per artifact_id, oldest first (empty frame if none)."""
-        for attempt in range(3):
-            try:
-                return self._dedup(self._read_parts(self._part_keys()))
-            except NotFoundError:  # a concurrent compact() deleted a listed part: list again
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        return self._read()
 
     def rows(self, model: str | None = None) -> list[CatalogRow]:
         """Catalog rows as :class:`CatalogRow`, optionally for one model."""
@@ -396,3 +329,37 @@ class Catalog:
             raise NoneMeetsError(f"{head}; none has a measured {name}")
         best = max(measured, key=lambda r: (sign * r.accuracy, -r.bytes))
         raise NoneMeetsError(f"{head}; best is {best.accuracy:.4g} at {_human_bytes(best.bytes)}")
+
+
+def _delta_call(action: str, call: Callable[[], T]) -> T:
+    """Run one delta-rs call; its storage and protocol errors become CatalogError naming ``action``.
+
+    CommitFailedError (a lost race) and TableNotFoundError pass through: callers act on them.
+    """
+    try:
+        return call()
+    except (CommitFailedError, TableNotFoundError):
+        raise
+    except (DeltaError, OSError, pa.ArrowException) as exc:
+        raise CatalogError(f"cannot {action}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+
+
+def _with_retries(
+    action: str,
+    call: Callable[[], T],
+    *,
+    retry_on: tuple[type[BaseException], ...] = (CommitFailedError,),
+    attempts: int = COMMIT_ATTEMPTS,
+) -> T:
+    """``call`` until it stops losing races: jittered exponential backoff, 50 ms to 2 s."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except retry_on as exc:
+            if attempt == attempts - 1:
+                detail = str(exc).splitlines()[0][:300] if str(exc) else ""
+                raise CatalogError(
+                    f"cannot {action} after {attempts} attempts: {type(exc).__name__}: {detail}"
+                ) from None
+            time.sleep(random.uniform(0.5, 1.0) * min(2.0, 0.05 * 2**attempt))
+    raise AssertionError("unreachable")

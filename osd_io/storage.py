@@ -56,6 +56,7 @@ __all__ = [
     "S3Store",
     "StorageError",
     "StoreURIError",
+    "TableLocation",
     "open_store",
 ]
 
@@ -161,6 +162,24 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def uri_for(self, key: str) -> str:
         """The absolute URI of ``key`` (``file://...`` or ``s3://bucket/prefix/key``)."""
+
+    @abc.abstractmethod
+    def table_location(self, key: str) -> TableLocation:
+        """Where a library that does its own I/O (Delta Lake) finds the folder ``key``, and how to reach it."""
+
+
+@dataclass(frozen=True, repr=False)
+class TableLocation:
+    """A folder of the store as a table library addresses it: a path or ``s3://`` URI plus object_store options.
+
+    The options may hold credentials, so the repr shows the URI only.
+    """
+
+    uri: str
+    storage_options: dict[str, str]
+
+    def __repr__(self) -> str:
+        return f"TableLocation({self.uri!r})"
 
 
 def open_store(uri: str, **options: Any) -> ObjectStore:
@@ -268,6 +287,9 @@ class LocalStore(ObjectStore):
 
     def uri_for(self, key: str) -> str:
         return self._path(key).as_uri()
+
+    def table_location(self, key: str) -> TableLocation:
+        return TableLocation(str(self._path(key)), {})
 
     def _write(self, key: str, chunks: Iterable[bytes], if_absent: bool) -> ObjectInfo:
         """Write ``chunks`` to a temp file (hashing as we go), fsync, then publish atomically."""
@@ -430,6 +452,7 @@ class S3Store(ObjectStore):
         self.bucket = bucket
         self.prefix = check_key(prefix) if prefix else ""
         self.max_attempts = max_attempts
+        self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
         # Checked before botocore sees the URL: it refuses some such URLs with the URL, password
         # included, in its own message, and its errors chained to ours reach Prefect's logs.
         for variable in _ENDPOINT_VARIABLES:
@@ -464,6 +487,32 @@ class S3Store(ObjectStore):
 
     def uri_for(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._full(key)}"
+
+    def table_location(self, key: str) -> TableLocation:
+        """The same endpoint, region and credentials as boto3 resolved, in object_store's option names.
+
+        Timeouts and retries are bounded as for boto3, so an unreachable endpoint fails, not hangs.
+        """
+        creds = self._session.get_credentials()
+        if creds is None:
+            raise AccessDeniedError(
+                f"no usable AWS credentials to open {self.uri_for(key)}; set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+            )
+        frozen = creds.get_frozen_credentials()
+        options = {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_REGION": self._client.meta.region_name or "us-east-1",
+            "AWS_ACCESS_KEY_ID": frozen.access_key,
+            "AWS_SECRET_ACCESS_KEY": frozen.secret_key,
+            "AWS_ALLOW_HTTP": str(self.endpoint.startswith("http://")).lower(),
+            "timeout": f"{int(self._read_timeout)}s",
+            "connect_timeout": f"{int(self._connect_timeout)}s",
+            "max_retries": str(self.max_attempts - 1),
+        }
+        if frozen.token:
+            options["AWS_SESSION_TOKEN"] = frozen.token
+        return TableLocation(self.uri_for(key), options)
 
     # -- error translation: every boto call goes through _call
 

@@ -38,7 +38,7 @@ from flows.fleet_config import ModelSpec, SweepSpec
 from osd_cli.main import main
 from osd_core.artifact import DeltaArtifact
 from osd_io.artifacts import download_delta
-from osd_io.catalog import PARTS_PREFIX, Catalog, CatalogRow
+from osd_io.catalog import Catalog, CatalogRow
 from osd_io.storage import EndpointUnreachableError, ObjectStore, open_store
 from tests.conftest import write_bert_like
 from tests.s3_server import MotoEndpoint
@@ -265,7 +265,7 @@ def test_flow_killed_between_artifacts_and_catalog_rows(fleet_runtime, synthetic
         rows = whole_deltas(store, tmp_path / "check")
         finished = (
             [row.status for row in rows] == ["ok", "ok"]
-            and len(store.list(PARTS_PREFIX)) == 2  # one part per variant: nothing appended twice
+            and Catalog(store).version() == 2  # created, then one commit per variant: nothing appended twice
             and digests(store) == expected
         )
         outcomes.append(((point, nth), finished))
@@ -277,7 +277,7 @@ def test_flow_killed_between_artifacts_and_catalog_rows(fleet_runtime, synthetic
     survived = sum(finished for _, finished in outcomes)
     reliability.fault(
         "flow process SIGKILLed after writing artifacts, before publishing catalog rows "
-        "(before the 2nd manifest; before the 2nd catalog part)",
+        "(before the 2nd manifest; as the 2nd catalog merge starts)",
         tried=len(outcomes),
         survived=survived,
         checked="no catalog row points at a missing or partial object; the rerun completes with one row per "
@@ -288,7 +288,7 @@ def test_flow_killed_between_artifacts_and_catalog_rows(fleet_runtime, synthetic
         "rerun of a finished run",
         tried=len(outcomes),
         survived=reruns,
-        checked="no object rewritten (same bytes, same mtime), no catalog part added",
+        checked="no object rewritten (same bytes, same mtime), no catalog commit",
         seconds=rerun_seconds,
     )
     assert survived == len(KILL_POINTS) and reruns == len(KILL_POINTS), outcomes

@@ -30,7 +30,7 @@ import pytest
 from osd_cli.main import main
 from osd_core.compress import compress_checkpoint
 from osd_core.config import CompressionConfig
-from osd_io.catalog import Catalog
+from osd_io.catalog import Catalog, CatalogRow
 from osd_io.storage import LocalStore, open_store
 from tests.s3_server import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET
 from tests.test_pipeline import fleet_runtime  # noqa: F401 - the session's Prefect server and Ray
@@ -167,8 +167,16 @@ def test_untrusted_pickles_are_refused_without_running(synthetic_pair, tmp_path,
         checkpoint.mkdir()
         shutil.copy(tuned / "config.json", checkpoint)
         (checkpoint / file).write_bytes(payload)
-    catalog = LocalStore(tmp_path / "store")
-    catalog.put_bytes("catalog/parts/20260101T000000000000Z-forged.parquet", payload)
+    parts = LocalStore(tmp_path / "parts-store")  # an osd-fleet 0.1 catalog, one part forged
+    parts.put_bytes("catalog/parts/20260101T000000000000Z-forged.parquet", payload)
+    table = LocalStore(tmp_path / "table-store")  # a Delta catalog whose one data file is forged
+    Catalog(table).append([CatalogRow(
+        model="m", revision="r", base="b", method="truncsvd", rank=1, extra_rank=0, allocation="uniform",
+        budget_bits=1, paper_bits=1, bytes=1, metric="accuracy", eval_data="", uri="u", sha256="0" * 64,
+        artifact_id="a",
+    )])
+    (data_file,) = (table.root / "catalog").glob("*.parquet")
+    data_file.write_bytes(payload)
 
     out = tmp_path / "out"
     cases = {
@@ -179,7 +187,8 @@ def test_untrusted_pickles_are_refused_without_running(synthetic_pair, tmp_path,
         "fine-tune holding a code-running pytorch_model.bin only":
             ("compress", "--base", base, "--finetuned", pickle_only, "--out", out, "--method", "truncsvd"),
         "pickle named model.safetensors": ("compress", "--base", base, "--finetuned", disguised, "--out", out),
-        "catalog part replaced by a pickle": ("catalog", "list", "--store", catalog.root),
+        "catalog part replaced by a pickle, then migrated": ("catalog", "migrate", "--store", parts.root),
+        "catalog table's data file replaced by a pickle": ("catalog", "list", "--store", table.root),
     }
     for case, argv in cases.items():
         code, error, _ = cli(capsys, *argv)
