@@ -10,10 +10,10 @@ on this machine). Then, each in a fresh child process so resident memory is its 
 are held at once: one base plus N ``vllm``-profile adapters (PEFT ``load_adapter``, switching with
 ``set_adapter`` per batch) against N merged checkpoints, for N in ``--adapters``. Memory is the
 child's resident set with all N held; throughput is forward tokens per second over batches of the eval
-prompts, one batch per fine-tune in turn. The N adapters are copies of one export: memory and
-speed depend on their shapes, not their values. The N merged checkpoints are likewise one file
-loaded N times; transformers maps safetensors files, so their pages may be shared and the merged
-rows can understate N distinct checkpoints (which need about N × one checkpoint).
+prompts, one batch per fine-tune in turn. The N adapters and the N merged checkpoints are copies
+of one export each, in N separate files: memory and speed depend on their shapes, not their values,
+and separate files keep the pages of N checkpoints from being shared, as N real fine-tunes' would
+not be (transformers maps safetensors files).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,13 +95,13 @@ def hold(kind: str, count: int, paths: dict[str, Path], base: Path, prompts: Pat
                for i in range(0, len(texts), BATCH_ROWS)]
     started = time.perf_counter()
     if kind == "adapters":
-        model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), paths["vllm"],
+        model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), copy(paths["vllm"], 0),
                                                adapter_name="a0").eval()
         for i in range(1, count):
-            model.load_adapter(paths["vllm"], adapter_name=f"a{i}")
+            model.load_adapter(copy(paths["vllm"], i), adapter_name=f"a{i}")
         models = [model] * count
     else:
-        models = [AutoModelForCausalLM.from_pretrained(paths["merged"]).eval() for _ in range(count)]
+        models = [AutoModelForCausalLM.from_pretrained(copy(paths["merged"], i)).eval() for i in range(count)]
     load_seconds = time.perf_counter() - started
     tokens, started = 0, time.perf_counter()
     with torch.inference_mode():
@@ -113,6 +114,17 @@ def hold(kind: str, count: int, paths: dict[str, Path], base: Path, prompts: Pat
     seconds = time.perf_counter() - started
     rss = psutil.Process().memory_info().rss / MIB  # the models are all still held here
     return {"rss_mib": rss, "tokens_per_s": tokens / seconds, "load_s": load_seconds}
+
+
+def copy(export: Path, number: int) -> Path:
+    """The ``number``-th of the separate copies of ``export`` that :func:`make_copies` wrote."""
+    return export.with_name(f"{export.name}-{number}")
+
+
+def make_copies(paths: dict[str, Path], count: int) -> None:
+    for name in ("merged", "vllm"):
+        for number in range(count):
+            shutil.copytree(paths[name], copy(paths[name], number))
 
 
 def main() -> None:
@@ -136,8 +148,10 @@ def main() -> None:
         print("| served as | acc |\n|---|---:|")
         for name, value in accuracy(workload, paths):
             print(f"| {name} | {value:.4f} |", flush=True)
+        counts = [int(n) for n in args.adapters.split(",")]
+        make_copies(paths, max(counts))
         print("\n| fine-tunes held | way | resident MiB | forward tokens/s | load s |\n|---:|---|---:|---:|---:|")
-        for count in (int(n) for n in args.adapters.split(",")):
+        for count in counts:
             for kind in ("adapters", "merged"):
                 out = subprocess.run([sys.executable, __file__, "--workload", args.workload, "--hold", kind,
                                       str(count), tmp], capture_output=True, text=True, check=True, cwd=ROOT)

@@ -1,0 +1,258 @@
+"""Compression at LLM scale: osd-fleet against its I/O and SVD floors and mergekit, side by side in one run.
+
+    python bench/scale.py [--layers 2] [--rank 16] [--methods truncsvd,default] [--no-mergekit]
+
+Builds a sharded bf16 pair with Llama-2-7B's shapes (hidden 4096, FFN 11008, vocab 32000) to
+``--layers`` decoder layers, with fine-tune-like deltas: a rank-16 product with a decaying spectrum
+plus small dense noise on every matrix, small noise on norms and embeddings. Then, in this one run:
+
+* the **I/O floor**: reading every tensor of both checkpoints once, in this process;
+* the **SVD floor**: osd-fleet's truncated SVD of each delta the tool factorised, alone, at the
+  rank the tool factors at (``k``), timed in this process on deltas already in memory;
+* ``osd-fleet compress`` per method, as a child process whose peak resident memory is sampled;
+* ``mergekit-extract-lora --max-rank`` at the same rank on the same pair, from its own virtual
+  environment (``mergekit==0.1.5``, created under ``~/.cache/osd-fleet`` on first use), with
+  absolute paths (with relative ones it calls the Hub at the end and fails offline).
+
+Prints one table: wall seconds, seconds per GB of checkpoint, ratios to both floors and to
+mergekit, and peak RSS against the largest tensor pair. The 32-layer column scales the measured
+wall linearly in layers (every decoder layer has the same shapes); it counts the embeddings, the
+head and the start-up once per layer group too, so it overstates a little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from osd_core.config import CompressionConfig  # noqa: E402
+from osd_core.svd import truncated_svd  # noqa: E402
+
+HIDDEN, FFN, VOCAB, HEADS = 4096, 11008, 32000, 32
+FULL_LAYERS = 32
+MIB, GB = 1 << 20, 1e9
+MERGEKIT = "mergekit==0.1.5"
+MERGEKIT_VENV = Path(os.environ.get("OSD_FLEET_CACHE", Path.home() / ".cache" / "osd-fleet")) / "mergekit-0.1.5"
+
+
+def layer_shapes(layer: int) -> dict[str, tuple[int, ...]]:
+    p = f"model.layers.{layer}."
+    return {
+        **{f"{p}self_attn.{m}_proj.weight": (HIDDEN, HIDDEN) for m in "qkvo"},
+        f"{p}mlp.gate_proj.weight": (FFN, HIDDEN),
+        f"{p}mlp.up_proj.weight": (FFN, HIDDEN),
+        f"{p}mlp.down_proj.weight": (HIDDEN, FFN),
+        f"{p}input_layernorm.weight": (HIDDEN,),
+        f"{p}post_attention_layernorm.weight": (HIDDEN,),
+    }
+
+
+def model_shapes(layers: int) -> dict[str, tuple[int, ...]]:
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for layer in range(layers):
+        shapes.update(layer_shapes(layer))
+    shapes.update({"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)})
+    return shapes
+
+
+def fine_tune_delta(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """A rank-16 update with a decaying spectrum plus dense noise 1/10 of its scale (1-D: noise only)."""
+    if len(shape) == 1:
+        return 1e-3 * torch.randn(shape, generator=generator)
+    n, d = shape
+    spectrum = torch.logspace(0, -1.5, 16)
+    u = torch.randn(n, 16, generator=generator) / n**0.5
+    v = torch.randn(d, 16, generator=generator) / d**0.5
+    low_rank = (u * spectrum) @ v.T * 0.05
+    return low_rank + 5e-4 * torch.randn(shape, generator=generator) / (n * d) ** 0.25
+
+
+def write_pair(root: Path, layers: int) -> tuple[Path, Path]:
+    """Base and fine-tune as sharded bf16 checkpoints (one shard per decoder layer, one for the rest)."""
+    base_dir, tuned_dir = root / "base", root / "finetuned"
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+        "intermediate_size": FFN, "num_hidden_layers": layers, "num_attention_heads": HEADS,
+        "num_key_value_heads": HEADS, "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16",
+        "max_position_embeddings": 4096, "tie_word_embeddings": False,
+    }
+    generator = torch.Generator().manual_seed(0)
+    groups = [{k: v for k, v in model_shapes(layers).items() if not k.startswith("model.layers.")}]
+    groups += [layer_shapes(layer) for layer in range(layers)]
+    for directory in (base_dir, tuned_dir):
+        directory.mkdir(parents=True)
+        (directory / "config.json").write_text(json.dumps(config))
+    weight_map: dict[str, str] = {}
+    for number, shapes in enumerate(groups):
+        shard = f"model-{number + 1:05d}-of-{len(groups):05d}.safetensors"
+        base, tuned = {}, {}
+        for name, shape in shapes.items():
+            weight = (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) * 0.02)
+            base[name] = weight.to(torch.bfloat16)
+            tuned[name] = (weight + fine_tune_delta(shape, generator)).to(torch.bfloat16)
+            weight_map[name] = shard
+        save_file(base, base_dir / shard, metadata={"format": "pt"})
+        save_file(tuned, tuned_dir / shard, metadata={"format": "pt"})
+    for directory in (base_dir, tuned_dir):
+        index = {"metadata": {"total_size": sum(p.stat().st_size for p in directory.glob("*.safetensors"))},
+                 "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return base_dir, tuned_dir
+
+
+def read_all(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def io_floor(base_dir: Path, tuned_dir: Path) -> float:
+    started = time.perf_counter()
+    for directory in (base_dir, tuned_dir):
+        read_all(directory)
+    return time.perf_counter() - started
+
+
+def svd_floor(base_dir: Path, tuned_dir: Path, k: int, factorised: set[str]) -> float:
+    """Seconds of ``truncated_svd`` over the factorised deltas alone, each already in memory."""
+    base, tuned = read_all(base_dir), read_all(tuned_dir)
+    seconds = 0.0
+    for name in sorted(factorised):
+        delta = tuned[name].float() - base[name].float()
+        started = time.perf_counter()
+        truncated_svd(delta, min(k, *delta.shape))
+        seconds += time.perf_counter() - started
+    return seconds
+
+
+def run_sampled(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """Run a child; return (wall seconds, peak RSS MiB of it and its children, its output)."""
+    import psutil
+
+    started = time.perf_counter()
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        process = psutil.Process(child.pid)
+        while not done.is_set():
+            try:
+                rss = process.memory_info().rss + sum(c.memory_info().rss for c in process.children(recursive=True))
+                peak[0] = max(peak[0], rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    output, _ = child.communicate()
+    wall = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    if child.returncode != 0:
+        raise SystemExit(f"{argv[0]} failed ({child.returncode}):\n{output[-3000:]}")
+    return wall, peak[0] / MIB, output
+
+
+def mergekit_command() -> Path:
+    """``mergekit-extract-lora`` in its own environment, installed there on first use."""
+    command = MERGEKIT_VENV / "bin" / "mergekit-extract-lora"
+    if not command.exists():
+        print(f"installing {MERGEKIT} into {MERGEKIT_VENV} (once)", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(MERGEKIT_VENV)], check=True)
+        subprocess.run([str(MERGEKIT_VENV / "bin" / "pip"), "install", "--quiet", "torch==2.13.0", MERGEKIT],
+                       check=True)
+    return command
+
+
+def decoder_linear_maps(shapes: dict[str, tuple[int, ...]]) -> set[str]:
+    """What mergekit factorises by default: it keeps the embeddings whole (``modules_to_save``)."""
+    return {name for name, shape in shapes.items() if len(shape) == 2 and name.startswith("model.layers.")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--methods", default="truncsvd,default",
+                        help="osd-fleet methods; 'default' is compress's default (magtruncsvd, int8)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-mergekit", action="store_true")
+    parser.add_argument("--scratch", type=Path, help="where to write the pair (default: a temporary directory)")
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    shapes = model_shapes(args.layers)
+    decoder_maps = decoder_linear_maps(shapes)
+    largest_pair = max(2 * 2 * torch.Size(s).numel() for s in shapes.values()) / MIB  # two bf16 tensors
+    with tempfile.TemporaryDirectory(prefix="osd-scale-", dir=args.scratch) as tmp:
+        root = Path(tmp)
+        started = time.perf_counter()
+        base_dir, tuned_dir = write_pair(root, args.layers)
+        pair_gb = sum(p.stat().st_size for p in (*base_dir.glob("*"), *tuned_dir.glob("*"))) / GB
+        print(f"pair: {args.layers} Llama-2-7B-shaped layers, {pair_gb:.2f} GB bf16 for both checkpoints, "
+              f"written in {time.perf_counter() - started:.0f} s; largest tensor pair {largest_pair:.0f} MiB",
+              flush=True)
+        io_floor(base_dir, tuned_dir)  # warm the page cache: every tool then reads from memory
+        io_s = io_floor(base_dir, tuned_dir)
+        rows = []
+        for method in methods:
+            config = CompressionConfig(rank=args.rank) if method == "default" else \
+                CompressionConfig(method=method, rank=args.rank)
+            k = config.k
+            out = root / f"delta-{method}"
+            argv = [sys.executable, "-m", "osd_cli", "compress", "--base", str(base_dir), "--finetuned",
+                    str(tuned_dir), "--out", str(out), "--rank", str(args.rank), "--device", args.device, "--json"]
+            if method != "default":
+                argv += ["--method", method]
+            wall, rss, output = run_sampled(argv)
+            layers = json.loads(output.strip().splitlines()[-1])["layers"]
+            ours = {name for name, layer in layers.items() if layer["kind"] == "factored"}
+            svd_s = svd_floor(base_dir, tuned_dir, k, ours)
+            label = f"osd-fleet {method}" + (f" ({config.method}, {config.value_dtype})" if method == "default" else "")
+            rows.append((label, k, wall, rss, svd_s, sum(p.stat().st_size for p in out.rglob("*") if p.is_file())))
+            print(f"  {label}: {wall:.1f} s (k = {k}, SVD floor {svd_s:.1f} s)", flush=True)
+        mergekit = None
+        if not args.no_mergekit:
+            command = mergekit_command()
+            out = root / "mergekit-lora"
+            argv = [str(command), "--model", str(tuned_dir.resolve()), "--base-model", str(base_dir.resolve()),
+                    "--out-path", str(out.resolve()), "--max-rank", str(args.rank)]
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+            wall, rss, _ = run_sampled(argv, env)
+            svd_s = svd_floor(base_dir, tuned_dir, args.rank, decoder_maps)
+            mergekit = wall
+            rows.append(("mergekit-extract-lora", args.rank, wall, rss, svd_s,
+                         sum(p.stat().st_size for p in out.rglob("*") if p.is_file())))
+            print(f"  mergekit: {wall:.1f} s", flush=True)
+    scale = FULL_LAYERS / args.layers
+    print(f"\nI/O floor (reading both checkpoints once, warm): {io_s:.2f} s\n")
+    print("| tool | k | wall s | s/GB | / I/O floor | / SVD floor | / mergekit | peak RSS MiB | / largest pair "
+          "| bytes out | 32 layers, s (extrapolated) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, k, wall, rss, svd_s, size in rows:
+        versus = f"{wall / mergekit:.2f}" if mergekit else "–"
+        print(f"| {label} | {k} | {wall:.1f} | {wall / pair_gb:.1f} | {wall / io_s:.0f} | {wall / svd_s:.2f} | "
+              f"{versus} | {rss:,.0f} | {rss / largest_pair:.1f} | {size:,} | {wall * scale:,.0f} |")
+    print(f"\n32-layer column: wall × {scale:g}, linear in layers (start-up, embeddings and head counted "
+          f"{scale:g} times: an overstatement)")
+
+
+if __name__ == "__main__":
+    main()
