@@ -6,7 +6,8 @@ Builds a sharded bf16 pair with Llama-2-7B's shapes (hidden 4096, FFN 11008, voc
 ``--layers`` decoder layers, with fine-tune-like deltas: a rank-16 product with a decaying spectrum
 plus small dense noise on every matrix, small noise on norms and embeddings. Then, in this one run:
 
-* the **I/O floor**: reading every tensor of both checkpoints once, in this process;
+* the **I/O floor**: reading every byte of both checkpoints once, in this process, from a warm
+  page cache (every tool after it reads from memory too);
 * the **SVD floor**: osd-fleet's truncated SVD of each delta the tool factorised, alone, at the
   rank the tool factors at (``k``), timed in this process on deltas already in memory;
 * ``osd-fleet compress`` per method, as a child process whose peak resident memory is sampled;
@@ -124,9 +125,13 @@ def read_all(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def io_floor(base_dir: Path, tuned_dir: Path) -> float:
+    """Seconds to read every byte of both checkpoints once (safetensors' own reads map lazily)."""
     started = time.perf_counter()
-    for directory in (base_dir, tuned_dir):
-        read_all(directory)
+    buffer = bytearray(64 * MIB)
+    for shard in (*base_dir.glob("*.safetensors"), *tuned_dir.glob("*.safetensors")):
+        with shard.open("rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
     return time.perf_counter() - started
 
 
@@ -211,6 +216,8 @@ def main() -> None:
               flush=True)
         io_floor(base_dir, tuned_dir)  # warm the page cache: every tool then reads from memory
         io_s = io_floor(base_dir, tuned_dir)
+        imports_s, _, _ = run_sampled([sys.executable, "-c", "import osd_cli.delta_commands, osd_core.compress, "
+                                       "transformers.models.llama.configuration_llama"])
         rows = []
         for method in methods:
             config = CompressionConfig(rank=args.rank) if method == "default" else \
@@ -242,7 +249,8 @@ def main() -> None:
                          sum(p.stat().st_size for p in out.rglob("*") if p.is_file())))
             print(f"  mergekit: {wall:.1f} s", flush=True)
     scale = FULL_LAYERS / args.layers
-    print(f"\nI/O floor (reading both checkpoints once, warm): {io_s:.2f} s\n")
+    print(f"\nI/O floor (reading both checkpoints once, warm): {io_s:.2f} s; osd-fleet's imports alone: "
+          f"{imports_s:.1f} s\n")
     print("| tool | k | wall s | s/GB | / I/O floor | / SVD floor | / mergekit | peak RSS MiB | / largest pair "
           "| bytes out | 32 layers, s (extrapolated) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -27,6 +27,7 @@ from .budget import VALUE_BITS, layer_budget
 from .config import CompressionConfig
 from .errors import BudgetError, ConfigError
 from .factorize import compress_matrix
+from .finite import all_finite
 from .svd import truncated_svd
 
 # Candidate budgets as multiples of the uniform one: enough resolution to move bits, few enough
@@ -120,7 +121,7 @@ def measure_curve(
     top = max((c.k for _, c in candidates), default=0)
     if config.factorises and not config.whiten and 0 < top <= min(shape):
         matrix = delta.to(device=device, dtype=torch.float32)
-        if bool(torch.isfinite(matrix).all()):  # a non-finite delta is refused below, by compress_matrix
+        if all_finite(matrix):  # a non-finite delta is refused below, by compress_matrix
             factors = truncated_svd(matrix, top, method=config.svd, power_iters=config.power_iters, seed=config.seed)
     for budget, layer in candidates:
         try:

@@ -26,6 +26,7 @@ from .checkpoint import Checkpoint, side_files
 from .config import ALLOCATIONS, CompressionConfig
 from .errors import CheckpointError, ConfigError, MissingTensorError
 from .factorize import compress_matrix
+from .finite import all_finite, count_non_finite
 from .layer import CompressedLayer, narrow_whole, stack_experts, with_appended_rows
 from .policy import Role
 from .roles import policy_for
@@ -308,7 +309,7 @@ def tensor_delta(plan: LayerPlan, tuned: torch.Tensor, base: torch.Tensor | None
         _require_finite(where[0], plan.name, tuned[plan.shape[0]:])  # rows stored whole, in no delta
     delta = tuned[: plan.shape[0]].float() if plan.new_rows else tuned.float()
     delta.sub_(base)
-    if not bool(torch.isfinite(delta).all()):
+    if not all_finite(delta):
         _require_finite(where[1], plan.name, base)
         _require_finite(where[0], plan.name, delta)  # the base is finite: the fine-tune (or the difference) is not
     return delta
@@ -423,6 +424,6 @@ def metric_weights(stats: Mapping[str, torch.Tensor], metric: str) -> tuple[torc
 
 
 def _require_finite(where: object, name: str, tensor: torch.Tensor) -> None:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
+    if not all_finite(tensor):
+        bad = count_non_finite(tensor)
         raise CheckpointError(f"{where}: tensor {name!r} contains {bad} NaN or Inf values")

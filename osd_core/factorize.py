@@ -33,6 +33,7 @@ from .budget import (
 )
 from .config import SEED_LIMIT, CompressionConfig
 from .errors import BudgetError, CheckpointError, ConfigError
+from .finite import all_finite, count_non_finite
 from .layer import CompressedLayer, index_dtype, pack_bitmap
 from .svd import Factors, truncated_svd
 
@@ -161,13 +162,13 @@ class OutputMetric:
             weights = torch.ones(n, device=device)
         else:
             weights = rows.to(device=device, dtype=torch.float32).reshape(-1)
-            if weights.numel() != n or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+            if weights.numel() != n or not all_finite(weights) or bool((weights < 0).any()):
                 raise CheckpointError(f"{name}: row weights must be {n} finite non-negative numbers")
             mean = weights.mean()
             weights = (weights / mean).clamp_min(WEIGHT_FLOOR) if mean > 0 else torch.ones(n, device=device)
         if cov is not None:
             cov = cov.to(device=device, dtype=torch.float32)
-            if tuple(cov.shape) != (d, d) or not bool(torch.isfinite(cov).all()):
+            if tuple(cov.shape) != (d, d) or not all_finite(cov):
                 raise CheckpointError(f"{name}: input covariance must be a finite {d}x{d} matrix")
             scale = torch.diagonal(cov).mean()
             if scale > 0:
@@ -480,8 +481,8 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 
 def _require_finite(name: str, what: str, tensor: torch.Tensor) -> None:
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
+    if not all_finite(tensor):
+        bad = count_non_finite(tensor)
         raise CheckpointError(f"{name}: {what} contains {bad} NaN or Inf values; expected finite numbers")
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ArtifactError
+from .finite import all_finite
 
 KINDS = ("factored", "sparse", "dense", "replace", "zero", "experts", "sign")
 
@@ -180,7 +181,7 @@ def stack_experts(name: str, slices: list[CompressedLayer], budget_bits: int) ->
 def narrow_whole(values: torch.Tensor) -> torch.Tensor:
     """Values stored whole, flat: in fp16, or fp32 where fp16 would overflow or lose them entirely."""
     narrow = values.to(torch.float16)
-    stored = narrow if bool(torch.isfinite(narrow).all()) else values.to(torch.float32)
+    stored = narrow if all_finite(narrow) else values.to(torch.float32)
     return stored.reshape(-1).contiguous()
 
 
@@ -282,6 +283,6 @@ def _check_parts(name: str, tensors: dict[str, torch.Tensor], prefix: str) -> No
 
 
 def _finite(values: torch.Tensor, name: str, what: str) -> torch.Tensor:
-    if not bool(torch.isfinite(values).all()):
+    if not all_finite(values):
         raise ArtifactError(f"{name}: {what} values contain NaN or Inf")
     return values

@@ -1,0 +1,36 @@
+"""The fast finiteness check: a finite sum proves finite values; a non-finite one is checked exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from osd_core.finite import all_finite, count_non_finite
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_one_non_finite_value_anywhere_is_found(dtype: torch.dtype, bad: float) -> None:
+    values = torch.randn(257, 129).to(dtype)
+    assert all_finite(values)
+    for index in (0, 1000, values.numel() - 1):
+        spoiled = values.clone().reshape(-1)
+        spoiled[index] = bad
+        assert not all_finite(spoiled) and count_non_finite(spoiled) == 1
+
+
+def test_inf_and_minus_inf_together_are_found() -> None:
+    values = torch.zeros(100)
+    values[3], values[70] = float("inf"), float("-inf")  # their sum is NaN, not a finite cancellation
+    assert not all_finite(values) and count_non_finite(values) == 2
+
+
+def test_finite_values_whose_sum_overflows_are_finite() -> None:
+    huge = torch.full((8,), 3e38, dtype=torch.float32)
+    assert not torch.isfinite(huge.sum()) and all_finite(huge)
+    assert all_finite(torch.full((4,), 60000.0, dtype=torch.float16))  # fp16's sum overflows at 65504
+
+
+def test_integer_and_empty_tensors_are_finite() -> None:
+    assert all_finite(torch.arange(10)) and all_finite(torch.empty(0))
+    assert all_finite(torch.tensor([], dtype=torch.int8))
