@@ -193,7 +193,8 @@ class Catalog:
         """Rewrite the table's data files into one, then vacuum replaced files older than ``retain_hours``.
 
         None when the table has fewer than ``min_files`` files. Safe beside appenders and readers:
-        OPTIMIZE is a commit like any other, and readers never open a file younger than the retention.
+        OPTIMIZE is a commit like any other (a writer it races merges again), and a reader that opened
+        the table before it can still read the replaced files for ``retain_hours``.
         """
         table = self._open()
         if table is None:
