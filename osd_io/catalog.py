@@ -172,8 +172,9 @@ class Catalog:
         return self._merge(rows, migrating=False)
 
     def _merge(self, rows: Sequence[CatalogRow], *, migrating: bool) -> int | None:
-        frame = dedup(pd.DataFrame([r.to_record() for r in rows], columns=list(COLUMNS)))
-        source = rows_to_table([CatalogRow.from_record(r) for r in frame.to_dict("records")])
+        # One row per artifact in the source too: a MERGE refuses two source rows matching one target row.
+        frame = dedup(rows_to_table(rows).to_pandas())
+        source = pa.Table.from_pandas(frame, schema=SCHEMA, preserve_index=False)
 
         def merge_once() -> int | None:
             table = self._open(migrating=migrating) or self._create()
