@@ -8,6 +8,8 @@ plus small dense noise on every matrix, small noise on norms and embeddings. The
 
 * the **I/O floor**: reading every byte of both checkpoints once, in this process, from a warm
   page cache (every tool after it reads from memory too);
+* the **delta floor**: reading every tensor pair and taking its float32 delta, timed in this
+  process (on ``--device``), which any delta tool pays before it factors anything;
 * the **SVD floor**: osd-fleet's truncated SVD of each delta the tool factorised, alone, at the
   rank the tool factors at (``k``), timed in this process on deltas already in memory;
 * ``osd-fleet compress`` per method, as a child process whose peak resident memory is sampled;
@@ -15,8 +17,9 @@ plus small dense noise on every matrix, small noise on norms and embeddings. The
   environment (``mergekit==0.1.5``, created under ``~/.cache/osd-fleet`` on first use), with
   absolute paths (with relative ones it calls the Hub at the end and fails offline).
 
-Prints one table: wall seconds, seconds per GB of checkpoint, ratios to both floors and to
-mergekit, and peak RSS against the largest tensor pair. The 32-layer column scales the measured
+Prints one table: wall seconds, seconds per GB of checkpoint, ratios to the I/O and SVD floors
+and to mergekit, the overhead (wall beyond the delta and SVD floors) as a fraction of the SVD
+floor, and peak RSS against the largest tensor pair. The 32-layer column scales the measured
 wall linearly in layers (every decoder layer has the same shapes); it counts the embeddings, the
 head and the start-up once per layer group too, so it overstates a little.
 """
@@ -34,12 +37,12 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from osd_core.checkpoint import Checkpoint  # noqa: E402
 from osd_core.config import CompressionConfig  # noqa: E402
 from osd_core.svd import truncated_svd  # noqa: E402
 
@@ -72,18 +75,23 @@ def model_shapes(layers: int) -> dict[str, tuple[int, ...]]:
 
 def fine_tune_delta(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     """A rank-16 update with a decaying spectrum plus dense noise 1/10 of its scale (1-D: noise only)."""
+    device = generator.device
     if len(shape) == 1:
-        return 1e-3 * torch.randn(shape, generator=generator)
+        return 1e-3 * torch.randn(shape, generator=generator, device=device)
     n, d = shape
-    spectrum = torch.logspace(0, -1.5, 16)
-    u = torch.randn(n, 16, generator=generator) / n**0.5
-    v = torch.randn(d, 16, generator=generator) / d**0.5
+    spectrum = torch.logspace(0, -1.5, 16, device=device)
+    u = torch.randn(n, 16, generator=generator, device=device) / n**0.5
+    v = torch.randn(d, 16, generator=generator, device=device) / d**0.5
     low_rank = (u * spectrum) @ v.T * 0.05
-    return low_rank + 5e-4 * torch.randn(shape, generator=generator) / (n * d) ** 0.25
+    return low_rank + 5e-4 * torch.randn(shape, generator=generator, device=device) / (n * d) ** 0.25
 
 
-def write_pair(root: Path, layers: int) -> tuple[Path, Path]:
-    """Base and fine-tune as sharded bf16 checkpoints (one shard per decoder layer, one for the rest)."""
+def write_pair(root: Path, layers: int, device: str = "cpu") -> tuple[Path, Path]:
+    """Base and fine-tune as sharded bf16 checkpoints (one shard per decoder layer, one for the rest).
+
+    The numbers are drawn on ``device`` (a GPU draws a 32-layer pair in seconds); a pair drawn on
+    a GPU holds other values than one drawn on the CPU, of the same distribution.
+    """
     base_dir, tuned_dir = root / "base", root / "finetuned"
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
@@ -91,7 +99,7 @@ def write_pair(root: Path, layers: int) -> tuple[Path, Path]:
         "num_key_value_heads": HEADS, "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16",
         "max_position_embeddings": 4096, "tie_word_embeddings": False,
     }
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device).manual_seed(0)
     groups = [{k: v for k, v in model_shapes(layers).items() if not k.startswith("model.layers.")}]
     groups += [layer_shapes(layer) for layer in range(layers)]
     for directory in (base_dir, tuned_dir):
@@ -102,9 +110,10 @@ def write_pair(root: Path, layers: int) -> tuple[Path, Path]:
         shard = f"model-{number + 1:05d}-of-{len(groups):05d}.safetensors"
         base, tuned = {}, {}
         for name, shape in shapes.items():
-            weight = (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) * 0.02)
-            base[name] = weight.to(torch.bfloat16)
-            tuned[name] = (weight + fine_tune_delta(shape, generator)).to(torch.bfloat16)
+            weight = (torch.ones(shape, device=device) if len(shape) == 1 else
+                      torch.randn(shape, generator=generator, device=device) * 0.02)
+            base[name] = weight.to(torch.bfloat16).cpu()
+            tuned[name] = (weight + fine_tune_delta(shape, generator)).to(torch.bfloat16).cpu()
             weight_map[name] = shard
         save_file(base, base_dir / shard, metadata={"format": "pt"})
         save_file(tuned, tuned_dir / shard, metadata={"format": "pt"})
@@ -113,15 +122,6 @@ def write_pair(root: Path, layers: int) -> tuple[Path, Path]:
                  "weight_map": weight_map}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index))
     return base_dir, tuned_dir
-
-
-def read_all(directory: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                tensors[name] = f.get_tensor(name)
-    return tensors
 
 
 def io_floor(base_dir: Path, tuned_dir: Path) -> float:
@@ -135,16 +135,32 @@ def io_floor(base_dir: Path, tuned_dir: Path) -> float:
     return time.perf_counter() - started
 
 
-def svd_floor(base_dir: Path, tuned_dir: Path, k: int, factorised: set[str]) -> float:
-    """Seconds of ``truncated_svd`` over the factorised deltas alone, each already in memory."""
-    base, tuned = read_all(base_dir), read_all(tuned_dir)
-    seconds = 0.0
-    for name in sorted(factorised):
-        delta = tuned[name].float() - base[name].float()
+def floors(base_dir: Path, tuned_dir: Path, k: int, factorised: set[str], device: str) -> tuple[float, float]:
+    """Seconds of the two floors every delta tool pays, timed apart on ``device``, in this process.
+
+    The **delta floor**: reading every tensor pair and taking its float32 delta (what any tool
+    does before it can factor anything). The **SVD floor**: ``truncated_svd`` at rank ``k`` of
+    each factorised delta, already in memory. What a run costs beyond both is its overhead:
+    planning, hashing, encoding, error reports, writing and imports.
+    """
+    base, tuned = Checkpoint.open(base_dir), Checkpoint.open(tuned_dir)
+    delta_s = svd_s = 0.0
+    for name in tuned.tensors:
         started = time.perf_counter()
-        truncated_svd(delta, min(k, *delta.shape))
-        seconds += time.perf_counter() - started
-    return seconds
+        delta = tuned.load(name).to(device).float().sub_(base.load(name).to(device))
+        _synchronize(device)
+        delta_s += time.perf_counter() - started
+        if name in factorised:
+            started = time.perf_counter()
+            truncated_svd(delta, min(k, *delta.shape))
+            _synchronize(device)
+            svd_s += time.perf_counter() - started
+    return delta_s, svd_s
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def run_sampled(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
@@ -209,15 +225,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="osd-scale-", dir=args.scratch) as tmp:
         root = Path(tmp)
         started = time.perf_counter()
-        base_dir, tuned_dir = write_pair(root, args.layers)
+        base_dir, tuned_dir = write_pair(root, args.layers, args.device)
         pair_gb = sum(p.stat().st_size for p in (*base_dir.glob("*"), *tuned_dir.glob("*"))) / GB
         print(f"pair: {args.layers} Llama-2-7B-shaped layers, {pair_gb:.2f} GB bf16 for both checkpoints, "
               f"written in {time.perf_counter() - started:.0f} s; largest tensor pair {largest_pair:.0f} MiB",
               flush=True)
         io_floor(base_dir, tuned_dir)  # warm the page cache: every tool then reads from memory
         io_s = io_floor(base_dir, tuned_dir)
-        imports_s, _, _ = run_sampled([sys.executable, "-c", "import osd_cli.delta_commands, osd_core.compress, "
-                                       "transformers.models.llama.configuration_llama"])
+        imports_s, _, _ = run_sampled([sys.executable, "-c", "import osd_cli.delta_commands, osd_core.compress"])
         rows = []
         for method in methods:
             config = CompressionConfig(rank=args.rank) if method == "default" else \
@@ -231,10 +246,11 @@ def main() -> None:
             wall, rss, output = run_sampled(argv)
             layers = json.loads(output.strip().splitlines()[-1])["layers"]
             ours = {name for name, layer in layers.items() if layer["kind"] == "factored"}
-            svd_s = svd_floor(base_dir, tuned_dir, k, ours)
+            delta_s, svd_s = floors(base_dir, tuned_dir, k, ours, args.device)
             label = f"osd-fleet {method}" + (f" ({config.method}, {config.value_dtype})" if method == "default" else "")
-            rows.append((label, k, wall, rss, svd_s, sum(p.stat().st_size for p in out.rglob("*") if p.is_file())))
-            print(f"  {label}: {wall:.1f} s (k = {k}, SVD floor {svd_s:.1f} s)", flush=True)
+            rows.append((label, k, wall, rss, delta_s, svd_s,
+                         sum(p.stat().st_size for p in out.rglob("*") if p.is_file())))
+            print(f"  {label}: {wall:.1f} s (k = {k}; floors: delta {delta_s:.1f} s, SVD {svd_s:.1f} s)", flush=True)
         mergekit = None
         if not args.no_mergekit:
             command = mergekit_command()
@@ -243,22 +259,27 @@ def main() -> None:
                     "--out-path", str(out.resolve()), "--max-rank", str(args.rank)]
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
             wall, rss, _ = run_sampled(argv, env)
-            svd_s = svd_floor(base_dir, tuned_dir, args.rank, decoder_maps)
+            delta_s, svd_s = floors(base_dir, tuned_dir, args.rank, decoder_maps, "cpu")
             mergekit = wall
-            rows.append(("mergekit-extract-lora", args.rank, wall, rss, svd_s,
+            rows.append(("mergekit-extract-lora", args.rank, wall, rss, delta_s, svd_s,
                          sum(p.stat().st_size for p in out.rglob("*") if p.is_file())))
             print(f"  mergekit: {wall:.1f} s", flush=True)
     scale = FULL_LAYERS / args.layers
     print(f"\nI/O floor (reading both checkpoints once, warm): {io_s:.2f} s; osd-fleet's imports alone: "
           f"{imports_s:.1f} s\n")
-    print("| tool | k | wall s | s/GB | / I/O floor | / SVD floor | / mergekit | peak RSS MiB | / largest pair "
-          "| bytes out | 32 layers, s (extrapolated) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for label, k, wall, rss, svd_s, size in rows:
+    print("| tool | k | wall s | s/GB | / I/O floor | / SVD floor | overhead / SVD | / mergekit | peak RSS MiB "
+          "| / largest pair | bytes out | 32 layers, s (extrapolated) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, k, wall, rss, delta_s, svd_s, size in rows:
         versus = f"{wall / mergekit:.2f}" if mergekit else "–"
+        overhead = (wall - delta_s - svd_s) / svd_s
         print(f"| {label} | {k} | {wall:.1f} | {wall / pair_gb:.1f} | {wall / io_s:.0f} | {wall / svd_s:.2f} | "
-              f"{versus} | {rss:,.0f} | {rss / largest_pair:.1f} | {size:,} | {wall * scale:,.0f} |")
-    print(f"\n32-layer column: wall × {scale:g}, linear in layers (start-up, embeddings and head counted "
+              f"{overhead:.2f} | {versus} | {rss:,.0f} | {rss / largest_pair:.1f} | {size:,} | "
+              f"{wall * scale:,.0f} |")
+    print("\noverhead / SVD: (wall − delta floor − SVD floor) / SVD floor, where the delta floor is reading every "
+          "pair and taking its float32 delta; it counts start-up, planning, hashing, encoding, error reports and "
+          "writes")
+    print(f"32-layer column: wall × {scale:g}, linear in layers (start-up, embeddings and head counted "
           f"{scale:g} times: an overstatement)")
 
 

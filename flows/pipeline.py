@@ -418,15 +418,18 @@ class _Sweep:
             self._fail(t, exc)
             return None
         devices = ", ".join(sorted({result.device for result in results}))
+        nodes = len({result.node for result in results})
         seconds = sum(result.seconds for result in results)
         self.log.info(
-            "%s %s: committed %s (%d groups, %.1f s on %s)",
+            "%s %s: committed %s (%d groups, %.1f s on %s, %d Ray node%s)",
             self.model.name,
             t.variant.label,
             commit.uri,
             len(results),
             seconds,
             devices,
+            nodes,
+            "" if nodes == 1 else "s",
         )
         return commit
 

@@ -28,6 +28,7 @@ from .config import CompressionConfig
 from .errors import BudgetError, ConfigError
 from .factorize import compress_matrix
 from .finite import all_finite
+from .norms import squared_norm
 from .svd import truncated_svd
 
 # Candidate budgets as multiples of the uniform one: enough resolution to move bits, few enough
@@ -111,7 +112,7 @@ def measure_curve(
     the final compression at its own ``k`` uses) the measured damage can differ from the final
     one in the last digits, which ``bench/measuring_pass.py`` shows does not change the allocation.
     """
-    norm2 = float(torch.linalg.vector_norm(delta.float())) ** 2
+    norm2 = squared_norm(delta.float())
     options = [Option(0, norm2)]
     if norm2 == 0.0:
         return tuple(options)
@@ -130,7 +131,7 @@ def measure_curve(
         except BudgetError:
             continue  # too small to hold one entry per factor: not an option
         error = delta.float() - approx.delta().reshape(delta.shape).to(delta.device)
-        options.append(Option(budget, float(torch.linalg.vector_norm(error)) ** 2))
+        options.append(Option(budget, squared_norm(error)))
     return tuple(options)
 
 

@@ -33,7 +33,7 @@ from .budget import (
 )
 from .config import SEED_LIMIT, CompressionConfig
 from .errors import BudgetError, CheckpointError, ConfigError
-from .finite import all_finite, count_non_finite
+from .finite import all_finite, count_non_finite, is_zero
 from .layer import CompressedLayer, index_dtype, pack_bitmap
 from .svd import Factors, truncated_svd
 
@@ -82,7 +82,7 @@ def compress_matrix(
         delta = delta.to(device=device, dtype=torch.float32)
         if factors is None:  # given factors are of this delta, which was finite to be factored
             _require_finite(name, "delta", delta)
-        if not bool(delta.any()):
+        if is_zero(delta):
             return CompressedLayer(name, "zero", (n, d), budget_bits=budget)
         if config.method == "bitdelta":
             return _signs(name, delta, budget)

@@ -30,12 +30,16 @@ backbone class alone (no ``model.`` or ``bert.`` prefix) are matched with or wit
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.metadata
 import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from . import disk_cache
 from .errors import CheckpointError
 from .policy import OVERRIDES, ArchitecturePolicy, Role, is_expert_slice
 
@@ -74,11 +78,51 @@ def policy_for(config: Mapping[str, Any]) -> ArchitecturePolicy | DerivedPolicy:
 
 
 def derive_policy(config: Mapping[str, Any]) -> DerivedPolicy:
-    """The roles of the model ``config`` (a parsed ``config.json``) describes."""
-    return _derive(json.dumps(dict(config), sort_keys=True, default=str))
+    """The roles of the model ``config`` (a parsed ``config.json``) describes.
+
+    Kept on disk (``osd_core.disk_cache``), keyed by the configuration, the transformers version
+    and this module's code, so only the first run per architecture imports transformers: that
+    was about 4 s of every compression.
+    """
+    return _cached(json.dumps(dict(config), sort_keys=True, default=str))
 
 
 @functools.lru_cache(maxsize=16)
+def _cached(config_json: str) -> DerivedPolicy:
+    try:
+        version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        version = "absent"  # _derive's import then fails with transformers' own message
+    source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # this derivation's code: a change re-derives
+    key = hashlib.sha256(f"{source}\n{version}\n{config_json}".encode()).hexdigest()[:32]
+    record = disk_cache.load_record("roles", key)
+    if record is not None:
+        try:
+            return _from_record(record)
+        except (KeyError, TypeError, ValueError):
+            pass  # a record of another shape: derive it again and replace it
+    policy = _derive(config_json)
+    disk_cache.store_record("roles", key, _to_record(policy))
+    return policy
+
+
+def _to_record(policy: DerivedPolicy) -> dict[str, Any]:
+    return {"model_type": policy.model_type, "roles": {name: role.value for name, role in policy.roles.items()},
+            "prefix": policy.prefix, "transposed": sorted(policy.transposed), "output": policy.output,
+            "tied": dict(policy.tied), "expert_slices": list(policy.expert_slices)}
+
+
+def _from_record(record: dict[str, Any]) -> DerivedPolicy:
+    output = record["output"]
+    tied = record["tied"]
+    if not (isinstance(record["prefix"], str) and (output is None or isinstance(output, str))
+            and isinstance(tied, dict) and all(isinstance(x, str) for x in (*tied, *tied.values()))):
+        raise ValueError("malformed roles record")
+    return DerivedPolicy(str(record["model_type"]), {str(name): Role(role) for name, role in record["roles"].items()},
+                         record["prefix"], frozenset(map(str, record["transposed"])), output, tied,
+                         tuple(map(str, record["expert_slices"])))
+
+
 def _derive(config_json: str) -> DerivedPolicy:
     import torch
     import transformers

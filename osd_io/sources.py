@@ -27,6 +27,7 @@ import torch
 
 from osd_core.byte_source import HASH_CHUNK_BYTES, ByteSource, LocalDirectory, sha256_file
 from osd_core.checkpoint import Checkpoint
+from osd_core.disk_cache import cache_root
 from osd_core.errors import CheckpointError
 from osd_core.safetensors_io import TensorEntry, read_tensor
 from osd_io.storage import ObjectStore, open_store
@@ -198,11 +199,6 @@ def materialize(checkpoint: Checkpoint, sha256: str) -> Path:
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return target
-
-
-def cache_root() -> Path:
-    """``$OSD_FLEET_CACHE`` or ``~/.cache/osd-fleet`` (shared with the workloads cache)."""
-    return Path(os.environ.get("OSD_FLEET_CACHE") or Path.home() / ".cache" / "osd-fleet")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,10 @@ linear map must be factorised.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -241,3 +244,22 @@ def test_roles_come_from_the_module_tree_not_from_names(tmp_path):
     classifier = derive_policy({**llama, "architectures": ["LlamaForSequenceClassification"]})
     assert classifier.role("score.weight").value == "head"
     assert classifier.role("model.layers.1.mlp.down_proj.weight").value == "linear"
+
+
+def test_derived_roles_are_cached_so_a_known_architecture_plans_without_transformers(tmp_path, monkeypatch):
+    monkeypatch.setenv("OSD_FLEET_CACHE", str(tmp_path))
+    config = {**transformers.LlamaConfig(**SMALL, num_key_value_heads=2).to_dict(), "architectures": ["LlamaForCausalLM"]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    probe = ("import json, sys; from osd_core.roles import derive_policy; "
+             f"p = derive_policy(json.load(open({str(tmp_path / 'config.json')!r}))); "
+             "print(json.dumps([sorted((k, v.value) for k, v in p.roles.items()), p.output, 'transformers' in sys.modules]))")
+    env = {**os.environ, "OSD_FLEET_CACHE": str(tmp_path)}
+    first, second = (json.loads(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                               check=True).stdout) for _ in range(2))
+    assert first[2] and not second[2]  # the second process never imported transformers
+    assert first[:2] == second[:2] and ["lm_head.weight", "linear"] in first[0]
+    (record,) = (tmp_path / "roles").glob("*.json")
+    record.write_text('{"roles": 3}')  # a damaged record is derived again and replaced
+    third = json.loads(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                      check=True).stdout)
+    assert third[2] and third[:2] == first[:2] and json.loads(record.read_text())["output"] == "lm_head.weight"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from osd_core.finite import all_finite, count_non_finite
+from osd_core.finite import all_finite, count_non_finite, is_zero
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -34,3 +34,11 @@ def test_finite_values_whose_sum_overflows_are_finite() -> None:
 def test_integer_and_empty_tensors_are_finite() -> None:
     assert all_finite(torch.arange(10)) and all_finite(torch.empty(0))
     assert all_finite(torch.tensor([], dtype=torch.int8))
+
+
+def test_is_zero_needs_every_value_zero() -> None:
+    assert is_zero(torch.zeros(64, 32)) and is_zero(torch.tensor([-0.0, 0.0])) and is_zero(torch.empty(0))
+    for spoiler in (1e-30, -1e-30, float("nan"), float("inf")):
+        values = torch.zeros(64, 32)
+        values[63, 31] = spoiler
+        assert not is_zero(values)

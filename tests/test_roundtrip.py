@@ -199,3 +199,19 @@ def test_a_global_allocation_respends_the_uniform_total_where_it_cuts_more_error
     spent_globally = squared_error(tmp_path / "global")
     assert spent_globally < squared_error(tmp_path / "uniform")
     assert recorded["estimated_damage"] == pytest.approx(spent_globally, rel=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_checkpoint_compressed_on_the_gpu_matches_the_cpu(real_pair, tmp_path):
+    """The pair moves to the GPU as stored and its delta is taken there; the record comes back to the CPU."""
+    base, tuned = real_pair
+    config = CompressionConfig(rank=2)
+    on_cpu = compress_checkpoint(base, tuned, tmp_path / "cpu", config, device="cpu")
+    on_gpu = compress_checkpoint(base, tuned, tmp_path / "gpu", config, device="cuda")
+    assert [r.name for r in on_gpu.layers] == [r.name for r in on_cpu.layers]
+    for gpu, cpu in zip(on_gpu.layers, on_cpu.layers, strict=True):
+        assert (gpu.kind, gpu.bytes) == (cpu.kind, cpu.bytes)
+        assert gpu.rel_error == pytest.approx(cpu.rel_error, rel=1e-3, abs=1e-6)
+    reconstruct_checkpoint(base, tmp_path / "gpu", tmp_path / "restored")
+    assert Checkpoint.open(tmp_path / "restored").tensors.keys() == Checkpoint.open(tuned).tensors.keys()

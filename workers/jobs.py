@@ -72,7 +72,10 @@ class GroupJob:
 
 @dataclass(frozen=True)
 class GroupResult:
-    """What a worker wrote: payload file name, its sha256 and size, and its layers' manifest entries."""
+    """What a worker wrote: payload file name, its sha256 and size, and its layers' manifest entries.
+
+    ``node`` is the Ray node that ran it (empty outside Ray): where a cluster's work went.
+    """
 
     payload: str
     sha256: str
@@ -80,6 +83,7 @@ class GroupResult:
     layers: dict[str, LayerEntry]
     seconds: float
     device: str
+    node: str = ""
 
 
 @dataclass(frozen=True)

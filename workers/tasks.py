@@ -16,8 +16,10 @@ so a retry after a half-done attempt gives the delta an undisturbed run gives
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, TypeVar
 
+import ray
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
@@ -52,7 +54,8 @@ _NO_RESULTS: dict[str, Any] = dict(cache_policy=NO_CACHE, persist_result=False)
 
 @task(name="compress-group", task_run_name="compress {job.name}", **_IO_RETRIES, **_NO_RESULTS)
 def compress_group_task(job: GroupJob, calibration: str | None = None) -> GroupResult:
-    return compress_group(job, calibration)
+    result = compress_group(job, calibration)
+    return replace(result, node=ray.get_runtime_context().get_node_id()) if ray.is_initialized() else result
 
 
 @task(name="measure-group", task_run_name="measure {job.name}", **_IO_RETRIES, **_NO_RESULTS)

@@ -36,6 +36,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from osd_core import disk_cache
 from osd_core.outputs import remove_stale
 from workloads.data import DATASETS, Splits, load_splits, package_file
 from workloads.errors import MissingPackageError, WorkloadError, WorkloadNotBuiltError
@@ -102,13 +103,11 @@ class Workload(WorkloadFiles):
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
-    """``cache_dir``, else ``$OSD_FLEET_CACHE``, else ``~/.cache/osd-fleet``.
+    """``cache_dir``, else osd-fleet's cache root (``osd_core.disk_cache``).
 
     Workloads live in its ``workloads/`` subdirectory; other parts of osd-fleet share the root.
     """
-    if cache_dir is not None:
-        return Path(cache_dir)
-    return Path(os.environ.get("OSD_FLEET_CACHE") or Path.home() / ".cache" / "osd-fleet")
+    return Path(cache_dir) if cache_dir is not None else disk_cache.cache_root()
 
 
 class KeyedRecipe(Protocol):
