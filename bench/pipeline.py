@@ -1,15 +1,18 @@
 """What orchestration costs: the fleet flow against the same math in a plain loop, and 1 vs 2 workers.
 
-    python bench/pipeline.py [--workload tiny] [--ranks 1,2,4] [--methods truncsvd,magtruncsvd]
+    python bench/pipeline.py [--workload tiny] [--ranks 1,2,4] [--methods truncsvd,magtruncsvd] [--group-mib 32]
+    python bench/pipeline.py --scale-layers 2 --ranks 16 --methods truncsvd --group-mib 32,1024
 
 Compresses every variant (methods × budget ranks, uniform allocation, no evaluation) of one
-workload three ways, each into a fresh store:
+workload, or of ``bench/scale.py``'s Llama-2-7B-shaped pair at ``--scale-layers`` layers, three
+ways, each into a fresh store:
 
 - plain loop: ``osd_core.compress.compress_checkpoint`` per variant in this process, with one
   torch thread (what one Ray worker gets) and with all cores;
 - the ``compress_model`` flow on a local Ray with 1 CPU, then with 2 CPUs, each in a child
   process that joins this process's Prefect server. The first flow run in a fresh Ray is
-  "cold" (workers import torch and Prefect); the second, on a new store, is "warm".
+  "cold" (workers import torch and Prefect); the second, on a new store, is "warm". Each
+  ``--group-mib`` (the float32 size of one layer group, one Ray task) is run in turn.
 
 Prints a table of wall times, throughput and the ratio to the one-thread plain loop (for one
 worker, the orchestration overhead). On a shared machine multi-threaded torch can be slower
@@ -28,51 +31,74 @@ import tempfile
 import time
 from pathlib import Path
 
-from flows.fleet_config import ModelSpec, SweepSpec
+from flows.fleet_config import DEFAULT_GROUP_BYTES, ModelSpec, SweepSpec
 from osd_cli.arguments import comma_list
 
 CHILD_FLAG = "--child"
+MIB = 1 << 20
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", default="tiny")
+    parser.add_argument("--scale-layers", type=int, help="use bench/scale.py's pair with this many layers instead")
+    parser.add_argument("--pair", help=argparse.SUPPRESS)  # internal: BASE,FINETUNED directories
+    parser.add_argument("--group-mib", type=comma_list(float), default=(DEFAULT_GROUP_BYTES / MIB,))
     parser.add_argument("--ranks", type=comma_list(int), default=(1, 2, 4))
     parser.add_argument("--methods", type=comma_list(str), default=("truncsvd", "magtruncsvd"))
     parser.add_argument(CHILD_FLAG, type=int, help=argparse.SUPPRESS)  # internal: run the flow with this many CPUs
     parser.add_argument("--api-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sweep = SweepSpec(ranks=args.ranks, methods=args.methods)
-    model = workload_model(args.workload)
     if args.child is not None:
-        print(json.dumps(flow_timings(model, sweep, args.child, args.api_url)))
+        sweep = SweepSpec(ranks=args.ranks, methods=args.methods, group_mib=args.group_mib[0])
+        print(json.dumps(flow_timings(pair_model(args.pair), sweep, args.child, args.api_url)))
         return
+    with tempfile.TemporaryDirectory(prefix="osd-bench-pair-") as scratch:
+        if args.scale_layers:
+            from scale import write_pair  # bench/ is this script's directory
+
+            name, pair = f"scale-{args.scale_layers}", write_pair(Path(scratch), args.scale_layers)
+        else:
+            name, pair = args.workload, workload_pair(args.workload)
+        rows, sweep = measure(args, pair)
+    variants = len(sweep.variants())
+    print(f"\n{name}: {variants} variants ({', '.join(v.label for v in sweep.variants())})")
+    one_thread = rows[0][1]
+    print(f"{'setup':<52} {'wall s':>8} {'variants/s':>11} {'x plain, 1 thread':>18}")
+    for label, seconds in rows:
+        print(f"{label:<52} {seconds:>8.1f} {variants / seconds:>11.3f} {seconds / one_thread:>18.2f}")
+
+
+def measure(args: argparse.Namespace, pair: tuple[Path, Path]) -> tuple[list[tuple[str, float]], SweepSpec]:
+    """Wall seconds of the plain loop (1 thread, all cores) and of the flow per worker count and group size."""
     from flows.runtime import start_runtime, stop_runtime
 
+    sweep = SweepSpec(ranks=args.ranks, methods=args.methods)
+    model = pair_model(",".join(map(str, pair)))
     plain = {threads: plain_loop(model, sweep, threads) for threads in (1, os.cpu_count() or 1)}
+    rows = [(f"plain loop, {threads} torch thread(s)", seconds) for threads, seconds in plain.items()]
     runtime = start_runtime(home=Path(tempfile.mkdtemp(prefix="osd-bench-prefect-")), num_cpus=1)
     try:
-        flows = {cpus: child(args, cpus, runtime.api_url) for cpus in (1, 2)}
+        for group_mib in args.group_mib:
+            for cpus in (1, 2):
+                timing = child(args, pair, cpus, group_mib, runtime.api_url)
+                rows += [(f"flow, {cpus} Ray worker(s), {group_mib:g} MiB groups, {run}", timing[run])
+                         for run in ("cold", "warm")]
     finally:
         stop_runtime()
-    variants = len(sweep.variants())
-    rows = [(f"plain loop, {threads} torch thread(s)", seconds) for threads, seconds in plain.items()]
-    for cpus, timing in flows.items():
-        rows += [
-            (f"flow, {cpus} Ray worker(s), cold", timing["cold"]),
-            (f"flow, {cpus} Ray worker(s), warm", timing["warm"]),
-        ]
-    print(f"\n{args.workload}: {variants} variants ({', '.join(v.label for v in sweep.variants())})")
-    print(f"{'setup':<36} {'wall s':>8} {'variants/s':>11} {'x plain, 1 thread':>18}")
-    for label, seconds in rows:
-        print(f"{label:<36} {seconds:>8.1f} {variants / seconds:>11.3f} {seconds / plain[1]:>18.2f}")
+    return rows, sweep
 
 
-def workload_model(name: str) -> ModelSpec:
+def workload_pair(name: str) -> tuple[Path, Path]:
     from workloads import build_workload
 
     workload = build_workload(name, progress=False)
-    return ModelSpec(name, str(workload.base_dir), str(workload.finetuned_dir))
+    return workload.base_dir, workload.finetuned_dir
+
+
+def pair_model(pair: str) -> ModelSpec:
+    base, tuned = pair.split(",")
+    return ModelSpec("bench", base, tuned)
 
 
 def plain_loop(model: ModelSpec, sweep: SweepSpec, threads: int) -> float:
@@ -92,12 +118,15 @@ def plain_loop(model: ModelSpec, sweep: SweepSpec, threads: int) -> float:
         torch.set_num_threads(before)
 
 
-def child(args: argparse.Namespace, cpus: int, api_url: str) -> dict[str, float]:
+def child(args: argparse.Namespace, pair: tuple[Path, Path], cpus: int, group_mib: float, api_url: str
+          ) -> dict[str, float]:
     command = [
         sys.executable,
         __file__,
-        "--workload",
-        args.workload,
+        "--pair",
+        ",".join(map(str, pair)),
+        "--group-mib",
+        str(group_mib),
         "--ranks",
         ",".join(map(str, args.ranks)),
         "--methods",
@@ -107,7 +136,7 @@ def child(args: argparse.Namespace, cpus: int, api_url: str) -> dict[str, float]
         "--api-url",
         api_url,
     ]
-    print(f"flow with {cpus} Ray worker(s) ...", file=sys.stderr, flush=True)
+    print(f"flow with {cpus} Ray worker(s), {group_mib:g} MiB groups ...", file=sys.stderr, flush=True)
     done = subprocess.run(command, check=True, capture_output=True, text=True, env=dict(os.environ))
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -135,6 +137,22 @@ class Checkpoint:
             and not name.startswith(".")
             and size <= SIDE_FILE_LIMIT
         ]
+
+
+def hash_identities(*checkpoints: Checkpoint, spare_cores: int = 2) -> list[Future[dict[str, str]]]:
+    """Each checkpoint's :meth:`Checkpoint.identity`, computed on threads while the caller works on.
+
+    SHA-256 runs at about 1 GB/s a core: 2 × 13.5 GB of a 7B pair would be 25 s in line, most of a
+    GPU run's minute. On threads (hashlib releases the GIL) it is off the critical path wherever a
+    core is free; ``spare_cores`` are left to the caller's own work (0 for a caller that only waits).
+    On 2 cores, hashing beside compression measured no slower than hashing inside the reads.
+    """
+    workers = min(len(checkpoints), max(1, (os.cpu_count() or 1) - spare_cores))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="osd-hash")
+    try:
+        return [pool.submit(checkpoint.identity) for checkpoint in checkpoints]
+    finally:
+        pool.shutdown(wait=False)
 
 
 def side_files(base: Checkpoint, finetuned: Checkpoint) -> dict[str, bytes]:

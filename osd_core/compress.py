@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from .allocate import Allocation, layer_config, measure_curve, spend_globally
 from .artifact import DeltaWriter
 from .budget import layer_budget
 from .calibration_data import INPUT_COV, OUTPUT_FISHER, ROW_WEIGHT, GradientFile
-from .checkpoint import Checkpoint, side_files
+from .checkpoint import Checkpoint, hash_identities, side_files
 from .config import ALLOCATIONS, CompressionConfig
 from .errors import CheckpointError, ConfigError, MissingTensorError
 from .factorize import compress_matrix
@@ -170,7 +168,7 @@ def compress_checkpoint(
     base, finetuned = Checkpoint.open(base_dir), Checkpoint.open(finetuned_dir)
     plans = plan_pair(base, finetuned, config)
     writer = DeltaWriter(out_dir, overwrite=overwrite, inputs=(base_dir, finetuned_dir))  # refuses a bad out now
-    identities = _hash_in_background(base, finetuned)
+    identities = hash_identities(base, finetuned)
     run_on = resolve_device(device)
     budgets: dict[str, int] = {}
     if allocation == "global":
@@ -226,21 +224,6 @@ def compress_checkpoint(
         unknown=unknown,
         layers=tuple(reports),
     )
-
-
-def _hash_in_background(*checkpoints: Checkpoint) -> list[Future[dict[str, str]]]:
-    """Each checkpoint's identity, hashed on threads while compression runs.
-
-    SHA-256 runs at about 1 GB/s a core: 2 × 13.5 GB of a 7B pair would be 25 s in line, most of a
-    GPU run's minute. On threads it is off the critical path wherever a core is free (hashlib
-    releases the GIL); on 2 cores it measured no slower than hashing inside the reads.
-    """
-    workers = min(len(checkpoints), max(1, (os.cpu_count() or 1) - 2))
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="osd-hash")
-    try:
-        return [pool.submit(checkpoint.identity) for checkpoint in checkpoints]
-    finally:
-        pool.shutdown(wait=False)
 
 
 def uniform_budgets(plans: Sequence[LayerPlan], config: CompressionConfig) -> dict[str, int]:

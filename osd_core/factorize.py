@@ -14,6 +14,7 @@ truncated SVD, top-s masks), so they differ only where the methods differ:
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from .budget import (
 )
 from .config import SEED_LIMIT, CompressionConfig
 from .errors import BudgetError, CheckpointError, ConfigError
-from .finite import all_finite, count_non_finite, is_zero
+from .finite import all_finite, count_non_finite, value_range
 from .layer import CompressedLayer, index_dtype, pack_bitmap
 from .svd import Factors, truncated_svd
 
@@ -61,8 +62,7 @@ def compress_matrix(
     Work runs on ``device`` (a GPU
     when available); the record is returned on the CPU. ``factors``, a truncated SVD of this
     ``delta`` at rank ``>= k`` (not whitened), is sliced instead of factoring again: a measuring
-    pass that tries several budgets of one layer pays for one SVD, not one per budget (nor one
-    finiteness check per budget: a delta that was factored was finite).
+    pass that tries several budgets of one layer pays for one SVD, not one per budget.
     """
     if delta.ndim != 2:
         raise ConfigError(f"{name}: only 2-D matrices are factorised, got shape {tuple(delta.shape)}")
@@ -80,9 +80,10 @@ def compress_matrix(
         )
     with torch.no_grad():
         delta = delta.to(device=device, dtype=torch.float32)
-        if factors is None:  # given factors are of this delta, which was finite to be factored
+        low, high = value_range(delta)  # one pass answers both questions
+        if not (math.isfinite(low) and math.isfinite(high)):
             _require_finite(name, "delta", delta)
-        if is_zero(delta):
+        if low == 0.0 and high == 0.0:
             return CompressedLayer(name, "zero", (n, d), budget_bits=budget)
         if config.method == "bitdelta":
             return _signs(name, delta, budget)

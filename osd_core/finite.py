@@ -13,7 +13,7 @@ import math
 
 import torch
 
-__all__ = ["all_finite", "count_non_finite", "is_zero"]
+__all__ = ["all_finite", "count_non_finite", "is_zero", "value_range"]
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -28,9 +28,17 @@ def count_non_finite(tensor: torch.Tensor) -> int:
     return int((~torch.isfinite(tensor)).sum())
 
 
+def value_range(tensor: torch.Tensor) -> tuple[float, float]:
+    """The smallest and largest value in one pass ((0, 0) when empty); NaN anywhere makes both NaN.
+
+    So one pass tells a zero delta (both 0) and a non-finite one (either not finite) apart.
+    """
+    if tensor.numel() == 0:
+        return 0.0, 0.0
+    low, high = torch.aminmax(tensor)
+    return float(low), float(high)
+
+
 def is_zero(tensor: torch.Tensor) -> bool:
     """Whether every value is zero (true of an empty tensor): one min/max pass, 3× faster than ``any()``."""
-    if tensor.numel() == 0:
-        return True
-    low, high = torch.aminmax(tensor)
-    return bool(low == 0) and bool(high == 0)
+    return value_range(tensor) == (0.0, 0.0)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from osd_core.byte_source import HASH_CHUNK_BYTES, ByteSource, LocalDirectory, sha256_file
-from osd_core.checkpoint import Checkpoint
+from osd_core.checkpoint import Checkpoint, hash_identities
 from osd_core.disk_cache import cache_root
 from osd_core.errors import CheckpointError
 from osd_core.safetensors_io import TensorEntry, read_tensor
@@ -213,4 +213,5 @@ class PairLayout:
     @classmethod
     def read(cls, base_uri: str, finetuned_uri: str) -> PairLayout:
         base, finetuned = open_checkpoint(base_uri), open_checkpoint(finetuned_uri)
-        return cls(base, finetuned, base.identity(), finetuned.identity())
+        base_identity, finetuned_identity = (future.result() for future in hash_identities(base, finetuned, spare_cores=0))
+        return cls(base, finetuned, base_identity, finetuned_identity)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from osd_core.finite import all_finite, count_non_finite, is_zero
+from osd_core.finite import all_finite, count_non_finite, is_zero, value_range
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -42,3 +44,11 @@ def test_is_zero_needs_every_value_zero() -> None:
         values = torch.zeros(64, 32)
         values[63, 31] = spoiler
         assert not is_zero(values)
+
+
+def test_value_range_flags_non_finite_values_and_zero_tensors() -> None:
+    assert value_range(torch.empty(0)) == (0.0, 0.0) and value_range(torch.zeros(5)) == (0.0, 0.0)
+    assert value_range(torch.tensor([3.0, -2.0, 1.0])) == (-2.0, 3.0)
+    low, high = value_range(torch.tensor([1.0, float("nan"), -2.0]))
+    assert math.isnan(low) and math.isnan(high)
+    assert value_range(torch.tensor([1.0, float("-inf")])) == (float("-inf"), 1.0)
