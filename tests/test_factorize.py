@@ -8,7 +8,7 @@ import torch
 from osd_core.budget import Encoding, factored_bits, layer_budget, sparse_bits
 from osd_core.config import CompressionConfig
 from osd_core.errors import ArtifactError, BudgetError, CheckpointError, ConfigError
-from osd_core.factorize import compress_matrix, proportional_counts, taylor_scores
+from osd_core.factorize import _top, compress_matrix, proportional_counts, taylor_scores
 from osd_core.layer import CompressedLayer
 
 METHODS = ["truncsvd", "magtruncsvd", "osd", "sparse"]
@@ -419,3 +419,14 @@ def test_bitdelta_stores_one_bit_per_entry_and_the_mean_magnitude():
     assert torch.allclose(layer.delta(), expected)
     with pytest.raises(ArtifactError, match="a sign layer of shape \\[600, 40\\] needs a uint8 'bitmap' of 3000"):
         CompressedLayer("w", "sign", (600, 40), {**layer.tensors, "bitmap": layer.tensors["bitmap"][:-1]})
+
+
+@pytest.mark.parametrize("values", ["distinct", "ties"])
+def test_top_keeps_what_a_stable_descending_sort_keeps(values):
+    """The selection must keep exactly the sort's positions: the stored masks, and so the bytes, depend on it."""
+    g = torch.Generator().manual_seed(5)
+    score = torch.rand(300, 7, generator=g) if values == "distinct" else \
+        torch.randint(0, 4, (300, 7), generator=g).float()
+    for count in (0, 1, 2, 50, 1049, 2099, 2100, 2500):
+        expected = torch.argsort(score.reshape(-1), descending=True, stable=True)[:count].sort().values
+        assert torch.equal(_top(score, count), expected), count
