@@ -276,9 +276,9 @@ def compress_tensor(
 
     The unit of work both the single-process path and the fleet's workers run. ``where`` names
     the fine-tune and base locations in error messages. On a GPU a factorised pair moves there as
-    stored (bf16: half the bytes of its float32 delta) and the delta is taken there. A float32 ``tuned`` is overwritten with
-    the delta (``tensor_delta``). Rows a vocabulary-resized fine-tune appended are stored whole
-    beside the compressed delta of the rows both share.
+    stored (bf16: half the bytes of its float32 delta) and the delta is taken there. A float32
+    ``tuned`` is overwritten with the delta (``tensor_delta``). Rows a vocabulary-resized
+    fine-tune appended are stored whole beside the compressed delta of the rows both share.
     """
     if plan.action == "replace":
         _require_finite(where[0], plan.name, tuned)
@@ -378,7 +378,8 @@ def relative_error(delta: torch.Tensor, layer: CompressedLayer) -> float:
 
 
 # Relative errors below 0.1 (squared: 0.01) are summed exactly. Above it, float32 rounding in ΔV
-# (about 1e-6 of ‖Δ‖² for d in the thousands) moves the expansion's answer by about 1e-4 of itself.
+# is at most about 1e-6 of ‖Δ‖² for d in the thousands: measured within 1e-7 of a float64
+# reference at errors of 0.44–0.99 on 7B shapes (tests/test_norms.py checks 1e-6 on smaller ones).
 EXPANSION_FLOOR = 1e-2
 ERROR_BLOCK_ROWS = 4096
 

@@ -93,13 +93,13 @@ def _cached(config_json: str) -> DerivedPolicy:
         version = importlib.metadata.version("transformers")
     except importlib.metadata.PackageNotFoundError:
         version = "absent"  # _derive's import then fails with transformers' own message
-    source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # this derivation's code: a change re-derives
+    source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # a change to this code re-derives
     key = hashlib.sha256(f"{source}\n{version}\n{config_json}".encode()).hexdigest()[:32]
     record = disk_cache.load_record("roles", key)
     if record is not None:
         try:
             return _from_record(record)
-        except (KeyError, TypeError, ValueError):
+        except (AttributeError, KeyError, TypeError, ValueError):
             pass  # a record of another shape: derive it again and replace it
     policy = _derive(config_json)
     disk_cache.store_record("roles", key, _to_record(policy))

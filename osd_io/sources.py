@@ -213,5 +213,6 @@ class PairLayout:
     @classmethod
     def read(cls, base_uri: str, finetuned_uri: str) -> PairLayout:
         base, finetuned = open_checkpoint(base_uri), open_checkpoint(finetuned_uri)
-        base_identity, finetuned_identity = (future.result() for future in hash_identities(base, finetuned, spare_cores=0))
+        hashing = hash_identities(base, finetuned, spare_cores=0)  # the caller waits: both at once
+        base_identity, finetuned_identity = (future.result() for future in hashing)
         return cls(base, finetuned, base_identity, finetuned_identity)

@@ -248,11 +248,13 @@ def test_roles_come_from_the_module_tree_not_from_names(tmp_path):
 
 def test_derived_roles_are_cached_so_a_known_architecture_plans_without_transformers(tmp_path, monkeypatch):
     monkeypatch.setenv("OSD_FLEET_CACHE", str(tmp_path))
-    config = {**transformers.LlamaConfig(**SMALL, num_key_value_heads=2).to_dict(), "architectures": ["LlamaForCausalLM"]}
+    config = {**transformers.LlamaConfig(**SMALL, num_key_value_heads=2).to_dict(),
+              "architectures": ["LlamaForCausalLM"]}
     (tmp_path / "config.json").write_text(json.dumps(config))
     probe = ("import json, sys; from osd_core.roles import derive_policy; "
              f"p = derive_policy(json.load(open({str(tmp_path / 'config.json')!r}))); "
-             "print(json.dumps([sorted((k, v.value) for k, v in p.roles.items()), p.output, 'transformers' in sys.modules]))")
+             "print(json.dumps([sorted((k, v.value) for k, v in p.roles.items()), p.output, "
+             "'transformers' in sys.modules]))")
     env = {**os.environ, "OSD_FLEET_CACHE": str(tmp_path)}
     first, second = (json.loads(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                                                check=True).stdout) for _ in range(2))

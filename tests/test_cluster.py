@@ -45,8 +45,9 @@ def two_nodes(tmp_path: Path) -> Iterator[str]:
                            ("second", [f"--address={address}", f"--resources={json.dumps({SECOND: 1})}"])):
             env = {**os.environ, "OSD_FLEET_CACHE": str(tmp_path / f"cache-{role}"), "RAY_USAGE_STATS_ENABLED": "0"}
             log = (tmp_path / f"ray-{role}.log").open("wb")
-            nodes.append(subprocess.Popen([str(RAY), "start", "--block", "--num-cpus=1", "--disable-usage-stats", *args],
-                                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            command = [str(RAY), "start", "--block", "--num-cpus=1", "--disable-usage-stats", *args]
+            nodes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
             wait_for_nodes(address, len(nodes), tmp_path / f"ray-{role}.log")
         yield address
     finally:
@@ -88,7 +89,8 @@ def test_layer_groups_run_on_both_nodes_and_meet_only_in_s3(synthetic_pair, s3_s
         child = subprocess.run(
             [sys.executable, "-m", "tests.two_node_flow", address, str(tmp_path / "prefect"), base_uri, tuned_uri,
              store_uri, str(SMALL_GROUPS)],
-            capture_output=True, text=True, timeout=600, env={**os.environ, "OSD_FLEET_CACHE": str(tmp_path / "driver")},
+            capture_output=True, text=True, timeout=600,
+            env={**os.environ, "OSD_FLEET_CACHE": str(tmp_path / "driver")},
         )
     assert child.returncode == 0, child.stderr[-4000:]
     result = json.loads(child.stdout.strip().splitlines()[-1])
