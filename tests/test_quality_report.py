@@ -9,6 +9,9 @@ import pytest
 _SPEC = importlib.util.spec_from_file_location("quality", Path(__file__).parents[1] / "bench" / "quality.py")
 quality = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(quality)
+_SPEC = importlib.util.spec_from_file_location("league", Path(__file__).parents[1] / "bench" / "league.py")
+league = importlib.util.module_from_spec(_SPEC)  # it puts bench/ on the path to import quality, as when run
+_SPEC.loader.exec_module(league)
 
 
 def test_paired_difference_is_the_accuracy_gap_with_an_interval_around_it():
@@ -41,3 +44,22 @@ def test_report_tables_each_variant_and_its_difference_from_the_reference(tmp_pa
     # two rows of one variant at one r (c swept, or a rerun appended): no pairing is guessed
     path.write_text(path.read_text() + json.dumps({**rows[1], "c": 5}) + "\n")
     assert "| osd-taylor-int8 | – |" in quality.report(path)
+
+
+def test_league_pairs_each_peer_with_the_best_default_point_at_no_more_bytes(tmp_path):
+    common = {"workload": "w", "split": "eval", "n": 100, "full_accuracy": 0.9,
+              "delta_fp16_bytes": 4_000_000, "delta_fp16_zstd_bytes": 3_000_000}
+    def point(variant: str, r: float, size: int, right: int) -> dict:
+        return {**common, "variant": variant, "r": r, "bytes": size, "accuracy": right / 100,
+                "correct": "1" * right + "0" * (100 - right)}
+
+    rows = [point("magtruncsvd-int8", 1, 10_000, 80), point("magtruncsvd-int8", 4, 40_000, 85),
+            point("dare-int8", 4, 30_000, 60), point("bitdelta", 1, 5_000, 70)]
+    text = league.table(rows)
+    assert "| zstd -19 of the fp16 delta (lossless) | – | 3,000,000 | 1/1.33 |" in text
+    dare = next(line for line in text.splitlines() if line.startswith("| dare-int8 |"))
+    assert "r = 1 (10 KB): +20.00 [" in dare and dare.endswith("default ahead |")  # not the r = 4 point: more bytes
+    bitdelta = next(line for line in text.splitlines() if line.startswith("| bitdelta |"))
+    assert "no default point this small (smallest: 10 KB)" in bitdelta
+    (png,) = league.plot(rows, tmp_path)
+    assert png.name == "league-w-eval.png" and png.read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,121 @@
+"""The league table: every peer method's accuracy against real bytes, beside the default's front.
+
+    python bench/quality.py --workloads l6-rt --split eval --ranks 0.25,1,4,16 \\
+        --variants magtruncsvd-int8,dare-int8,sparse-int8,impart-int8,bitdelta,truncsvd \\
+        --results bench/results/league-l6-rt-eval.jsonl
+    python bench/league.py bench/results/league-l6-rt-eval.jsonl [--plot-dir docs/league]
+
+Reads the rows ``bench/quality.py`` wrote (one per variant and budget, with per-row outcomes) and
+prints, per workload and split:
+
+* every point: variant, r, real bytes on disk, the fraction of the fp16 dense delta, accuracy;
+* the lossless reference, zstd -19 of the fp16 delta, as a bytes-only row;
+* each peer point paired with the default's best point at equal or fewer bytes: the accuracy
+  difference (default − peer) on the same rows with its 95% paired-bootstrap interval. A peer
+  point smaller than every default point is said to be so, not paired with a larger one.
+
+With ``--plot-dir`` it also draws accuracy against bytes (log scale), one PNG per workload and
+split, with the default's front as a line. Nothing is chosen here: the table only compares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality import paired_difference  # noqa: E402 - bench/ is this script's directory
+
+DEFAULT = "magtruncsvd-int8"
+
+
+def load_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    rows = []
+    for path in paths:
+        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows
+
+
+def pair_with_default(peer: dict[str, Any], defaults: list[dict[str, Any]]) -> str:
+    """The default's best point at no more bytes than ``peer``, and the paired difference."""
+    within = [d for d in defaults if d["bytes"] <= peer["bytes"]]
+    if not within:
+        smallest = min(defaults, key=lambda d: d["bytes"], default=None)
+        return "no default point this small" + (f" (smallest: {smallest['bytes'] / 1e3:,.0f} KB)" if smallest else "")
+    chosen = max(within, key=lambda d: (d["accuracy"], -d["bytes"]))
+    mean, low, high = paired_difference(chosen["correct"], peer["correct"])
+    verdict = "default ahead" if low > 0 else "peer ahead" if high < 0 else "tie"
+    return (f"r = {chosen['r']} ({chosen['bytes'] / 1e3:,.0f} KB): {100 * mean:+.2f} [{100 * low:+.2f}, "
+            f"{100 * high:+.2f}] points, {verdict}")
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    out = []
+    for workload, split in dict.fromkeys((r["workload"], r["split"]) for r in rows):
+        group = [r for r in rows if (r["workload"], r["split"]) == (workload, split)]
+        first = group[0]
+        dense, zstd = first["delta_fp16_bytes"], first["delta_fp16_zstd_bytes"]
+        defaults = [r for r in group if r["variant"] == DEFAULT]
+        out += [f"**{workload}**, {split} split ({first['n']:,} rows), full fine-tune {first['full_accuracy']:.4f}; "
+                f"fp16 dense delta {dense / 1e6:.1f} MB", "",
+                "| variant | r | bytes | of fp16 delta | accuracy | of full | against the default at ≤ bytes |",
+                "|---|---:|---:|---:|---:|---:|---|",
+                f"| zstd -19 of the fp16 delta (lossless) | – | {zstd:,} | 1/{dense / zstd:.2f} | "
+                f"{first['full_accuracy']:.4f} | 100.0% | bytes only |"]
+        for row in sorted(group, key=lambda r: (r["variant"] != DEFAULT, r["variant"], r["bytes"])):
+            against = "–" if row["variant"] == DEFAULT else pair_with_default(row, defaults)
+            out.append(f"| {row['variant']} | {row['r']} | {row['bytes']:,} | 1/{dense / row['bytes']:,.0f} | "
+                       f"{row['accuracy']:.4f} | {row['accuracy'] / row['full_accuracy']:.1%} | {against} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict[str, Any]], directory: Path) -> list[Path]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for workload, split in dict.fromkeys((r["workload"], r["split"]) for r in rows):
+        group = [r for r in rows if (r["workload"], r["split"]) == (workload, split)]
+        figure = Figure(figsize=(7, 4.5))
+        FigureCanvasAgg(figure)
+        axes = figure.add_subplot()
+        for variant in dict.fromkeys(r["variant"] for r in group):
+            points = sorted((r for r in group if r["variant"] == variant), key=lambda r: r["bytes"])
+            style = "-o" if variant == DEFAULT else "o"
+            axes.plot([p["bytes"] for p in points], [p["accuracy"] for p in points], style, label=variant)
+        first = group[0]
+        axes.axhline(first["full_accuracy"], color="grey", linestyle=":", label="full fine-tune")
+        axes.axvline(first["delta_fp16_zstd_bytes"], color="grey", linestyle="--", label="zstd fp16 delta")
+        axes.set_xscale("log")
+        axes.set_xlabel("bytes on disk")
+        axes.set_ylabel(f"accuracy ({split})")
+        axes.set_title(f"{workload}: accuracy against bytes")
+        axes.legend(fontsize="small")
+        path = directory / f"league-{workload}-{split}.png"
+        figure.savefig(path, dpi=110, bbox_inches="tight")
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, nargs="+", help="JSONL rows from bench/quality.py")
+    parser.add_argument("--plot-dir", type=Path, help="write one accuracy-against-bytes PNG per workload here")
+    args = parser.parse_args(argv)
+    rows = load_rows(args.results)
+    print(table(rows))
+    if args.plot_dir:
+        for path in plot(rows, args.plot_dir):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
