@@ -12,7 +12,9 @@ prints, per workload and split:
 * the lossless reference, zstd -19 of the fp16 delta, as a bytes-only row;
 * each peer point paired with the default's best point at equal or fewer bytes: the accuracy
   difference (default − peer) on the same rows with its 95% paired-bootstrap interval. A peer
-  point smaller than every default point is said to be so, not paired with a larger one.
+  point smaller than every default point is said to be so, not paired with a larger one;
+* the same difference against the default's point nearest in bytes, either side, with the size
+  ratio: a peer a few bytes smaller than a default point is otherwise paired with a far smaller one.
 
 With ``--plot-dir`` it also draws accuracy against bytes (log scale), one PNG per workload and
 split, with the default's front as a line. Nothing is chosen here: the table only compares.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,10 +50,22 @@ def pair_with_default(peer: dict[str, Any], defaults: list[dict[str, Any]]) -> s
     if not within:
         smallest = min(defaults, key=lambda d: d["bytes"], default=None)
         return "no default point this small" + (f" (smallest: {smallest['bytes'] / 1e3:,.0f} KB)" if smallest else "")
-    chosen = max(within, key=lambda d: (d["accuracy"], -d["bytes"]))
-    mean, low, high = paired_difference(chosen["correct"], peer["correct"])
+    return difference(max(within, key=lambda d: (d["accuracy"], -d["bytes"])), peer)
+
+
+def nearest_default(peer: dict[str, Any], defaults: list[dict[str, Any]]) -> str:
+    """The default's point nearest ``peer`` in bytes (by ratio), whichever side: sizes a few bytes
+    apart would otherwise pair a peer with a default point a quarter its size."""
+    if not defaults:
+        return "–"
+    chosen = min(defaults, key=lambda d: abs(math.log(d["bytes"] / peer["bytes"])))
+    return f"{chosen['bytes'] / peer['bytes']:.2f}× the bytes: " + difference(chosen, peer)
+
+
+def difference(default: dict[str, Any], peer: dict[str, Any]) -> str:
+    mean, low, high = paired_difference(default["correct"], peer["correct"])
     verdict = "default ahead" if low > 0 else "peer ahead" if high < 0 else "tie"
-    return (f"r = {chosen['r']} ({chosen['bytes'] / 1e3:,.0f} KB): {100 * mean:+.2f} [{100 * low:+.2f}, "
+    return (f"r = {default['r']} ({default['bytes'] / 1e3:,.0f} KB): {100 * mean:+.2f} [{100 * low:+.2f}, "
             f"{100 * high:+.2f}] points, {verdict}")
 
 
@@ -63,14 +78,17 @@ def table(rows: list[dict[str, Any]]) -> str:
         defaults = [r for r in group if r["variant"] == DEFAULT]
         out += [f"**{workload}**, {split} split ({first['n']:,} rows), full fine-tune {first['full_accuracy']:.4f}; "
                 f"fp16 dense delta {dense / 1e6:.1f} MB", "",
-                "| variant | r | bytes | of fp16 delta | accuracy | of full | against the default at ≤ bytes |",
-                "|---|---:|---:|---:|---:|---:|---|",
+                "| variant | r | bytes | of fp16 delta | accuracy | of full | the default at ≤ bytes "
+                "| the default nearest in bytes |",
+                "|---|---:|---:|---:|---:|---:|---|---|",
                 f"| zstd -19 of the fp16 delta (lossless) | – | {zstd:,} | 1/{dense / zstd:.2f} | "
-                f"{first['full_accuracy']:.4f} | 100.0% | bytes only |"]
+                f"{first['full_accuracy']:.4f} | 100.0% | bytes only | |"]
         for row in sorted(group, key=lambda r: (r["variant"] != DEFAULT, r["variant"], r["bytes"])):
-            against = "–" if row["variant"] == DEFAULT else pair_with_default(row, defaults)
+            peer = row["variant"] != DEFAULT
+            against = pair_with_default(row, defaults) if peer else "–"
+            near = nearest_default(row, defaults) if peer else "–"
             out.append(f"| {row['variant']} | {row['r']} | {row['bytes']:,} | 1/{dense / row['bytes']:,.0f} | "
-                       f"{row['accuracy']:.4f} | {row['accuracy'] / row['full_accuracy']:.1%} | {against} |")
+                       f"{row['accuracy']:.4f} | {row['accuracy'] / row['full_accuracy']:.1%} | {against} | {near} |")
         out.append("")
     return "\n".join(out)
 
