@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from osd_core.compress import compress_checkpoint
 from osd_core.config import CompressionConfig
 from osd_io.artifacts import download_delta
 from osd_io.storage import open_store
+from tests.processes import stop_group
 from tests.test_pipeline import SMALL_GROUPS, assert_same_layers, upload
 
 RAY = Path(sys.executable).with_name("ray")
@@ -52,12 +52,7 @@ def two_nodes(tmp_path: Path) -> Iterator[str]:
         yield address
     finally:
         for node in reversed(nodes):
-            os.killpg(node.pid, signal.SIGTERM)
-            try:
-                node.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(node.pid, signal.SIGKILL)
-                node.wait()
+            stop_group(node, timeout=30)
 
 
 @contextmanager

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from osd_core.errors import CheckpointError, ConfigError
 from osd_io.catalog import Catalog
 from osd_io.storage import open_store
 from tests.conftest import write_bert_like
+from tests.processes import stop_group
 from tests.test_pipeline import fleet_runtime, published_report, upload  # noqa: F401 - the session's server and Ray
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
@@ -285,12 +285,7 @@ def test_a_notified_checkpoint_is_compressed_by_osd_fleet_serve(fleet_runtime, s
         assert [(r["status"], r["new"], r["uri"]) for r in table] == [("ok", True, row.uri)]
         assert "has a measured accuracy" in plot  # no eval data given: no plot, and the report says why
     finally:
-        os.killpg(served.pid, signal.SIGTERM)
-        try:
-            served.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(served.pid, signal.SIGKILL)
-            served.wait()
+        stop_group(served, timeout=20)
         with get_client(sync_client=True) as client:
             for name in names:
                 with contextlib.suppress(ObjectNotFound):
