@@ -43,7 +43,7 @@ def two_nodes(tmp_path: Path) -> Iterator[str]:
     try:
         for role, args in (("head", ["--head", f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=false"]),
                            ("second", [f"--address={address}", f"--resources={json.dumps({SECOND: 1})}"])):
-            env = {**os.environ, "OSD_FLEET_CACHE": str(tmp_path / f"cache-{role}"), "RAY_USAGE_STATS_ENABLED": "0"}
+            env = {**ray_free_environment(), "OSD_FLEET_CACHE": str(tmp_path / f"cache-{role}")}
             log = (tmp_path / f"ray-{role}.log").open("wb")
             command = [str(RAY), "start", "--block", "--num-cpus=1", "--disable-usage-stats", *args]
             nodes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -53,6 +53,19 @@ def two_nodes(tmp_path: Path) -> Iterator[str]:
     finally:
         for node in reversed(nodes):
             stop_group(node, timeout=30)
+
+
+def ray_free_environment() -> dict[str, str]:
+    """This process's environment with its Ray settings replaced by the cluster's own.
+
+    The suite's Ray leaves ``RAY_AUTH_MODE`` and more in this process's environment, and Ray 2.60's
+    defaults differ by side (a head enables token auth, a client does not), so every node,
+    ``ray status`` and the driver get one explicit mode. This loopback-only cluster runs without
+    tokens; joining a token cluster by address is covered by ``test_operations`` and
+    ``infra/local-stack.sh``.
+    """
+    kept = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    return {**kept, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
 @contextmanager
@@ -68,11 +81,13 @@ def wait_for_nodes(address: str, count: int, log: Path, timeout: float = 120.0) 
     """Until ``ray status`` lists ``count`` live nodes (each ``ray start`` returns before its node is up)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = subprocess.run([str(RAY), "status", f"--address={address}"], capture_output=True, text=True)
+        status = subprocess.run([str(RAY), "status", f"--address={address}"], capture_output=True, text=True,
+                                env=ray_free_environment())
         if status.returncode == 0 and status.stdout.count(" node_") >= count:
             return
         time.sleep(1)
-    pytest.fail(f"Ray node {count} did not come up in {timeout:.0f} s; see {log}")
+    pytest.fail(f"Ray node {count} did not come up in {timeout:.0f} s; see {log}; `ray status` said "
+                f"({status.returncode}): {(status.stdout + status.stderr)[-1500:]}")
 
 
 def test_layer_groups_run_on_both_nodes_and_meet_only_in_s3(synthetic_pair, s3_server, tmp_path):
@@ -85,7 +100,7 @@ def test_layer_groups_run_on_both_nodes_and_meet_only_in_s3(synthetic_pair, s3_s
             [sys.executable, "-m", "tests.two_node_flow", address, str(tmp_path / "prefect"), base_uri, tuned_uri,
              store_uri, str(SMALL_GROUPS)],
             capture_output=True, text=True, timeout=600,
-            env={**os.environ, "OSD_FLEET_CACHE": str(tmp_path / "driver")},
+            env={**ray_free_environment(), "OSD_FLEET_CACHE": str(tmp_path / "driver")},
         )
     assert child.returncode == 0, child.stderr[-4000:]
     result = json.loads(child.stdout.strip().splitlines()[-1])
