@@ -41,8 +41,10 @@ from osd_core.reconstruct import reconstruct_checkpoint  # noqa: E402
 
 # Named variants: the baselines, the paper's OSD as we read it, and the measured alternatives. Every
 # variant names its encoding, so changing the library's defaults never changes what a name measures.
-PAPER = {"value_dtype": "float32", "positions": "index"}  # the paper: float32 values, flat indices
-PACKED = {"value_dtype": "int8", "positions": "auto"}  # the default: int8 values, bitmap or index
+PAPER = {"value_dtype": "float32", "positions": "index", "dense_dtype": "float16"}  # float32 values, flat indices
+PACKED = {"value_dtype": "int8", "positions": "auto", "dense_dtype": "float16"}  # int8 values, bitmap or index
+WHOLE_INT8 = {"value_dtype": "int8", "positions": "auto", "dense_dtype": "int8"}  # and int8 1-D deltas
+INT4 = {"value_dtype": "int4", "positions": "auto", "dense_dtype": "int8"}  # int4 factors, rank 8r
 FISHER_DAMAGE = {"method": "osd", "importance": "damage", "metric": "fisher", "factor_split": "joint", "refit": 2}
 VARIANTS: dict[str, dict] = {
     "truncsvd": {"method": "truncsvd"},
@@ -53,6 +55,12 @@ VARIANTS: dict[str, dict] = {
     "magtruncsvd-int8": {"method": "magtruncsvd", **PACKED},
     # The same model total spent across layers by measured error; each layer's k follows its bits.
     "magtruncsvd-int8-global": {"method": "magtruncsvd", **PACKED, "allocation": "global"},
+    # the same with the deltas stored whole (biases, norms) in int8 and one scale each
+    "magtruncsvd-int8-whole8": {"method": "magtruncsvd", **WHOLE_INT8},
+    "magtruncsvd-int8-whole8-global": {"method": "magtruncsvd", **WHOLE_INT8, "allocation": "global"},
+    # narrower values: int4 with a scale per singular vector, twice the rank in the same bits
+    "magtruncsvd-int4": {"method": "magtruncsvd", **INT4},
+    "magtruncsvd-int4-global": {"method": "magtruncsvd", **INT4, "allocation": "global"},
     "truncsvd-global": {"method": "truncsvd", "allocation": "global"},
     "osd-taylor-int8-global": {"method": "osd", "importance": "taylor", **PACKED, "allocation": "global"},
     "osd-taylor-int8": {"method": "osd", "importance": "taylor", **PACKED},

@@ -5,7 +5,8 @@ A delta is a directory (an object-store prefix once uploaded)::
     manifest.json                 format name and version, osd-fleet version, method and
                                   parameters, base and fine-tune identity, every layer's kind,
                                   shape, rank and bits, and the sha256 of every other file
-    payload-00000.safetensors     value and position tensors, named "<tensor>::<part>"
+    payload-00000.safetensors     every layer's value and position tensors in one uint8 tensor, their
+                                  layout compressed in its header (``osd_core.packed_payload``)
     files/config.json             the fine-tune's configuration (and any small file that differs
                                   from the base's), restored verbatim by reconstruction
 
@@ -22,15 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save
-
+from . import packed_payload
 from .byte_source import LocalDirectory, sha256_file
 from .errors import ArtifactError, OSDError
 from .layer import CompressedLayer
 from .manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    PACKED_FROM,
     PAYLOAD_NAME,
     SIDE_FILE_NAME,
     FileEntry,
@@ -39,7 +39,7 @@ from .manifest import (
     PayloadEntry,
 )
 from .outputs import OutputDir, check_output, json_field
-from .safetensors_io import read_header, read_tensor
+from .safetensors_io import TensorEntry, read_header, read_tensor
 
 MANIFEST = "manifest.json"
 SHARD_BYTES = 1 << 30
@@ -67,21 +67,16 @@ def encode_payload(name: str, layers: Sequence[tuple[CompressedLayer, Mapping[st
     """Encode ``layers`` (each with its role, dtype and rel_error for the manifest) as payload ``name``."""
     if not PAYLOAD_NAME.fullmatch(name):
         raise ArtifactError(f"payload name {name!r} must match {PAYLOAD_NAME.pattern}")
-    tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, LayerEntry] = {}
     for layer, extra in layers:
-        if "::" in layer.name:
-            raise ArtifactError(f"tensor name {layer.name!r} must not contain '::'")
         if layer.name in entries:
             raise ArtifactError(f"tensor {layer.name!r} appears twice in payload {name}")
-        for part, tensor in layer.tensors.items():
-            tensors[f"{layer.name}::{part}"] = tensor.detach().cpu().contiguous().clone()
         entries[layer.name] = LayerEntry(
             layer.kind, tuple(layer.shape), layer.k, layer.budget_bits, layer.paper_bits,
             name if layer.tensors else None, bytes=layer.nbytes, new_rows=layer.new_rows or None, **extra,
         )
-    # One metadata key only: safetensors writes metadata in hash-map order, and the bytes must not vary.
-    return Payload(name, save(tensors, metadata={"format": f"{FORMAT_NAME}/{FORMAT_VERSION}"}), entries)
+    stored = [(layer.name, layer.tensors) for layer, _ in layers if layer.tensors]
+    return Payload(name, packed_payload.pack(stored, f"{FORMAT_NAME}/{FORMAT_VERSION}"), entries)
 
 
 class DeltaWriter:
@@ -184,17 +179,16 @@ class DeltaArtifact:
         return (self.path / "files" / name).read_bytes()
 
     def layers(self) -> Iterator[CompressedLayer]:
-        """Yield every layer, reading each payload file once."""
-        headers = {}
+        """Yield every layer, reading each payload's header once and each part with one range read."""
+        layouts: dict[str, dict[str, dict[str, TensorEntry]]] = {}
         source = LocalDirectory(self.path)
         for name, info in self.manifest.layers.items():
             tensors = {}
             if info.file is not None:
-                if info.file not in headers:
-                    headers = {info.file: read_header(source, info.file)}
-                entries = headers[info.file].tensors
-                tensors = {key.partition("::")[2]: read_tensor(source, entry) for key, entry in entries.items()
-                           if key.partition("::")[0] == name and "::" in key}
+                if info.file not in layouts:
+                    layouts = {info.file: self._layout(source, info.file)}
+                parts = layouts[info.file].get(name, {})
+                tensors = {part: read_tensor(source, entry) for part, entry in parts.items()}
                 if not tensors:
                     raise ArtifactError(f"{self.path / info.file}: payload lacks the tensors of {name!r}")
             try:
@@ -204,6 +198,19 @@ class DeltaArtifact:
                 )
             except OSDError as exc:
                 raise ArtifactError(f"{self.path}: {exc}") from None
+
+    def _layout(self, source: LocalDirectory, file: str) -> dict[str, dict[str, TensorEntry]]:
+        """Each layer's part entries in payload ``file``: the packed layout from version 5, before it
+        one tensor per part, named ``<tensor>::<part>``."""
+        header = read_header(source, file)
+        if self.manifest.format_version >= PACKED_FROM:
+            return packed_payload.layout(header, self.path / file)
+        layers: dict[str, dict[str, TensorEntry]] = {}
+        for key, entry in header.tensors.items():
+            layer, separator, part = key.partition("::")
+            if separator:
+                layers.setdefault(layer, {})[part] = entry
+        return layers
 
 
 def check_delta_output(out: str | Path, *, inputs: Sequence[str | Path] = (), overwrite: bool = False) -> None:

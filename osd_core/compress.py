@@ -27,7 +27,7 @@ from .config import ALLOCATIONS, CompressionConfig
 from .errors import CheckpointError, ConfigError, MissingTensorError
 from .factorize import compress_matrix
 from .finite import all_finite, count_non_finite, is_zero
-from .layer import CompressedLayer, narrow_whole, stack_experts, with_appended_rows
+from .layer import CompressedLayer, narrow_whole, quantize_whole, stack_experts, with_appended_rows
 from .norms import squared_norm
 from .policy import Role
 from .roles import policy_for
@@ -294,7 +294,7 @@ def compress_tensor(
     elif plan.action == "experts":
         layer = _compress_experts(plan, delta, config, gradients, device)
     else:
-        layer = dense_layer(plan.name, delta, "dense")
+        layer = dense_layer(plan.name, delta, "dense", config.dense_dtype)
     error = relative_error(delta, layer)
     return (layer if appended is None else with_appended_rows(layer, appended)), error
 
@@ -399,10 +399,16 @@ def _fits_rank(shape: tuple[int, ...], config: CompressionConfig) -> bool:
     return len(shape) == 2 and (not config.factorises or config.k <= min(shape))
 
 
-def dense_layer(name: str, values: torch.Tensor, kind: str) -> CompressedLayer:
-    """Store a tensor whole in fp16, or fp32 where fp16 would overflow or lose it entirely."""
+def dense_layer(name: str, values: torch.Tensor, kind: str, dtype: str = "float16") -> CompressedLayer:
+    """Store a tensor whole: a delta in ``dtype`` (int8: one float32 scale for the tensor); a
+    replaced tensor, or one int8 cannot scale, in fp16, or fp32 where fp16 would overflow or lose it."""
     if kind == "dense" and is_zero(values):
         return CompressedLayer(name, "zero", tuple(values.shape))
+    if kind == "dense" and dtype == "int8":
+        quantized, scale = quantize_whole(values)
+        if float(scale) > 0 and all_finite(scale):
+            return CompressedLayer(name, kind, tuple(values.shape), {"values": quantized, "scale": scale},
+                                   paper_bits=quantized.numel() * 8 + 32)
     stored = narrow_whole(values)
     return CompressedLayer(name, kind, tuple(values.shape), {"values": stored},
                            paper_bits=stored.numel() * stored.element_size() * 8)

@@ -17,8 +17,10 @@ FACTOR_SPLITS = ("equal", "joint")
 GRADIENT_POINTS = ("finetuned", "reconstruction", "path")
 IMPORTANCES = ("taylor", "damage")
 METRICS = ("frobenius", "activation", "fisher", "kfac")
-VALUE_DTYPES = {"float32": 32, "float16": 16, "bfloat16": 16, "int8": 8}
+VALUE_DTYPES = {"float32": 32, "float16": 16, "bfloat16": 16, "int8": 8, "int4": 4}
+SCALED_DTYPES = ("int8", "int4")  # integer values with a float32 scale per column
 POSITIONS = ("index", "bitmap", "auto")
+DENSE_DTYPES = ("float16", "int8")  # tensors stored whole: 1-D deltas (biases, norms), heads too small to factor
 SVD_METHODS = ("auto", "exact", "randomized")
 # Choices a command line offers without importing torch (``osd_core.allocate``, ``osd_core.adapters``).
 ALLOCATIONS = ("uniform", "global")  # across layers: the paper's split, or measured and spent globally
@@ -59,14 +61,17 @@ class CompressionConfig:
     - ``whiten``: factor the delta in that metric instead of plain Frobenius.
     - ``refit``: rounds of alternating least squares on the kept values after masking.
     - ``value_dtype``: width of stored values. The paper counts 32-bit values; 16-bit floats, or
-      8-bit integers with a 32-bit scale per singular vector (``"int8"``), buy more entries under
-      the same budget (beyond the paper; measured, see README).
+      8- or 4-bit integers with a 32-bit scale per singular vector (``"int8"``, ``"int4"``), buy
+      more entries under the same budget (beyond the paper; measured, see README).
     - ``positions``: kept entries located by flat ``"index"`` (the paper), by a ``"bitmap"`` of
       the factor, or ``"auto"``: per layer, whichever keeps more entries within the budget.
+    - ``dense_dtype``: width of the deltas stored whole (biases, norms, small heads), which the
+      budget does not count but the bytes do: at small r they are a third of a MiniLM delta.
     """
 
     # The defaults are what measured best per byte on validation splits (README, "Results"):
-    # magnitude masks of a rank-4r factorisation, int8 values, positions by bitmap or index.
+    # magnitude masks of a rank-4r factorisation, int8 values, positions by bitmap or index, and
+    # int8 deltas where stored whole (every validation prediction unchanged, 22% fewer bytes at r = 0.25).
     # "osd" with float32 values and indices is the paper's method as we read it, measured beside it.
     # Each field's help is the flag's help (osd_cli.settings); the fleet file's [sweep.compression]
     # table and the flows' parameters take the same names.
@@ -90,11 +95,13 @@ class CompressionConfig:
     metric: str = setting("fisher", "output-error metric from calibration (damage, whitening, refit)", METRICS)
     whiten: bool = setting(False, "factor the delta in that metric instead of plain Frobenius")
     refit: int = setting(0, "rounds of least-squares refit of the kept values after masking")
-    value_dtype: str = setting("int8", "stored value width (the paper counts float32; int8 adds a 32-bit "
+    value_dtype: str = setting("int8", "stored value width (the paper counts float32; int8 and int4 add a 32-bit "
                                "scale per singular vector; truncsvd, which defines the budget, stays float32)",
                                tuple(VALUE_DTYPES))
     positions: str = setting("auto", "how kept entries are located: flat index (the paper), a bitmap of "
                              "the factor, or auto: per layer, whichever keeps more", POSITIONS)
+    dense_dtype: str = setting("int8", "width of deltas stored whole (biases, norms, heads too small to "
+                               "factor): int8 with one float32 scale per tensor, or float16", DENSE_DTYPES)
     svd: str = setting("auto", "exact, randomized, or auto (randomized where it is faster)", SVD_METHODS)
     power_iters: int = setting(4, "power iterations of the randomized SVD")
     seed: int = setting(0, "seed of the randomized SVD (0 to 2**63 - 1)")
@@ -110,6 +117,7 @@ class CompressionConfig:
         _choice("metric", self.metric, METRICS)
         _choice("value_dtype", self.value_dtype, tuple(VALUE_DTYPES))
         _choice("positions", self.positions, POSITIONS)
+        _choice("dense_dtype", self.dense_dtype, DENSE_DTYPES)
         if not isinstance(self.refit, int) or self.refit < 0:
             raise ConfigError(f"refit must be an integer >= 0, got {self.refit!r}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, (int, float)) or not self.rank > 0 \
@@ -143,7 +151,7 @@ class CompressionConfig:
     def k(self) -> int:
         """The factorisation rank: ``r`` for truncsvd; for the relaxed methods ``⌈r⌉ + extra_rank``,
         or by default the rank dense factors of the stored value width would fill: ``r·32/bits``
-        (4r for int8, 2r for 16-bit), and ``⌊r⌋ + 1`` for float32; at least 1."""
+        (8r for int4, 4r for int8, 2r for 16-bit), and ``⌊r⌋ + 1`` for float32; at least 1."""
         if self.method == "truncsvd":
             return int(self.rank)
         if self.extra_rank is not None:
@@ -165,7 +173,7 @@ class CompressionConfig:
     @property
     def encodings(self) -> tuple[Encoding, ...]:
         """The bit encodings a layer may use: one, or both position encodings under ``"auto"``."""
-        scale = 32 if self.stored_dtype == "int8" else 0
+        scale = 32 if self.stored_dtype in SCALED_DTYPES else 0
         positions = "index" if self.method == "truncsvd" else self.positions
         kinds = ("index", "bitmap") if positions == "auto" else (positions,)
         return tuple(Encoding(self.value_bits, kind, scale) for kind in kinds)

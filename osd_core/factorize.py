@@ -32,10 +32,10 @@ from .budget import (
     sparse_bits,
     sparse_count,
 )
-from .config import SEED_LIMIT, CompressionConfig
+from .config import SCALED_DTYPES, SEED_LIMIT, CompressionConfig
 from .errors import BudgetError, CheckpointError, ConfigError
 from .finite import all_finite, count_non_finite, value_range
-from .layer import CompressedLayer, index_dtype, pack_bitmap
+from .layer import INT_LEVELS, CompressedLayer, index_dtype, pack_bitmap, pack_int4
 from .svd import Factors, truncated_svd
 
 T = TypeVar("T")
@@ -353,7 +353,9 @@ def _factored(
     (n, d), k = shape, u.shape[1]
     tensors = {**_encode(u, keep_u, config.stored_dtype, encoding, "u."),
                **_encode(v, keep_v, config.stored_dtype, encoding, "v.")}
-    bits = factored_bits(n, d, k, tensors["u.values"].numel(), tensors["v.values"].numel(), encoding)
+    kept_u = n * k if keep_u is None else keep_u.numel()  # entries, not stored elements (int4 packs two)
+    kept_v = d * k if keep_v is None else keep_v.numel()
+    bits = factored_bits(n, d, k, kept_u, kept_v, encoding)
     return CompressedLayer(name, "factored", shape, tensors, k=k, budget_bits=budget, paper_bits=bits)
 
 
@@ -361,8 +363,9 @@ def _encode(matrix: torch.Tensor, keep: torch.Tensor | None, value_dtype: str, e
             prefix: str) -> dict[str, torch.Tensor]:
     """The payload parts of the kept entries of ``matrix`` (flat positions ``keep``; ``None``: all).
 
-    A matrix kept whole stores no positions (an empty index). int8 values are scaled per column so
-    that the column's largest kept magnitude maps to 127.
+    A matrix kept whole stores no positions (an empty index). Integer values are scaled per column
+    so that the column's largest kept magnitude maps to the top level (127 for int8, 7 for int4,
+    packed two to a byte by ``pack_int4``).
     """
     rows, cols = matrix.shape
     flat = matrix.reshape(-1)
@@ -377,12 +380,14 @@ def _encode(matrix: torch.Tensor, keep: torch.Tensor | None, value_dtype: str, e
         mask[keep] = True
         parts[f"{prefix}bitmap"] = pack_bitmap(mask).cpu()
     values = flat[keep]
-    if value_dtype == "int8":
+    if value_dtype in SCALED_DTYPES:
+        top = INT_LEVELS[value_dtype]
         column = keep % cols
         peak = torch.zeros(cols, device=flat.device).scatter_reduce(0, column, values.abs(), "amax")
-        scale = peak / 127
+        scale = peak / top
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        parts[f"{prefix}values"] = (values / safe[column]).round().clamp(-127, 127).to(torch.int8).cpu()
+        q = (values / safe[column]).round().clamp(-top, top).to(torch.int8).cpu()
+        parts[f"{prefix}values"] = q if value_dtype == "int8" else pack_int4(q)
         parts[f"{prefix}scale"] = scale.float().cpu()
     else:
         parts[f"{prefix}values"] = values.to(getattr(torch, value_dtype)).cpu().clone()

@@ -5,7 +5,8 @@ never branch on the method, only on the encoding ``kind``:
 
 - ``factored``: sparse (or dense) factors ``U`` (n×k) and ``V`` (d×k); delta = ``U @ V.T``.
 - ``sparse``: selected entries of the delta itself.
-- ``dense``: the whole delta, stored in a narrow float type (norms, biases, unknown tensors).
+- ``dense``: the whole delta, stored in a narrow float type, or in int8 with one float32 ``scale``
+  (norms, biases, unknown tensors).
 - ``replace``: the fine-tuned tensor itself, for tensors the base lacks (a new head).
 - ``zero``: the delta is exactly zero (frozen layers); nothing is stored.
 - ``sign``: the sign of every entry, one bit each in ``bitmap`` (set: positive), times one float32
@@ -22,8 +23,9 @@ and ``rows.values`` holds the appended rows whole (fp16, or fp32 where fp16 woul
 Kept entries of a factor (or of a sparse delta) are a ``<prefix>values`` vector located by either
 ``<prefix>index`` (flat row-major positions in the narrowest signed integer type that holds them;
 empty when the matrix is kept whole) or ``<prefix>bitmap`` (one bit per slot, packed eight to a
-byte, least significant bit first). Values are floats, or int8 with a float32 ``<prefix>scale``
-per column (value = q · scale[column]).
+byte, least significant bit first). Values are floats, or integers with a float32 ``<prefix>scale``
+per column (value = q · scale[column]): int8, or int4 (q in [-7, 7]) packed two to a ``uint8``,
+low nibble first, each stored as q + 8 so that a zero nibble is padding and never a value.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ KINDS = ("factored", "sparse", "dense", "replace", "zero", "experts", "sign")
 MATRICES: dict[str, tuple[str, ...]] = {"factored": ("u.", "v."), "sparse": ("",)}
 FLOAT_VALUES = (torch.float32, torch.float16, torch.bfloat16)
 ROWS = "rows.values"  # the appended rows of a layer with new_rows
+INT_LEVELS = {"int8": 127, "int4": 7}  # the largest |q| of each integer value type (symmetric)
+PACKED_INT4 = torch.uint8  # the stored dtype of int4 values
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,27 @@ class CompressedLayer:
             known = set() if self.kind == "zero" else {"values"}
             if known - set(self.tensors):
                 raise ArtifactError(f"{self.name}: {self.kind} layer lacks payload tensor 'values'")
+            if known:
+                known |= self._check_whole_values()
         unknown = set(self.tensors) - known - ({ROWS} if self.new_rows else set())
         if unknown:
             raise ArtifactError(f"{self.name}: {self.kind} layer has unexpected payload tensors {sorted(unknown)}")
+
+    def _check_whole_values(self) -> set[str]:
+        """A tensor stored whole: float values, or (dense only) int8 with one float32 ``scale``."""
+        values = self.tensors["values"]
+        numel = math.prod(self.shared_shape)
+        if values.numel() != numel:
+            raise ArtifactError(f"{self.name}: a {self.kind} layer of shape {list(self.shape)} needs {numel} "
+                                f"values, got shape {tuple(values.shape)}")
+        if values.dtype in FLOAT_VALUES:
+            return set()
+        scale = self.tensors.get("scale")
+        if self.kind != "dense" or values.dtype != torch.int8 or scale is None or scale.dtype != torch.float32 \
+                or tuple(scale.shape) != (1,):
+            raise ArtifactError(f"{self.name}: {self.kind} values of dtype {values.dtype} need a float type, or "
+                                "(dense layers) int8 with a float32 'scale' of shape (1,)")
+        return {"scale"}
 
     def _check_signs(self) -> None:
         numel = math.prod(self.shared_shape)
@@ -156,7 +178,10 @@ class CompressedLayer:
             scale = _finite(self.tensors["scale"], self.name, "scale").to(device)
             return (torch.where(positive, 1.0, -1.0) * scale).view(self.shared_shape)
         if self.kind in ("dense", "replace"):
-            return self.tensors["values"].to(device=device, dtype=torch.float32).reshape(self.shared_shape)
+            values = self.tensors["values"].to(device=device, dtype=torch.float32)
+            if "scale" in self.tensors:
+                values = values * _finite(self.tensors["scale"], self.name, "scale").to(device)
+            return values.reshape(self.shared_shape)
         if self.kind == "sparse":
             rows, cols = self.shared_shape
             return decode_matrix(self.tensors, "", rows, cols, self.name, "delta").to(device).view(rows, cols)
@@ -185,6 +210,13 @@ def narrow_whole(values: torch.Tensor) -> torch.Tensor:
     return stored.reshape(-1).contiguous()
 
 
+def quantize_whole(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat int8 values and the one float32 scale (max |value| / 127) they are multiples of."""
+    flat = values.reshape(-1).to(torch.float32)
+    scale = flat.abs().max().reshape(1) / 127
+    return torch.round(flat / scale).to(torch.int8), scale
+
+
 def with_appended_rows(layer: CompressedLayer, rows: torch.Tensor) -> CompressedLayer:
     """``layer`` with the fine-tune's appended rows stored whole: fp16, or fp32 where fp16 overflows."""
     return CompressedLayer(layer.name, layer.kind, (layer.shape[0] + rows.shape[0], *layer.shape[1:]),
@@ -199,6 +231,27 @@ def index_dtype(positions: int) -> torch.dtype:
     if positions <= torch.iinfo(torch.int32).max + 1:
         return torch.int32
     return torch.int64
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Integers in [-7, 7] two to a byte, low nibble first, each as q + 8 (a zero nibble pads)."""
+    nibbles = (q.reshape(-1).to(torch.int16) + 8).to(torch.uint8)
+    padded = torch.zeros(2 * math.ceil(nibbles.numel() / 2), dtype=torch.uint8, device=q.device)
+    padded[: nibbles.numel()] = nibbles
+    pairs = padded.view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, count: int, name: str, what: str) -> torch.Tensor:
+    """The ``count`` int8 values in [-7, 7] that ``pack_int4`` packed; a wrong length, a zero nibble
+    inside or a non-zero one in the padding raises ``ArtifactError``."""
+    if packed.ndim != 1 or packed.numel() != math.ceil(count / 2):
+        raise ArtifactError(f"{name}: {what} int4 values must be {math.ceil(count / 2)} bytes for {count} entries, "
+                            f"got {tuple(packed.shape)}")
+    nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)
+    if bool((nibbles[:count] == 0).any()) or bool(nibbles[count:].any()):
+        raise ArtifactError(f"{name}: {what} int4 values hold a zero nibble or non-zero padding")
+    return nibbles[:count].to(torch.int8) - 8
 
 
 def pack_bitmap(mask: torch.Tensor) -> torch.Tensor:
@@ -225,6 +278,8 @@ def decode_matrix(tensors: dict[str, torch.Tensor], prefix: str, rows: int, cols
     """
     numel = rows * cols
     values = tensors[f"{prefix}values"]
+    if values.dtype == PACKED_INT4:
+        values = unpack_int4(values, _kept_count(tensors, prefix, numel, name, what), name, what)
     if values.ndim != 1 or values.numel() > numel:
         raise ArtifactError(f"{name}: {what} values must be 1-D with at most {numel} entries, got "
                             f"{tuple(values.shape)}")
@@ -245,14 +300,23 @@ def decode_matrix(tensors: dict[str, torch.Tensor], prefix: str, rows: int, cols
     return flat
 
 
+def _kept_count(tensors: dict[str, torch.Tensor], prefix: str, numel: int, name: str, what: str) -> int:
+    """How many entries the positions keep (all ``numel`` for an empty index): what packed int4
+    values must hold. ``_positions`` checks the positions themselves against that count."""
+    bitmap = tensors.get(f"{prefix}bitmap")
+    if bitmap is not None:
+        _check_bitmap(bitmap, numel, name, what)
+        return int(unpack_bitmap(bitmap, numel).sum())
+    index = tensors[f"{prefix}index"]
+    return index.numel() or numel
+
+
 def _positions(tensors: dict[str, torch.Tensor], prefix: str, numel: int, count: int, name: str,
                what: str) -> torch.Tensor | None:
     """Flat positions of the ``count`` kept entries (``None``: all ``numel`` slots, in order)."""
     bitmap = tensors.get(f"{prefix}bitmap")
     if bitmap is not None:
-        if bitmap.dtype != torch.uint8 or tuple(bitmap.shape) != (math.ceil(numel / 8),):
-            raise ArtifactError(f"{name}: {what} bitmap must be uint8 of shape ({math.ceil(numel / 8)},), got "
-                                f"{bitmap.dtype} {tuple(bitmap.shape)}")
+        _check_bitmap(bitmap, numel, name, what)
         bits = unpack_bitmap(bitmap, math.ceil(numel / 8) * 8)
         if bool(bits[numel:].any()) or int(bits.sum()) != count:
             raise ArtifactError(f"{name}: {what} bitmap marks {int(bits.sum())} slots for {count} values")
@@ -269,6 +333,12 @@ def _positions(tensors: dict[str, torch.Tensor], prefix: str, numel: int, count:
     return index
 
 
+def _check_bitmap(bitmap: torch.Tensor, numel: int, name: str, what: str) -> None:
+    if bitmap.dtype != torch.uint8 or tuple(bitmap.shape) != (math.ceil(numel / 8),):
+        raise ArtifactError(f"{name}: {what} bitmap must be uint8 of shape ({math.ceil(numel / 8)},), got "
+                            f"{bitmap.dtype} {tuple(bitmap.shape)}")
+
+
 def _check_parts(name: str, tensors: dict[str, torch.Tensor], prefix: str) -> None:
     """One values vector, exactly one position encoding, and a scale exactly when values are int8."""
     values = tensors.get(f"{prefix}values")
@@ -276,10 +346,11 @@ def _check_parts(name: str, tensors: dict[str, torch.Tensor], prefix: str) -> No
         raise ArtifactError(f"{name}: payload lacks tensor '{prefix}values'")
     if (f"{prefix}index" in tensors) == (f"{prefix}bitmap" in tensors):
         raise ArtifactError(f"{name}: '{prefix}values' needs exactly one of '{prefix}index' or '{prefix}bitmap'")
-    if values.dtype not in (*FLOAT_VALUES, torch.int8):
-        raise ArtifactError(f"{name}: '{prefix}values' has dtype {values.dtype}; expected a float type or int8")
-    if (values.dtype == torch.int8) != (f"{prefix}scale" in tensors):
-        raise ArtifactError(f"{name}: '{prefix}scale' must accompany int8 values, and only them")
+    if values.dtype not in (*FLOAT_VALUES, torch.int8, PACKED_INT4):
+        raise ArtifactError(f"{name}: '{prefix}values' has dtype {values.dtype}; expected a float type, int8 or "
+                            "packed int4 (uint8)")
+    if (values.dtype in (torch.int8, PACKED_INT4)) != (f"{prefix}scale" in tensors):
+        raise ArtifactError(f"{name}: '{prefix}scale' must accompany integer values, and only them")
 
 
 def _finite(values: torch.Tensor, name: str, what: str) -> torch.Tensor:

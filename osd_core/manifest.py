@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, packed_json
 from .errors import ArtifactError
 
 FORMAT_NAME = "osd-fleet-delta"
@@ -28,11 +28,15 @@ FORMAT_NAME = "osd-fleet-delta"
 # with its own digest (``manifest_sha256``), which readers of version 3 require. Version 4 adds
 # ``experts`` layers (a mixture-of-experts tensor, slice by slice), ``sign`` layers (BitDelta) and a
 # layer's ``new_rows`` (the rows a vocabulary-resized fine-tune appended, stored whole): a version-3
-# reader would misread them.
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+# reader would misread them. Version 5 packs what was most of a small delta's fixed bytes: payloads
+# hold one data tensor with a compressed layout (``osd_core.packed_payload``), the manifest holds
+# its layer table compressed (``layers_packed``), and ``dense`` layers may be int8 with one scale.
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 SEALED_FROM = 3
 SEAL = "manifest_sha256"
+PACKED_FROM = 5
+PACKED_LAYERS = "layers_packed"  # from version 5: the layer table, compressed (osd_core.packed_json)
 PAYLOAD_NAME = re.compile(r"payload-[A-Za-z0-9_.-]{1,100}\.safetensors")
 SIDE_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
@@ -125,7 +129,7 @@ class Manifest:
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
             raise ArtifactError(f"{where}: unreadable manifest ({reason})") from None
-        manifest = _from_json(data, where)
+        manifest = _from_json(unpack_layers(data, where), where)
         if manifest.format_version >= SEALED_FROM or SEAL in data:
             unsealed = {key: value for key, value in data.items() if key != SEAL}
             if data.get(SEAL) != hashlib.sha256(_canonical(unsealed)).hexdigest():
@@ -154,8 +158,8 @@ class Manifest:
         }
 
     def to_bytes(self) -> bytes:
-        """Canonical, sealed bytes (see :func:`seal`)."""
-        return seal(self.to_json())
+        """Canonical, sealed bytes (see :func:`seal`), the layer table packed from version 5."""
+        return seal(pack_layers(self.to_json()))
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,26 @@ class PayloadEntry:
     sha256: str
     bytes: int
     layers: dict[str, LayerEntry]
+
+
+def pack_layers(data: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's stored form: from version 5 its ``layers`` compressed as ``layers_packed``."""
+    if not isinstance(data.get("format_version"), int) or data["format_version"] < PACKED_FROM:
+        return data
+    stored = {key: value for key, value in data.items() if key != "layers"}
+    return {**stored, PACKED_LAYERS: packed_json.encode(data["layers"])}
+
+
+def unpack_layers(data: Any, where: str | Path) -> Any:
+    """The manifest's JSON with ``layers`` as a plain object again (version 5's ``layers_packed``)."""
+    if not isinstance(data, dict) or not _natural(data.get("format_version")) \
+            or data["format_version"] < PACKED_FROM:
+        return data
+    if PACKED_LAYERS not in data or "layers" in data:
+        raise ArtifactError(f"{where}: a version-{data['format_version']} manifest holds its layer table as "
+                            f"{PACKED_LAYERS!r} and not as 'layers'")
+    unpacked = {key: value for key, value in data.items() if key != PACKED_LAYERS}
+    return {**unpacked, "layers": packed_json.decode(data[PACKED_LAYERS], where, "manifest layer table")}
 
 
 def seal(data: dict[str, Any]) -> bytes:

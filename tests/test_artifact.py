@@ -7,9 +7,10 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from osd_core.artifact import DeltaArtifact, encode_payload
-from osd_core.manifest import FORMAT_VERSION
+from osd_core.manifest import FORMAT_VERSION, pack_layers, unpack_layers
 from osd_core.compress import compress_checkpoint
 from osd_core.config import CompressionConfig
 from osd_core.errors import ArtifactError, OSDError
@@ -17,9 +18,11 @@ from osd_core.layer import CompressedLayer
 from osd_core.reconstruct import reconstruct_checkpoint
 
 
-@pytest.fixture(params=[{}, {"value_dtype": "int8", "positions": "bitmap"}], ids=["paper", "int8-bitmap"])
+@pytest.fixture(params=[{}, {"value_dtype": "int8", "positions": "bitmap", "dense_dtype": "int8"}],
+                ids=["paper", "int8-bitmap"])
 def delta(synthetic_pair, tmp_path, request):
-    """A delta in the paper's encoding (indices, float32) and in the packed one (bitmaps, int8)."""
+    """A delta in the paper's encoding (indices, float32) and in the packed one (bitmaps, int8,
+    whole deltas in int8 too)."""
     base, tuned = synthetic_pair
     config = CompressionConfig(method="magtruncsvd", rank=1, extra_rank=2, **request.param)
     compress_checkpoint(base, tuned, tmp_path / "delta", config)
@@ -27,14 +30,14 @@ def delta(synthetic_pair, tmp_path, request):
 
 
 def rewrite_manifest(path, change):
-    manifest = json.loads((path / "manifest.json").read_text())
+    manifest = unpack_layers(json.loads((path / "manifest.json").read_text()), path)
     change(manifest)
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "manifest.json").write_text(json.dumps(pack_layers(manifest)))
 
 
 def test_manifest_records_provenance_and_checksums(delta):
     manifest = DeltaArtifact.open(delta).manifest
-    assert manifest.to_json()["format"] == "osd-fleet-delta" and manifest.format_version == FORMAT_VERSION == 4
+    assert manifest.to_json()["format"] == "osd-fleet-delta" and manifest.format_version == FORMAT_VERSION == 5
     assert manifest.config["method"] == "magtruncsvd" and manifest.osd_fleet_version
     assert len(manifest.base["sha256"]) == 64 and len(manifest.finetuned["sha256"]) == 64
     assert all(len(info.sha256) == 64 for info in manifest.payloads.values())
@@ -144,7 +147,7 @@ def test_manifest_pinned_by_its_catalog_checksum(delta):
 
 
 def test_a_layer_with_new_rows_needs_exactly_their_values():
-    rows = {"values": torch.zeros(6, dtype=torch.float16)}
+    rows = {"values": torch.zeros(4, dtype=torch.float16)}  # the 2 × 2 rows both share
     layer = CompressedLayer("embed", "dense", (3, 2), {**rows, "rows.values": torch.ones(2, dtype=torch.float16)},
                             new_rows=1)
     assert layer.shared_shape == (2, 2) and layer.appended_rows().tolist() == [[1.0, 1.0]]
@@ -165,3 +168,43 @@ def test_an_experts_layer_refuses_parts_outside_its_slices():
         CompressedLayer("experts", "experts", (2, 2, 2), {**sparse, "e2.values": torch.ones(1)})
     with pytest.raises(ArtifactError, match="an experts layer is 3-D"):
         CompressedLayer("experts", "experts", (2, 2), {})
+
+
+def test_a_dense_int8_layer_is_its_values_times_one_scale():
+    values = torch.tensor([-127, 0, 64, 127], dtype=torch.int8)
+    layer = CompressedLayer("bias", "dense", (4,), {"values": values, "scale": torch.tensor([0.5])})
+    assert layer.delta().tolist() == [-63.5, 0.0, 32.0, 63.5] and layer.nbytes == 4 + 4
+    for tensors, match in (
+        ({"values": values}, "int8 with a float32 'scale' of shape"),
+        ({"values": values, "scale": torch.tensor([0.5, 0.5])}, "int8 with a float32 'scale' of shape"),
+        ({"values": values, "scale": torch.tensor([1], dtype=torch.float16)}, "float32 'scale'"),
+        ({"values": values.float(), "scale": torch.tensor([0.5])}, "unexpected payload tensors"),
+        ({"values": values[:3], "scale": torch.tensor([0.5])}, "needs 4 values"),
+    ):
+        with pytest.raises(ArtifactError, match=match):
+            CompressedLayer("bias", "dense", (4,), tensors)
+    with pytest.raises(ArtifactError, match="replace values of dtype torch.int8 need a float type"):
+        CompressedLayer("head", "replace", (4,), {"values": values, "scale": torch.tensor([0.5])})
+    with pytest.raises(ArtifactError, match="NaN or Inf"):
+        CompressedLayer("bias", "dense", (4,), {"values": values, "scale": torch.tensor([float("nan")])}).delta()
+
+
+def test_whole_deltas_in_int8_are_within_half_a_step_and_smaller(synthetic_pair, tmp_path):
+    base, tuned = synthetic_pair
+    whole = {}
+    for dense_dtype in ("float16", "int8"):
+        compress_checkpoint(base, tuned, tmp_path / dense_dtype, CompressionConfig(rank=1, dense_dtype=dense_dtype))
+        whole[dense_dtype] = sum(layer.nbytes for layer in DeltaArtifact.open(tmp_path / dense_dtype).layers()
+                                 if layer.kind == "dense")
+    layers = {layer.name: layer for layer in DeltaArtifact.open(tmp_path / "int8").layers()}
+    dense = [layer for layer in layers.values() if layer.kind == "dense"]
+    assert dense and all(layer.tensors["values"].dtype == torch.int8 for layer in dense)
+    assert whole["int8"] == whole["float16"] / 2 + 4 * len(dense)  # a byte and not two per entry, one scale each
+    base_tensors, tuned_tensors = load_file(base / "model.safetensors"), load_file(tuned / "model.safetensors")
+    for layer in dense:
+        exact = tuned_tensors[layer.name].float() - base_tensors[layer.name].float()
+        step = float(layer.tensors["scale"])
+        assert step == pytest.approx(float(exact.abs().max()) / 127)
+        assert float((layer.delta() - exact).abs().max()) <= step / 2 * (1 + 1e-5)
+    head = [layer for layer in layers.values() if layer.kind == "replace"]
+    assert all(layer.tensors["values"].dtype == torch.float16 for layer in head)  # a new head is not a delta

@@ -9,7 +9,7 @@ from osd_core.budget import Encoding, factored_bits, layer_budget, sparse_bits
 from osd_core.config import CompressionConfig
 from osd_core.errors import ArtifactError, BudgetError, CheckpointError, ConfigError
 from osd_core.factorize import _top, compress_matrix, proportional_counts, taylor_scores
-from osd_core.layer import CompressedLayer
+from osd_core.layer import CompressedLayer, pack_int4, unpack_bitmap, unpack_int4
 
 METHODS = ["truncsvd", "magtruncsvd", "osd", "sparse"]
 
@@ -333,7 +333,7 @@ def test_damaged_encodings_never_decode():
     cases = {
         "bitmap marks": {**layer.tensors, "u.bitmap": bitmap},
         "needs exactly one of": {**layer.tensors, "u.index": torch.zeros(3, dtype=torch.int16)},
-        "must accompany int8 values": {k: t for k, t in layer.tensors.items() if k != "u.scale"},
+        "must accompany integer values": {k: t for k, t in layer.tensors.items() if k != "u.scale"},
         "scale must be float32": {**layer.tensors, "u.scale": layer.tensors["u.scale"][:-1]},
         "unexpected payload tensors": {**layer.tensors, "u.extra": torch.zeros(1)},
     }
@@ -430,3 +430,62 @@ def test_top_keeps_what_a_stable_descending_sort_keeps(values):
     for count in (0, 1, 2, 50, 1049, 2099, 2100, 2500):
         expected = torch.argsort(score.reshape(-1), descending=True, stable=True)[:count].sort().values
         assert torch.equal(_top(score, count), expected), count
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 7, 8])
+def test_int4_values_pack_two_to_a_byte_and_come_back(count):
+    q = torch.arange(count, dtype=torch.int8) % 15 - 7
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.numel() == (count + 1) // 2
+    assert torch.equal(unpack_int4(packed, count, "w", "U"), q)
+
+
+def test_damaged_int4_values_are_refused():
+    packed = pack_int4(torch.tensor([1, -7, 7], dtype=torch.int8))
+    with pytest.raises(ArtifactError, match="must be 1 bytes for 2 entries"):
+        unpack_int4(packed, 2, "w", "U")
+    with pytest.raises(ArtifactError, match="zero nibble or non-zero padding"):
+        unpack_int4(torch.tensor([0x09, 0x0F], dtype=torch.uint8), 3, "w", "U")  # 0x0F: its high nibble is 0
+    with pytest.raises(ArtifactError, match="zero nibble or non-zero padding"):
+        unpack_int4(torch.tensor([0x99, 0x19], dtype=torch.uint8), 3, "w", "U")  # padding nibble 1
+
+
+def kept_entries(layer, prefix):
+    if f"{prefix}bitmap" in layer.tensors:
+        return int(unpack_bitmap(layer.tensors[f"{prefix}bitmap"], layer.shape[0 if prefix == "u." else 1] * layer.k).sum())
+    return layer.tensors[f"{prefix}index"].numel()
+
+
+@pytest.mark.parametrize("positions, gain", [("bitmap", 1.5), ("index", 1.15)])
+def test_int4_factors_decode_on_their_grid_and_keep_more_entries_than_int8(positions, gain):
+    delta = structured_delta(96, 64)
+    config = CompressionConfig(method="magtruncsvd", rank=1, extra_rank=7, value_dtype="int4", positions=positions)
+    layer = compress_matrix("w", delta, config)
+    assert layer.tensors["u.values"].dtype == torch.uint8 and layer.budget_bits >= layer.paper_bits
+    u, _ = layer.factors()
+    step = layer.tensors["u.scale"]
+    levels = u / torch.where(step > 0, step, 1.0)  # a column with nothing kept has scale 0
+    assert bool((levels.abs() <= 7 + 1e-4).all()) and torch.allclose(levels, levels.round(), atol=1e-4)
+    eight = compress_matrix("w", delta, replace(config, value_dtype="int8"))
+    # 4 bits less per value: at least 1.5 times the entries with a bitmap, fewer with 13-bit indices
+    assert kept_entries(layer, "u.") > gain * kept_entries(eight, "u.")
+    assert layer.k == eight.k == 8
+    damaged = {**layer.tensors, "u.values": layer.tensors["u.values"][:-1]}
+    with pytest.raises(ArtifactError, match="int4 values must be"):
+        CompressedLayer("w", "factored", layer.shape, damaged, k=layer.k).delta()
+
+
+def test_int4_fills_a_rank_8r_factorisation_by_default():
+    assert CompressionConfig(rank=1, value_dtype="int4").k == 8
+    assert CompressionConfig(rank=0.25, value_dtype="int4").k == 2
+
+
+def test_int4_factors_are_charged_per_entry_and_fill_the_budget_as_int8_does():
+    delta = structured_delta(96, 64)
+    for value_dtype in ("int8", "int4"):
+        layer = compress_matrix("w", delta, CompressionConfig(method="magtruncsvd", rank=1, value_dtype=value_dtype,
+                                                              positions="bitmap"))
+        entries = kept_entries(layer, "u.") + kept_entries(layer, "v.")
+        bits = 8 if value_dtype == "int8" else 4
+        assert layer.paper_bits == (96 + 64) * layer.k + 32 * 2 * layer.k + bits * entries
+        assert layer.budget_bits - layer.paper_bits < 2 * (bits + 1)  # the budget is spent, not half of it

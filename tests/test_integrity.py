@@ -7,6 +7,7 @@ outside the output directory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections.abc import Callable
@@ -15,11 +16,11 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save, save_file
 
 from osd_cli.main import main
 from osd_core.artifact import MANIFEST, DeltaArtifact
-from osd_core.manifest import SEAL, seal
+from osd_core.manifest import SEAL, pack_layers, seal, unpack_layers
 from osd_core.byte_source import LocalDirectory
 from osd_core.compress import compress_checkpoint
 from osd_core.config import CompressionConfig
@@ -42,12 +43,12 @@ def delta(synthetic_pair: tuple[Path, Path], tmp_path: Path) -> Path:
 
 def edit_manifest(delta: Path, change: Callable[[dict[str, Any]], None], *, reseal: bool) -> None:
     """Change the manifest as a hand edit would (``reseal=False``) or as a forger who recomputes the seal."""
-    manifest = json.loads((delta / MANIFEST).read_text())
+    manifest = unpack_layers(json.loads((delta / MANIFEST).read_text()), delta)
     change(manifest)
     if reseal:
-        (delta / MANIFEST).write_bytes(seal(manifest))
+        (delta / MANIFEST).write_bytes(seal(pack_layers(manifest)))
     else:
-        (delta / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        (delta / MANIFEST).write_text(json.dumps(pack_layers(manifest), indent=1, sort_keys=True) + "\n")
 
 
 def first_factored(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -130,11 +131,31 @@ def test_payload_names_that_could_escape_are_refused_on_read(delta, reliability,
     reliability.refused(f"manifest payload name {name!r}", str(refused.value))
 
 
-def test_version_2_deltas_without_a_seal_stay_readable(synthetic_pair, delta, tmp_path):
+def as_version(delta: Path, version: int) -> None:
+    """Rewrite ``delta`` as the format before packed payloads wrote it: one tensor per part, named
+    ``<tensor>::<part>``, and from version 3 a sealed manifest (version 2 had no seal)."""
+    layers = list(DeltaArtifact.open(delta).layers())
+    manifest = unpack_layers(json.loads((delta / MANIFEST).read_text()), delta)
+    for name in manifest["payloads"]:
+        tensors = {f"{layer.name}::{part}": tensor for layer in layers for part, tensor in layer.tensors.items()
+                   if manifest["layers"][layer.name]["file"] == name}
+        data = save(tensors, metadata={"format": f"osd-fleet-delta/{version}"})
+        (delta / name).write_bytes(data)
+        manifest["payloads"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    manifest["format_version"] = version
+    manifest.pop(SEAL)
+    edit_manifest(delta, lambda m: (m.clear(), m.update(manifest)), reseal=version >= 3)
+
+
+@pytest.mark.parametrize("version", [2, 4])
+def test_deltas_of_earlier_versions_stay_readable(synthetic_pair, delta, tmp_path, version):
     base, _ = synthetic_pair
-    edit_manifest(delta, lambda m: (m.pop(SEAL), m.update(format_version=2)), reseal=False)
-    assert DeltaArtifact.open(delta).manifest.format_version == 2
-    assert main(["reconstruct", "--base", str(base), "--delta", str(delta), "--out", str(tmp_path / "r")]) == 0
+    assert main(["reconstruct", "--base", str(base), "--delta", str(delta), "--out", str(tmp_path / "now")]) == 0
+    as_version(delta, version)
+    assert DeltaArtifact.open(delta).manifest.format_version == version
+    assert main(["reconstruct", "--base", str(base), "--delta", str(delta), "--out", str(tmp_path / "then")]) == 0
+    now, then = load_file(tmp_path / "now" / "model.safetensors"), load_file(tmp_path / "then" / "model.safetensors")
+    assert now.keys() == then.keys() and all(torch.equal(now[k], then[k]) for k in now)
 
 
 def write_raw_safetensors(path: Path, header: dict[str, Any], data: bytes) -> Path:
@@ -200,3 +221,19 @@ def test_a_real_checkpoint_still_reads(real_pair):
     saved = Path(base).parent / "tiny.safetensors"
     save_file({"b": torch.zeros(3), "a": torch.ones(2, 2, dtype=torch.bfloat16)}, str(saved), metadata={"k": "v"})
     assert set(read_header(saved).tensors) == {"a", "b"} and read_header(saved).metadata == {"k": "v"}
+
+
+def test_a_version_5_manifest_keeps_its_layer_table_packed_and_refuses_it_damaged(delta):
+    stored = json.loads((delta / MANIFEST).read_text())
+    assert "layers" not in stored and len((delta / MANIFEST).read_bytes()) < 6_000
+    assert unpack_layers(stored, delta)["layers"].keys() == DeltaArtifact.open(delta).manifest.layers.keys()
+    plain = {**unpack_layers(stored, delta)}
+    plain.pop(SEAL)
+    (delta / MANIFEST).write_bytes(seal(plain))  # a version-5 manifest written with a plain table
+    with pytest.raises(ArtifactError, match="holds its layer table as 'layers_packed' and not as 'layers'"):
+        DeltaArtifact.open(delta)
+    damaged = {**stored, "layers_packed": stored["layers_packed"][:-8]}
+    damaged.pop(SEAL)
+    (delta / MANIFEST).write_bytes(seal(damaged))
+    with pytest.raises(ArtifactError, match="unreadable manifest layer table"):
+        DeltaArtifact.open(delta)
