@@ -1,8 +1,8 @@
 """The league table: every peer method's accuracy against real bytes, beside the default's front.
 
     python bench/quality.py --workloads l6-rt --split eval --ranks 0.25,1,4,16 \\
-        --variants magtruncsvd-int8,dare-int8,sparse-int8,impart-int8,bitdelta,truncsvd \\
-        --results bench/results/league-l6-rt-eval.jsonl
+        --results bench/results/league-l6-rt-eval.jsonl --variants \\
+        magtruncsvd-int4-whole4,magtruncsvd-int4-whole4-global,dare-int8,sparse-int8,impart-int8,bitdelta,truncsvd
     python bench/league.py bench/results/league-l6-rt-eval.jsonl [--plot-dir docs/league]
 
 Reads the rows ``bench/quality.py`` wrote (one per variant and budget, with per-row outcomes) and
@@ -10,7 +10,8 @@ prints, per workload and split:
 
 * every point: variant, r, real bytes on disk, the fraction of the fp16 dense delta, accuracy;
 * the lossless reference, zstd -19 of the fp16 delta, as a bytes-only row;
-* each peer point paired with the default's best point at equal or fewer bytes: the accuracy
+* each peer point paired with the default's best point at equal or fewer bytes (the default's
+  front: its encoding with either allocation, ``FRONT``): the accuracy
   difference (default − peer) on the same rows with its 95% paired-bootstrap interval. A peer
   point smaller than every default point is said to be so, not paired with a larger one;
 * the same difference against the default's point nearest in bytes, either side, with the size
@@ -34,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality import paired_difference  # noqa: E402 - bench/ is this script's directory
 
-DEFAULT = "magtruncsvd-int8"
+# The default encoding (int4 values and whole deltas) at the CLI's uniform allocation and with
+# --allocation global: the two points a user gets from the shipped settings at each budget.
+FRONT = ("magtruncsvd-int4-whole4", "magtruncsvd-int4-whole4-global")
 
 
 def load_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
@@ -65,7 +68,8 @@ def nearest_default(peer: dict[str, Any], defaults: list[dict[str, Any]]) -> str
 def difference(default: dict[str, Any], peer: dict[str, Any]) -> str:
     mean, low, high = paired_difference(default["correct"], peer["correct"])
     verdict = "default ahead" if low > 0 else "peer ahead" if high < 0 else "tie"
-    return (f"r = {default['r']} ({default['bytes'] / 1e3:,.0f} KB): {100 * mean:+.2f} [{100 * low:+.2f}, "
+    where = " global" if default.get("allocation") == "global" else ""
+    return (f"r = {default['r']}{where} ({default['bytes'] / 1e3:,.0f} KB): {100 * mean:+.2f} [{100 * low:+.2f}, "
             f"{100 * high:+.2f}] points, {verdict}")
 
 
@@ -75,7 +79,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         group = [r for r in rows if (r["workload"], r["split"]) == (workload, split)]
         first = group[0]
         dense, zstd = first["delta_fp16_bytes"], first["delta_fp16_zstd_bytes"]
-        defaults = [r for r in group if r["variant"] == DEFAULT]
+        defaults = [r for r in group if r["variant"] in FRONT]
         out += [f"**{workload}**, {split} split ({first['n']:,} rows), full fine-tune {first['full_accuracy']:.4f}; "
                 f"fp16 dense delta {dense / 1e6:.1f} MB", "",
                 "| variant | r | bytes | of fp16 delta | accuracy | of full | the default at ≤ bytes "
@@ -83,8 +87,8 @@ def table(rows: list[dict[str, Any]]) -> str:
                 "|---|---:|---:|---:|---:|---:|---|---|",
                 f"| zstd -19 of the fp16 delta (lossless) | – | {zstd:,} | 1/{dense / zstd:.2f} | "
                 f"{first['full_accuracy']:.4f} | 100.0% | bytes only | |"]
-        for row in sorted(group, key=lambda r: (r["variant"] != DEFAULT, r["variant"], r["bytes"])):
-            peer = row["variant"] != DEFAULT
+        for row in sorted(group, key=lambda r: (r["variant"] not in FRONT, r["variant"], r["bytes"])):
+            peer = row["variant"] not in FRONT
             against = pair_with_default(row, defaults) if peer else "–"
             near = nearest_default(row, defaults) if peer else "–"
             out.append(f"| {row['variant']} | {row['r']} | {row['bytes']:,} | 1/{dense / row['bytes']:,.0f} | "
@@ -106,7 +110,7 @@ def plot(rows: list[dict[str, Any]], directory: Path) -> list[Path]:
         axes = figure.add_subplot()
         for variant in dict.fromkeys(r["variant"] for r in group):
             points = sorted((r for r in group if r["variant"] == variant), key=lambda r: r["bytes"])
-            style = "-o" if variant == DEFAULT else "o"
+            style = "-o" if variant in FRONT else "o"
             axes.plot([p["bytes"] for p in points], [p["accuracy"] for p in points], style, label=variant)
         first = group[0]
         axes.axhline(first["full_accuracy"], color="grey", linestyle=":", label="full fine-tune")
@@ -126,8 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, nargs="+", help="JSONL rows from bench/quality.py")
     parser.add_argument("--plot-dir", type=Path, help="write one accuracy-against-bytes PNG per workload here")
+    parser.add_argument("--peers", help="comma-separated peer variants to show (default: every variant in the rows)")
     args = parser.parse_args(argv)
     rows = load_rows(args.results)
+    if args.peers:
+        shown = {*FRONT, *args.peers.split(",")}
+        rows = [r for r in rows if r["variant"] in shown]
     print(table(rows))
     if args.plot_dir:
         for path in plot(rows, args.plot_dir):

@@ -45,9 +45,10 @@ PAPER = {"value_dtype": "float32", "positions": "index", "dense_dtype": "float16
 PACKED = {"value_dtype": "int8", "positions": "auto", "dense_dtype": "float16"}  # int8 values, bitmap or index
 WHOLE_INT8 = {"value_dtype": "int8", "positions": "auto", "dense_dtype": "int8"}  # and int8 1-D deltas
 INT4 = {"value_dtype": "int4", "positions": "auto", "dense_dtype": "int8"}  # int4 factors, rank 8r
+WHOLE_INT4 = {**INT4, "dense_dtype": "int4"}  # and int4 1-D deltas
 FISHER_DAMAGE = {"method": "osd", "importance": "damage", "metric": "fisher", "factor_split": "joint", "refit": 2}
 VARIANTS: dict[str, dict] = {
-    "truncsvd": {"method": "truncsvd"},
+    "truncsvd": {"method": "truncsvd", "dense_dtype": "float16"},
     "sparse": {"method": "sparse", **PAPER},
     "magtruncsvd": {"method": "magtruncsvd", **PAPER},
     "osd-taylor": {"method": "osd", "importance": "taylor", **PAPER},
@@ -61,7 +62,9 @@ VARIANTS: dict[str, dict] = {
     # narrower values: int4 with a scale per singular vector, twice the rank in the same bits
     "magtruncsvd-int4": {"method": "magtruncsvd", **INT4},
     "magtruncsvd-int4-global": {"method": "magtruncsvd", **INT4, "allocation": "global"},
-    "truncsvd-global": {"method": "truncsvd", "allocation": "global"},
+    "magtruncsvd-int4-whole4": {"method": "magtruncsvd", **WHOLE_INT4},
+    "magtruncsvd-int4-whole4-global": {"method": "magtruncsvd", **WHOLE_INT4, "allocation": "global"},
+    "truncsvd-global": {"method": "truncsvd", "dense_dtype": "float16", "allocation": "global"},
     "osd-taylor-int8-global": {"method": "osd", "importance": "taylor", **PACKED, "allocation": "global"},
     "osd-taylor-int8": {"method": "osd", "importance": "taylor", **PACKED},
     "osd-fisher-damage-joint+refit-int8": {**FISHER_DAMAGE, **PACKED},
@@ -69,7 +72,7 @@ VARIANTS: dict[str, dict] = {
     # a peer: DARE's random drop and rescale, charged the same bits as sparse
     "dare": {"method": "dare", **PAPER},
     "dare-int8": {"method": "dare", **PACKED},
-    "bitdelta": {"method": "bitdelta"},  # 1 bit per entry: its bytes do not follow r
+    "bitdelta": {"method": "bitdelta", "dense_dtype": "float16"},  # 1 bit per entry: its bytes do not follow r
     # a peer: ImPart's per-singular-vector random sparsity, density following σ_i
     "impart": {"method": "impart", **PAPER},
     "impart-int8": {"method": "impart", **PACKED},

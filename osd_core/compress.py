@@ -23,11 +23,11 @@ from .artifact import DeltaWriter
 from .budget import layer_budget
 from .calibration_data import INPUT_COV, OUTPUT_FISHER, ROW_WEIGHT, GradientFile
 from .checkpoint import Checkpoint, hash_identities, side_files
-from .config import ALLOCATIONS, CompressionConfig
+from .config import ALLOCATIONS, VALUE_DTYPES, CompressionConfig
 from .errors import CheckpointError, ConfigError, MissingTensorError
 from .factorize import compress_matrix
 from .finite import all_finite, count_non_finite, is_zero
-from .layer import CompressedLayer, narrow_whole, quantize_whole, stack_experts, with_appended_rows
+from .layer import INT_LEVELS, CompressedLayer, narrow_whole, quantize_whole, stack_experts, with_appended_rows
 from .norms import squared_norm
 from .policy import Role
 from .roles import policy_for
@@ -400,15 +400,16 @@ def _fits_rank(shape: tuple[int, ...], config: CompressionConfig) -> bool:
 
 
 def dense_layer(name: str, values: torch.Tensor, kind: str, dtype: str = "float16") -> CompressedLayer:
-    """Store a tensor whole: a delta in ``dtype`` (int8: one float32 scale for the tensor); a
-    replaced tensor, or one int8 cannot scale, in fp16, or fp32 where fp16 would overflow or lose it."""
+    """Store a tensor whole: a delta in ``dtype`` (int8 or int4: one float32 scale for the tensor);
+    a replaced tensor, or one an integer type cannot scale, in fp16, or fp32 where fp16 would
+    overflow or lose it."""
     if kind == "dense" and is_zero(values):
         return CompressedLayer(name, "zero", tuple(values.shape))
-    if kind == "dense" and dtype == "int8":
-        quantized, scale = quantize_whole(values)
+    if kind == "dense" and dtype in INT_LEVELS:
+        quantized, scale = quantize_whole(values, dtype)
         if float(scale) > 0 and all_finite(scale):
             return CompressedLayer(name, kind, tuple(values.shape), {"values": quantized, "scale": scale},
-                                   paper_bits=quantized.numel() * 8 + 32)
+                                   paper_bits=values.numel() * VALUE_DTYPES[dtype] + 32)
     stored = narrow_whole(values)
     return CompressedLayer(name, kind, tuple(values.shape), {"values": stored},
                            paper_bits=stored.numel() * stored.element_size() * 8)

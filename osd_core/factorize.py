@@ -35,7 +35,7 @@ from .budget import (
 from .config import SCALED_DTYPES, SEED_LIMIT, CompressionConfig
 from .errors import BudgetError, CheckpointError, ConfigError
 from .finite import all_finite, count_non_finite, value_range
-from .layer import INT_LEVELS, CompressedLayer, index_dtype, pack_bitmap, pack_int4
+from .layer import INT_LEVELS, CompressedLayer, index_dtype, pack_bitmap, to_levels
 from .svd import Factors, truncated_svd
 
 T = TypeVar("T")
@@ -365,7 +365,7 @@ def _encode(matrix: torch.Tensor, keep: torch.Tensor | None, value_dtype: str, e
 
     A matrix kept whole stores no positions (an empty index). Integer values are scaled per column
     so that the column's largest kept magnitude maps to the top level (127 for int8, 7 for int4,
-    packed two to a byte by ``pack_int4``).
+    packed two to a byte: ``to_levels``).
     """
     rows, cols = matrix.shape
     flat = matrix.reshape(-1)
@@ -381,13 +381,11 @@ def _encode(matrix: torch.Tensor, keep: torch.Tensor | None, value_dtype: str, e
         parts[f"{prefix}bitmap"] = pack_bitmap(mask).cpu()
     values = flat[keep]
     if value_dtype in SCALED_DTYPES:
-        top = INT_LEVELS[value_dtype]
         column = keep % cols
         peak = torch.zeros(cols, device=flat.device).scatter_reduce(0, column, values.abs(), "amax")
-        scale = peak / top
+        scale = peak / INT_LEVELS[value_dtype]
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = (values / safe[column]).round().clamp(-top, top).to(torch.int8).cpu()
-        parts[f"{prefix}values"] = q if value_dtype == "int8" else pack_int4(q)
+        parts[f"{prefix}values"] = to_levels(values, safe[column], value_dtype).cpu()
         parts[f"{prefix}scale"] = scale.float().cpu()
     else:
         parts[f"{prefix}values"] = values.to(getattr(torch, value_dtype)).cpu().clone()

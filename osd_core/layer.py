@@ -5,8 +5,8 @@ never branch on the method, only on the encoding ``kind``:
 
 - ``factored``: sparse (or dense) factors ``U`` (n×k) and ``V`` (d×k); delta = ``U @ V.T``.
 - ``sparse``: selected entries of the delta itself.
-- ``dense``: the whole delta, stored in a narrow float type, or in int8 with one float32 ``scale``
-  (norms, biases, unknown tensors).
+- ``dense``: the whole delta, stored in a narrow float type, or in int8 or packed int4 with one
+  float32 ``scale`` (norms, biases, unknown tensors).
 - ``replace``: the fine-tuned tensor itself, for tensors the base lacks (a new head).
 - ``zero``: the delta is exactly zero (frozen layers); nothing is stored.
 - ``sign``: the sign of every entry, one bit each in ``bitmap`` (set: positive), times one float32
@@ -94,19 +94,21 @@ class CompressedLayer:
             raise ArtifactError(f"{self.name}: {self.kind} layer has unexpected payload tensors {sorted(unknown)}")
 
     def _check_whole_values(self) -> set[str]:
-        """A tensor stored whole: float values, or (dense only) int8 with one float32 ``scale``."""
+        """A tensor stored whole: float values, or (dense only) int8 or packed int4 with one float32 ``scale``."""
         values = self.tensors["values"]
         numel = math.prod(self.shared_shape)
-        if values.numel() != numel:
+        if values.dtype == PACKED_INT4:
+            unpack_int4(values, numel, self.name, "whole")  # checks its length and nibbles
+        elif values.numel() != numel:
             raise ArtifactError(f"{self.name}: a {self.kind} layer of shape {list(self.shape)} needs {numel} "
                                 f"values, got shape {tuple(values.shape)}")
         if values.dtype in FLOAT_VALUES:
             return set()
         scale = self.tensors.get("scale")
-        if self.kind != "dense" or values.dtype != torch.int8 or scale is None or scale.dtype != torch.float32 \
-                or tuple(scale.shape) != (1,):
+        if self.kind != "dense" or values.dtype not in (torch.int8, PACKED_INT4) or scale is None \
+                or scale.dtype != torch.float32 or tuple(scale.shape) != (1,):
             raise ArtifactError(f"{self.name}: {self.kind} values of dtype {values.dtype} need a float type, or "
-                                "(dense layers) int8 with a float32 'scale' of shape (1,)")
+                                "(dense layers) int8 or packed int4 with a float32 'scale' of shape (1,)")
         return {"scale"}
 
     def _check_signs(self) -> None:
@@ -178,7 +180,10 @@ class CompressedLayer:
             scale = _finite(self.tensors["scale"], self.name, "scale").to(device)
             return (torch.where(positive, 1.0, -1.0) * scale).view(self.shared_shape)
         if self.kind in ("dense", "replace"):
-            values = self.tensors["values"].to(device=device, dtype=torch.float32)
+            values = self.tensors["values"]
+            if values.dtype == PACKED_INT4:
+                values = unpack_int4(values, math.prod(self.shared_shape), self.name, "whole")
+            values = values.to(device=device, dtype=torch.float32)
             if "scale" in self.tensors:
                 values = values * _finite(self.tensors["scale"], self.name, "scale").to(device)
             return values.reshape(self.shared_shape)
@@ -210,11 +215,20 @@ def narrow_whole(values: torch.Tensor) -> torch.Tensor:
     return stored.reshape(-1).contiguous()
 
 
-def quantize_whole(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat int8 values and the one float32 scale (max |value| / 127) they are multiples of."""
+def quantize_whole(values: torch.Tensor, dtype: str = "int8") -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat ``dtype`` values (int8, or int4 packed two to a byte) and the one float32 scale
+    (max |value| / the type's largest level) they are multiples of."""
     flat = values.reshape(-1).to(torch.float32)
-    scale = flat.abs().max().reshape(1) / 127
-    return torch.round(flat / scale).to(torch.int8), scale
+    scale = flat.abs().max().reshape(1) / INT_LEVELS[dtype]
+    return to_levels(flat, scale, dtype), scale
+
+
+def to_levels(values: torch.Tensor, scale: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``values / scale`` rounded to the symmetric levels of ``dtype``, as stored: int8, or int4
+    packed two to a byte. One rule for factors and whole deltas, so both decode the same way."""
+    top = INT_LEVELS[dtype]
+    q = (values / scale).round().clamp(-top, top).to(torch.int8)
+    return pack_int4(q) if dtype == "int4" else q
 
 
 def with_appended_rows(layer: CompressedLayer, rows: torch.Tensor) -> CompressedLayer:

@@ -109,12 +109,12 @@ def test_candidates_with_a_fixed_extra_rank_stop_at_the_dense_rank_k_cost():
 
 
 def test_with_the_default_extra_rank_a_layer_given_more_bits_factors_at_a_higher_rank():
-    config = CompressionConfig(method="magtruncsvd", rank=0.5)  # int8: k = 4r
+    config = CompressionConfig(method="magtruncsvd", rank=0.5)  # int4: k = 8r
     budgets = candidate_budgets(config, (64, 32))
     ranks = [layer_config(config, (64, 32), b).k for b in budgets]
     assert budgets[0] == round(0.25 * layer_budget(64, 32, 0.5)) and layer_budget(64, 32, 0.5) in budgets
-    assert ranks == sorted(ranks) and ranks[0] == 1 and ranks[-1] == 8
-    assert layer_config(config, (64, 32), layer_budget(64, 32, 0.5)).k == config.k == 2
+    assert ranks == sorted(ranks) and ranks[0] == 1 and ranks[-1] == 16
+    assert layer_config(config, (64, 32), layer_budget(64, 32, 0.5)).k == config.k == 4
     # no candidate asks for more singular vectors than the matrix has
     assert max(layer_config(config, (8, 6), b).k for b in candidate_budgets(config, (8, 6))) <= 6
 
@@ -129,7 +129,7 @@ def test_layer_config_leaves_fixed_ranks_and_dropped_layers_alone():
 def test_measured_curves_start_at_dropping_the_layer_and_fall_with_bits():
     torch.manual_seed(0)
     delta = torch.randn(48, 6) @ torch.randn(6, 40)
-    options = measure_curve("w", delta, CompressionConfig(method="magtruncsvd", rank=0.5))
+    options = measure_curve("w", delta, CompressionConfig(method="magtruncsvd", rank=0.5, value_dtype="int8"))
     assert options[0] == Option(0, pytest.approx(float(delta.pow(2).sum())))
     costs = [o.cost for o in options]
     assert costs[-1] < 0.01 * costs[0] and costs[1] < costs[0]
@@ -153,5 +153,5 @@ def test_the_measuring_pass_slices_one_svd_and_measures_what_fresh_factorisation
     assert [o.bits for o in sliced] == [o.bits for o in fresh]
     assert [o.cost for o in sliced] == pytest.approx([o.cost for o in fresh], rel=1e-4)
     small = truncated_svd(delta, 2)
-    with pytest.raises(ConfigError, match="precomputed factors of rank 2 do not fit a rank-4"):
+    with pytest.raises(ConfigError, match="precomputed factors of rank 2 do not fit a rank-8"):
         compress_matrix("w", delta, CompressionConfig(rank=1), factors=small)

@@ -1,6 +1,7 @@
 """The delta format refuses anything it did not write: versions, checksums, truncation, bit flips."""
 
 import json
+import math
 import random
 import shutil
 import time
@@ -175,8 +176,8 @@ def test_a_dense_int8_layer_is_its_values_times_one_scale():
     layer = CompressedLayer("bias", "dense", (4,), {"values": values, "scale": torch.tensor([0.5])})
     assert layer.delta().tolist() == [-63.5, 0.0, 32.0, 63.5] and layer.nbytes == 4 + 4
     for tensors, match in (
-        ({"values": values}, "int8 with a float32 'scale' of shape"),
-        ({"values": values, "scale": torch.tensor([0.5, 0.5])}, "int8 with a float32 'scale' of shape"),
+        ({"values": values}, "int4 with a float32 'scale' of shape"),
+        ({"values": values, "scale": torch.tensor([0.5, 0.5])}, "int4 with a float32 'scale' of shape"),
         ({"values": values, "scale": torch.tensor([1], dtype=torch.float16)}, "float32 'scale'"),
         ({"values": values.float(), "scale": torch.tensor([0.5])}, "unexpected payload tensors"),
         ({"values": values[:3], "scale": torch.tensor([0.5])}, "needs 4 values"),
@@ -189,22 +190,40 @@ def test_a_dense_int8_layer_is_its_values_times_one_scale():
         CompressedLayer("bias", "dense", (4,), {"values": values, "scale": torch.tensor([float("nan")])}).delta()
 
 
-def test_whole_deltas_in_int8_are_within_half_a_step_and_smaller(synthetic_pair, tmp_path):
+def test_a_dense_int4_layer_unpacks_two_values_a_byte():
+    packed = torch.tensor([0x81, 0x0F], dtype=torch.uint8)  # nibbles 1, 8, 15 and padding: -7, 0, 7
+    layer = CompressedLayer("bias", "dense", (3,), {"values": packed, "scale": torch.tensor([0.5])})
+    assert layer.delta().tolist() == [-3.5, 0.0, 3.5] and layer.nbytes == 2 + 4
+    for values, match in ((packed[:1], "must be 2 bytes for 3 entries"),
+                          (torch.tensor([0x80, 0x0F], dtype=torch.uint8), "zero nibble or non-zero padding"),
+                          (torch.tensor([0x81, 0xFF], dtype=torch.uint8), "zero nibble or non-zero padding")):
+        with pytest.raises(ArtifactError, match=match):
+            CompressedLayer("bias", "dense", (3,), {"values": values, "scale": torch.tensor([0.5])})
+    with pytest.raises(ArtifactError, match="packed int4 with a float32 'scale'"):
+        CompressedLayer("bias", "dense", (3,), {"values": packed})
+
+
+@pytest.mark.parametrize("dtype,levels,entry_bytes", [("int8", 127, 1), ("int4", 7, 0.5)])
+def test_whole_deltas_in_integers_are_within_half_a_step_and_smaller(synthetic_pair, tmp_path, dtype, levels,
+                                                                     entry_bytes):
     base, tuned = synthetic_pair
     whole = {}
-    for dense_dtype in ("float16", "int8"):
+    for dense_dtype in ("float16", dtype):
         compress_checkpoint(base, tuned, tmp_path / dense_dtype, CompressionConfig(rank=1, dense_dtype=dense_dtype))
         whole[dense_dtype] = sum(layer.nbytes for layer in DeltaArtifact.open(tmp_path / dense_dtype).layers()
                                  if layer.kind == "dense")
-    layers = {layer.name: layer for layer in DeltaArtifact.open(tmp_path / "int8").layers()}
+    layers = {layer.name: layer for layer in DeltaArtifact.open(tmp_path / dtype).layers()}
     dense = [layer for layer in layers.values() if layer.kind == "dense"]
-    assert dense and all(layer.tensors["values"].dtype == torch.int8 for layer in dense)
-    assert whole["int8"] == whole["float16"] / 2 + 4 * len(dense)  # a byte and not two per entry, one scale each
+    stored = torch.int8 if dtype == "int8" else torch.uint8
+    assert dense and all(layer.tensors["values"].dtype == stored for layer in dense)
+    entries = [math.prod(layer.shape) for layer in dense]
+    assert whole["float16"] == 2 * sum(entries)
+    assert whole[dtype] == sum(math.ceil(n * entry_bytes) for n in entries) + 4 * len(dense)  # one scale each
     base_tensors, tuned_tensors = load_file(base / "model.safetensors"), load_file(tuned / "model.safetensors")
     for layer in dense:
         exact = tuned_tensors[layer.name].float() - base_tensors[layer.name].float()
         step = float(layer.tensors["scale"])
-        assert step == pytest.approx(float(exact.abs().max()) / 127)
+        assert step == pytest.approx(float(exact.abs().max()) / levels)
         assert float((layer.delta() - exact).abs().max()) <= step / 2 * (1 + 1e-5)
     head = [layer for layer in layers.values() if layer.kind == "replace"]
     assert all(layer.tensors["values"].dtype == torch.float16 for layer in head)  # a new head is not a delta

@@ -45,7 +45,7 @@ def test_a_fractional_budget_spent_globally(capsys, synthetic_pair, tmp_path):
         assert ("--allocation global spends" in err) == (allocation == "uniform")  # the nudge, once
         reports[allocation] = json.loads(out)
     spread = reports["global"]
-    assert (spread["r"], spread["c"], spread["allocation"]) == (0.5, 1.5, "global")
+    assert (spread["r"], spread["c"], spread["allocation"]) == (0.5, 3.5, "global")  # int4: k = 8r = 4
     assert 0 < spread["paper_bits"] <= spread["budget_bits"] <= reports["uniform"]["budget_bits"]
     with pytest.raises(SystemExit) as exited:  # argparse's usage error
         run_cli(capsys, *compress_args(base, tuned, tmp_path / "x", "--rank", "half"))

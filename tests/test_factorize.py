@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from osd_core.budget import Encoding, factored_bits, layer_budget, sparse_bits
-from osd_core.config import CompressionConfig
+from osd_core.config import SCALED_DTYPES, CompressionConfig
 from osd_core.errors import ArtifactError, BudgetError, CheckpointError, ConfigError
 from osd_core.factorize import _top, compress_matrix, proportional_counts, taylor_scores
 from osd_core.layer import CompressedLayer, pack_int4, unpack_bitmap, unpack_int4
@@ -36,7 +36,15 @@ def layer_encoding(layer, config):
     """The encoding ``layer`` was charged under: the config's, with the positions it chose."""
     prefix = "u." if layer.kind == "factored" else ""
     positions = "bitmap" if f"{prefix}bitmap" in layer.tensors else "index"
-    return Encoding(config.value_bits, positions, 32 if config.stored_dtype == "int8" else 0)
+    return Encoding(config.value_bits, positions, 32 if config.stored_dtype in SCALED_DTYPES else 0)
+
+
+def kept_entries(layer, prefix):
+    """How many entries a part keeps: int4 values pack two to a byte, so not their numel."""
+    numel = (layer.shape[0 if prefix == "u." else 1] * layer.k) if prefix else layer.shape[0] * layer.shape[1]
+    if f"{prefix}bitmap" in layer.tensors:
+        return int(unpack_bitmap(layer.tensors[f"{prefix}bitmap"], numel).sum())
+    return layer.tensors[f"{prefix}index"].numel() or numel
 
 
 @pytest.mark.parametrize("encoding", [PAPER, {}], ids=["paper", "default"])
@@ -51,14 +59,14 @@ def test_budget_is_never_exceeded_and_counts_are_exact(method, n, d, r, c, encod
     assert layer.budget_bits == budget and layer.paper_bits <= budget
     if layer.kind == "factored":
         k = r if method == "truncsvd" else r + c
-        s_u, s_v = layer.tensors["u.values"].numel(), layer.tensors["v.values"].numel()
+        s_u, s_v = kept_entries(layer, "u."), kept_entries(layer, "v.")
         assert layer.k == k and layer.paper_bits == factored_bits(n, d, k, s_u, s_v, charged)
         u, v = layer.factors()
         assert int((u != 0).sum()) <= s_u and int((v != 0).sum()) <= s_v
         whole = (s_u, s_v) == (n * k, d * k)
         assert whole or layer.paper_bits > budget - 2 * (32 + 32)  # spends the budget, less one entry per factor
     else:
-        assert layer.paper_bits == sparse_bits(n, d, layer.tensors["values"].numel(), charged)
+        assert layer.paper_bits == sparse_bits(n, d, kept_entries(layer, ""), charged)
 
 
 def test_osd_at_c_zero_is_truncated_svd():
@@ -107,11 +115,11 @@ def test_taylor_score_is_first_order_loss_change():
 
 def test_joint_allocation_stays_within_budget_and_differs_from_equal():
     delta, grad = structured_delta(200, 50), gradient(200, 50)
-    config = CompressionConfig(method="osd", rank=1, extra_rank=3, factor_split="joint")
+    config = CompressionConfig(method="osd", rank=1, extra_rank=11, factor_split="joint")  # k = 12 > int4's 8r
     joint = compress_matrix("w", delta, config, grad)
-    equal = compress_matrix("w", delta, CompressionConfig(method="osd", rank=1, extra_rank=3), grad)
+    equal = compress_matrix("w", delta, replace(config, factor_split="equal"), grad)
     assert joint.paper_bits <= layer_budget(200, 50, 1)
-    assert joint.tensors["u.values"].numel() != equal.tensors["u.values"].numel()
+    assert kept_entries(joint, "u.") != kept_entries(equal, "u.")
 
 
 def test_all_zero_delta_compresses_to_nothing():
@@ -176,8 +184,8 @@ def test_truncsvd_refuses_a_fractional_rank_that_relaxed_methods_take():
     with pytest.raises(ConfigError, match="'truncsvd' keeps whole singular vectors: rank must be an integer, got 0.5"):
         CompressionConfig(method="truncsvd", rank=0.5)
     assert CompressionConfig(method="truncsvd", rank=2.0).rank == 2  # one spelling per budget
-    half = CompressionConfig(method="magtruncsvd", rank=0.5)  # int8 values: k = 4r
-    assert (half.k, half.c) == (2, 1.5)
+    half = CompressionConfig(method="magtruncsvd", rank=0.5)  # int4 values: k = 8r
+    assert (half.k, half.c) == (4, 3.5)
     assert CompressionConfig(rank=0.5, value_dtype="float32").k == 1
     assert CompressionConfig(rank=1.5, extra_rank=1).k == 3
 
@@ -203,7 +211,8 @@ def test_a_rank_too_small_to_buy_one_bit_is_refused_not_silently_dropped():
 
 def test_fractional_extra_ranks_read_cleanly():
     assert CompressionConfig(rank=0.7, value_dtype="float16").c == 0.3  # not 0.30000000000000004
-    assert [CompressionConfig(rank=r).k for r in (0.125, 0.375, 0.625, 0.875)] == [1, 2, 3, 4]  # halves round up
+    int8 = [CompressionConfig(rank=r, value_dtype="int8").k for r in (0.125, 0.375, 0.625, 0.875)]
+    assert int8 == [1, 2, 3, 4]  # halves round up
 
 
 @pytest.mark.gpu
@@ -344,8 +353,9 @@ def test_damaged_encodings_never_decode():
 
 def test_default_extra_rank_is_what_dense_factors_of_the_value_width_fill():
     config = CompressionConfig(rank=2)
-    assert (config.stored_dtype, config.c, config.k) == ("int8", 6, 8)
-    assert replace(config, rank=4).c == 12  # follows the rank, not the value it was built with
+    assert (config.stored_dtype, config.c, config.k) == ("int4", 14, 16)
+    assert replace(config, rank=4).c == 28  # follows the rank, not the value it was built with
+    assert CompressionConfig(rank=2, value_dtype="int8").c == 6
     assert CompressionConfig(rank=3, value_dtype="float16").c == 3
     assert CompressionConfig(rank=3, value_dtype="float32").c == 1
     assert CompressionConfig(rank=3, extra_rank=5).c == 5
@@ -448,12 +458,6 @@ def test_damaged_int4_values_are_refused():
         unpack_int4(torch.tensor([0x09, 0x0F], dtype=torch.uint8), 3, "w", "U")  # 0x0F: its high nibble is 0
     with pytest.raises(ArtifactError, match="zero nibble or non-zero padding"):
         unpack_int4(torch.tensor([0x99, 0x19], dtype=torch.uint8), 3, "w", "U")  # padding nibble 1
-
-
-def kept_entries(layer, prefix):
-    if f"{prefix}bitmap" in layer.tensors:
-        return int(unpack_bitmap(layer.tensors[f"{prefix}bitmap"], layer.shape[0 if prefix == "u." else 1] * layer.k).sum())
-    return layer.tensors[f"{prefix}index"].numel()
 
 
 @pytest.mark.parametrize("positions, gain", [("bitmap", 1.5), ("index", 1.15)])

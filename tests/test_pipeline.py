@@ -167,7 +167,8 @@ def test_fractional_budgets_sweep_the_relaxed_methods_and_truncsvd_at_whole_rank
         '[[models]]\nname = "m"\nbase = "b"\nfinetuned = "f"\n'
     )
     labels = [v.label for v in load_fleet_config(tmp_path / "fleet.toml").sweep.variants()]
-    assert labels == ["magtruncsvd r=0.25+0.75 uniform", "magtruncsvd r=1+3 uniform", "truncsvd r=1 uniform"]
+    # int4 values by default: c = 7r
+    assert labels == ["magtruncsvd r=0.25+1.75 uniform", "magtruncsvd r=1+7 uniform", "truncsvd r=1 uniform"]
     with pytest.raises(ConfigError, match="sweep has nothing to run: truncsvd needs whole ranks, got \\[0.5\\]"):
         SweepSpec(ranks=(0.5,), methods=("truncsvd",))
     for bad in ((0,), (-1.5,), (float("inf"),), (True,)):

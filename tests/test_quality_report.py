@@ -46,14 +46,14 @@ def test_report_tables_each_variant_and_its_difference_from_the_reference(tmp_pa
     assert "| osd-taylor-int8 | – |" in quality.report(path)
 
 
-def test_league_pairs_each_peer_with_the_best_default_point_at_no_more_bytes(tmp_path):
+def test_league_pairs_each_peer_with_the_best_default_point_at_no_more_bytes(tmp_path, capsys):
     common = {"workload": "w", "split": "eval", "n": 100, "full_accuracy": 0.9,
               "delta_fp16_bytes": 4_000_000, "delta_fp16_zstd_bytes": 3_000_000}
     def point(variant: str, r: float, size: int, right: int) -> dict:
         return {**common, "variant": variant, "r": r, "bytes": size, "accuracy": right / 100,
                 "correct": "1" * right + "0" * (100 - right)}
 
-    rows = [point("magtruncsvd-int8", 1, 10_000, 80), point("magtruncsvd-int8", 4, 40_000, 85),
+    rows = [point("magtruncsvd-int4-whole4", 1, 10_000, 80), point("magtruncsvd-int4-whole4-global", 4, 40_000, 85),
             point("dare-int8", 4, 30_000, 60), point("bitdelta", 1, 5_000, 70)]
     text = league.table(rows)
     assert "| zstd -19 of the fp16 delta (lossless) | – | 3,000,000 | 1/1.33 |" in text
@@ -63,3 +63,8 @@ def test_league_pairs_each_peer_with_the_best_default_point_at_no_more_bytes(tmp
     assert "no default point this small (smallest: 10 KB)" in bitdelta
     (png,) = league.plot(rows, tmp_path)
     assert png.name == "league-w-eval.png" and png.read_bytes()[:4] == b"\x89PNG"
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert league.main([str(path), "--peers", "dare-int8"]) == 0
+    shown = capsys.readouterr().out
+    assert "| dare-int8 |" in shown and "| bitdelta |" not in shown and "| magtruncsvd-int4-whole4 |" in shown
