@@ -215,7 +215,7 @@ def narrow_whole(values: torch.Tensor) -> torch.Tensor:
     return stored.reshape(-1).contiguous()
 
 
-def quantize_whole(values: torch.Tensor, dtype: str = "int8") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_whole(values: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat ``dtype`` values (int8, or int4 packed two to a byte) and the one float32 scale
     (max |value| / the type's largest level) they are multiples of."""
     flat = values.reshape(-1).to(torch.float32)
