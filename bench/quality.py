@@ -76,6 +76,9 @@ VARIANTS: dict[str, dict] = {
     # a peer: ImPart's per-singular-vector random sparsity, density following σ_i
     "impart": {"method": "impart", **PAPER},
     "impart-int8": {"method": "impart", **PACKED},
+    # a peer: Delta-CoMe's whole singular vectors at 8, 4 or 2 bits, the widest for the largest σ;
+    # its 1-D deltas in int4 as the default's are, so the pair compares the matrices' encodings only
+    "deltacome-whole4": {"method": "deltacome", "dense_dtype": "int4"},
     # other encodings
     "magtruncsvd-fp16": {"method": "magtruncsvd", "value_dtype": "float16", "positions": "index"},
     "magtruncsvd-bitmap": {"method": "magtruncsvd", "value_dtype": "float32", "positions": "auto"},

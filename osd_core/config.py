@@ -10,7 +10,7 @@ from .budget import VALUE_BITS, Encoding
 from .errors import ConfigError
 from .settings import setting
 
-METHODS = ("truncsvd", "magtruncsvd", "impart", "sparse", "dare", "bitdelta", "osd")
+METHODS = ("truncsvd", "magtruncsvd", "impart", "deltacome", "sparse", "dare", "bitdelta", "osd")
 ENTRYWISE_METHODS = ("sparse", "dare", "bitdelta")  # entries of the delta itself, no factorisation
 SIGMA_PLACEMENTS = ("sqrt", "u", "v")
 FACTOR_SPLITS = ("equal", "joint")
@@ -78,7 +78,8 @@ class CompressionConfig:
     # Each field's help is the flag's help (osd_cli.settings); the fleet file's [sweep.compression]
     # table and the flows' parameters take the same names.
     method: str = setting("magtruncsvd", "truncsvd, magtruncsvd (magnitude masks), impart (random masks whose "
-                          "density follows each singular value, rescaled), sparse (largest delta "
+                          "density follows each singular value, rescaled), deltacome (whole singular vectors at 8, 4 or 2 "
+                          "bits, more for larger ones), sparse (largest delta "
                           "entries), dare (random delta entries, rescaled), bitdelta (the sign of every entry and "
                           "one scale: 1 bit per entry, whatever the rank), or osd (the paper's Taylor-importance "
                           "masks, needs calibration)", METHODS)
@@ -141,6 +142,9 @@ class CompressionConfig:
         for flag in ("whiten", "compress_embeddings"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if self.method == "deltacome" and (self.extra_rank is not None or self.whiten or self.refit):
+            raise ConfigError("method 'deltacome' chooses its own vectors and keeps them whole: extra_rank, whiten "
+                              "and refit do not apply to it")
         if self.factor_split == "joint" and self.method != "osd":
             raise ConfigError("factor_split='joint' needs commensurate scores: only method 'osd' has them")
 
@@ -154,9 +158,13 @@ class CompressionConfig:
     def k(self) -> int:
         """The factorisation rank: ``r`` for truncsvd; for the relaxed methods ``⌈r⌉ + extra_rank``,
         or by default the rank dense factors of the stored value width would fill: ``r·32/bits``
-        (8r for int4, 4r for int8, 2r for 16-bit), and ``⌊r⌋ + 1`` for float32; at least 1."""
+        (8r for int4, 4r for int8, 2r for 16-bit), and ``⌊r⌋ + 1`` for float32; at least 1. For
+        deltacome, the most singular vectors it may keep (16r, all at 2 bits); each layer's
+        record says how many it kept."""
         if self.method == "truncsvd":
             return int(self.rank)
+        if self.method == "deltacome":  # the most vectors it may keep: all at 2 bits, 16r
+            return max(1, math.floor(self.rank * VALUE_BITS / 2 + 0.5))
         if self.extra_rank is not None:
             return math.ceil(self.rank) + self.extra_rank
         if self.value_bits == VALUE_BITS:

@@ -24,8 +24,14 @@ Kept entries of a factor (or of a sparse delta) are a ``<prefix>values`` vector 
 ``<prefix>index`` (flat row-major positions in the narrowest signed integer type that holds them;
 empty when the matrix is kept whole) or ``<prefix>bitmap`` (one bit per slot, packed eight to a
 byte, least significant bit first). Values are floats, or integers with a float32 ``<prefix>scale``
-per column (value = q · scale[column]): int8, or int4 (q in [-7, 7]) packed two to a ``uint8``,
-low nibble first, each stored as q + 8 so that a zero nibble is padding and never a value.
+per column (value = q · scale[column]): int8; int4 (q in [-7, 7]) packed two to a ``uint8``, low
+nibble first, each stored as q + 8; or int2 (q in [-1, 1]) packed four to a byte, lowest bits
+first, each stored as q + 2. An all-zero field is padding and never a value.
+
+A factored layer may store its singular vectors at mixed widths (Delta-CoMe's encoding): instead
+of one ``u.``/``v.`` pair, one pair per width under ``q8.``, ``q4.`` and ``q2.`` (``q4.u.values``),
+each kept whole with a scale per column. The groups hold the leading columns in that order, widest
+first, so ``U`` is their columns side by side; each group's column count is its scale's length.
 """
 
 from __future__ import annotations
@@ -44,8 +50,11 @@ KINDS = ("factored", "sparse", "dense", "replace", "zero", "experts", "sign")
 MATRICES: dict[str, tuple[str, ...]] = {"factored": ("u.", "v."), "sparse": ("",)}
 FLOAT_VALUES = (torch.float32, torch.float16, torch.bfloat16)
 ROWS = "rows.values"  # the appended rows of a layer with new_rows
-INT_LEVELS = {"int8": 127, "int4": 7}  # the largest |q| of each integer value type (symmetric)
-PACKED_INT4 = torch.uint8  # the stored dtype of int4 values
+INT_LEVELS = {"int8": 127, "int4": 7, "int2": 1}  # the largest |q| of each integer value type (symmetric)
+PACKED_BITS = {"int4": 4, "int2": 2}  # integer types packed several to a byte
+PACKED_INT4 = torch.uint8  # the stored dtype of packed values (int4, and int2 in width groups)
+# The column groups of a mixed-width factored layer, in column order, and each group's value type.
+WIDTH_GROUPS = {"q8.": "int8", "q4.": "int4", "q2.": "int2"}
 
 
 @dataclass(frozen=True)
@@ -80,9 +89,14 @@ class CompressedLayer:
             self._check_signs()
             return
         if self.kind in MATRICES:
-            for prefix in MATRICES[self.kind]:
-                _check_parts(self.name, self.tensors, prefix)
-            known = {f"{p}{part}" for p in MATRICES[self.kind] for part in ("values", "index", "bitmap", "scale")}
+            groups = self.width_groups()
+            for group, dtype in groups:
+                for matrix in MATRICES[self.kind]:
+                    _check_parts(self.name, self.tensors, group + matrix, dtype)
+            if groups[0][1] is not None:
+                self._check_group_columns(groups)
+            known = {f"{group}{matrix}{part}" for group, _ in groups for matrix in MATRICES[self.kind]
+                     for part in ("values", "index", "bitmap", "scale")}
         else:
             known = set() if self.kind == "zero" else {"values"}
             if known - set(self.tensors):
@@ -93,12 +107,30 @@ class CompressedLayer:
         if unknown:
             raise ArtifactError(f"{self.name}: {self.kind} layer has unexpected payload tensors {sorted(unknown)}")
 
+    def width_groups(self) -> list[tuple[str, str | None]]:
+        """The column groups of a factored or sparse layer: ``[("", None)]`` for one group of any
+        value type, else each mixed-width group present (prefix and value type), in column order."""
+        present = [(group, dtype) for group, dtype in WIDTH_GROUPS.items()
+                   if self.kind == "factored" and any(key.startswith(group) for key in self.tensors)]
+        return present or [("", None)]
+
+    def _check_group_columns(self, groups: list[tuple[str, str | None]]) -> None:
+        widths = []
+        for group, _ in groups:
+            u, v = self.tensors[f"{group}u.scale"], self.tensors[f"{group}v.scale"]
+            if u.ndim != 1 or u.shape != v.shape or u.numel() == 0:
+                raise ArtifactError(f"{self.name}: group {group!r} needs equal non-empty 1-D U and V scales, got "
+                                    f"{tuple(u.shape)} and {tuple(v.shape)}")
+            widths.append(u.numel())
+        if sum(widths) != self.k:
+            raise ArtifactError(f"{self.name}: its width groups hold {sum(widths)} columns, the layer's rank is {self.k}")
+
     def _check_whole_values(self) -> set[str]:
         """A tensor stored whole: float values, or (dense only) int8 or packed int4 with one float32 ``scale``."""
         values = self.tensors["values"]
         numel = math.prod(self.shared_shape)
         if values.dtype == PACKED_INT4:
-            unpack_int4(values, numel, self.name, "whole")  # checks its length and nibbles
+            unpack_levels(values, numel, 4, self.name, "whole")  # checks its length and fields
         elif values.numel() != numel:
             raise ArtifactError(f"{self.name}: a {self.kind} layer of shape {list(self.shape)} needs {numel} "
                                 f"values, got shape {tuple(values.shape)}")
@@ -163,9 +195,13 @@ class CompressedLayer:
         if self.kind != "factored":
             raise ArtifactError(f"{self.name}: a {self.kind} layer has no factors")
         n, d = self.shared_shape
-        u = decode_matrix(self.tensors, "u.", n, self.k, self.name, "U")
-        v = decode_matrix(self.tensors, "v.", d, self.k, self.name, "V")
-        return u.view(n, self.k), v.view(d, self.k)
+        us, vs = [], []
+        for group, dtype in self.width_groups():
+            cols = self.k if dtype is None else self.tensors[f"{group}u.scale"].numel()
+            bits = PACKED_BITS.get(dtype, 4)
+            us.append(decode_matrix(self.tensors, f"{group}u.", n, cols, self.name, "U", bits).view(n, cols))
+            vs.append(decode_matrix(self.tensors, f"{group}v.", d, cols, self.name, "V", bits).view(d, cols))
+        return torch.cat(us, dim=1), torch.cat(vs, dim=1)
 
     def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The dense float32 delta (or, for ``replace``, the tensor itself) this layer encodes, over
@@ -182,7 +218,7 @@ class CompressedLayer:
         if self.kind in ("dense", "replace"):
             values = self.tensors["values"]
             if values.dtype == PACKED_INT4:
-                values = unpack_int4(values, math.prod(self.shared_shape), self.name, "whole")
+                values = unpack_levels(values, math.prod(self.shared_shape), 4, self.name, "whole")
             values = values.to(device=device, dtype=torch.float32)
             if "scale" in self.tensors:
                 values = values * _finite(self.tensors["scale"], self.name, "scale").to(device)
@@ -224,11 +260,11 @@ def quantize_whole(values: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torc
 
 
 def to_levels(values: torch.Tensor, scale: torch.Tensor, dtype: str) -> torch.Tensor:
-    """``values / scale`` rounded to the symmetric levels of ``dtype``, as stored: int8, or int4
-    packed two to a byte. One rule for factors and whole deltas, so both decode the same way."""
+    """``values / scale`` rounded to the symmetric levels of ``dtype``, as stored: int8, or int4 or
+    int2 packed several to a byte. One rule for factors and whole deltas, so all decode the same way."""
     top = INT_LEVELS[dtype]
     q = (values / scale).round().clamp(-top, top).to(torch.int8)
-    return pack_int4(q) if dtype == "int4" else q
+    return pack_levels(q, PACKED_BITS[dtype]) if dtype in PACKED_BITS else q
 
 
 def with_appended_rows(layer: CompressedLayer, rows: torch.Tensor) -> CompressedLayer:
@@ -247,25 +283,29 @@ def index_dtype(positions: int) -> torch.dtype:
     return torch.int64
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Integers in [-7, 7] two to a byte, low nibble first, each as q + 8 (a zero nibble pads)."""
-    nibbles = (q.reshape(-1).to(torch.int16) + 8).to(torch.uint8)
-    padded = torch.zeros(2 * math.ceil(nibbles.numel() / 2), dtype=torch.uint8, device=q.device)
-    padded[: nibbles.numel()] = nibbles
-    pairs = padded.view(-1, 2)
-    return pairs[:, 0] | (pairs[:, 1] << 4)
+def pack_levels(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integers in [-(2^(bits-1) - 1), 2^(bits-1) - 1], 8 / bits to a byte, the first in the lowest
+    bits, each stored as q + 2^(bits-1), so that an all-zero field is padding and never a value."""
+    per_byte, offset = 8 // bits, 1 << (bits - 1)
+    fields = (q.reshape(-1).to(torch.int16) + offset).to(torch.uint8)
+    padded = torch.zeros(per_byte * math.ceil(fields.numel() / per_byte), dtype=torch.uint8, device=q.device)
+    padded[: fields.numel()] = fields
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=q.device)
+    return (padded.view(-1, per_byte) << shifts).sum(1, dtype=torch.uint8)  # fields never overlap: no carries
 
 
-def unpack_int4(packed: torch.Tensor, count: int, name: str, what: str) -> torch.Tensor:
-    """The ``count`` int8 values in [-7, 7] that ``pack_int4`` packed; a wrong length, a zero nibble
+def unpack_levels(packed: torch.Tensor, count: int, bits: int, name: str, what: str) -> torch.Tensor:
+    """The ``count`` int8 values that ``pack_levels`` packed at ``bits``; a wrong length, a zero field
     inside or a non-zero one in the padding raises ``ArtifactError``."""
-    if packed.ndim != 1 or packed.numel() != math.ceil(count / 2):
-        raise ArtifactError(f"{name}: {what} int4 values must be {math.ceil(count / 2)} bytes for {count} entries, "
-                            f"got {tuple(packed.shape)}")
-    nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)
-    if bool((nibbles[:count] == 0).any()) or bool(nibbles[count:].any()):
-        raise ArtifactError(f"{name}: {what} int4 values hold a zero nibble or non-zero padding")
-    return nibbles[:count].to(torch.int8) - 8
+    per_byte = 8 // bits
+    if packed.ndim != 1 or packed.numel() != math.ceil(count / per_byte):
+        raise ArtifactError(f"{name}: {what} int{bits} values must be {math.ceil(count / per_byte)} bytes for "
+                            f"{count} entries, got {tuple(packed.shape)}")
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+    fields = ((packed[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)
+    if bool((fields[:count] == 0).any()) or bool(fields[count:].any()):
+        raise ArtifactError(f"{name}: {what} int{bits} values hold a zero field or non-zero padding")
+    return fields[:count].to(torch.int8) - (1 << (bits - 1))
 
 
 def pack_bitmap(mask: torch.Tensor) -> torch.Tensor:
@@ -284,8 +324,9 @@ def unpack_bitmap(bitmap: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def decode_matrix(tensors: dict[str, torch.Tensor], prefix: str, rows: int, cols: int, name: str,
-                  what: str) -> torch.Tensor:
-    """The flat float32 ``rows × cols`` matrix stored under ``prefix``, zeros where not kept.
+                  what: str, packed_bits: int = 4) -> torch.Tensor:
+    """The flat float32 ``rows × cols`` matrix stored under ``prefix``, zeros where not kept; packed
+    values hold ``packed_bits`` each (int4, or int2 in a ``q2.`` width group).
 
     Every structural fact is checked (lengths, ranges, padding bits, scale shape, finiteness), so
     a damaged artifact raises ``ArtifactError`` and never becomes wrong weights silently.
@@ -293,7 +334,7 @@ def decode_matrix(tensors: dict[str, torch.Tensor], prefix: str, rows: int, cols
     numel = rows * cols
     values = tensors[f"{prefix}values"]
     if values.dtype == PACKED_INT4:
-        values = unpack_int4(values, _kept_count(tensors, prefix, numel, name, what), name, what)
+        values = unpack_levels(values, _kept_count(tensors, prefix, numel, name, what), packed_bits, name, what)
     if values.ndim != 1 or values.numel() > numel:
         raise ArtifactError(f"{name}: {what} values must be 1-D with at most {numel} entries, got "
                             f"{tuple(values.shape)}")
@@ -353,11 +394,18 @@ def _check_bitmap(bitmap: torch.Tensor, numel: int, name: str, what: str) -> Non
                             f"{bitmap.dtype} {tuple(bitmap.shape)}")
 
 
-def _check_parts(name: str, tensors: dict[str, torch.Tensor], prefix: str) -> None:
-    """One values vector, exactly one position encoding, and a scale exactly when values are int8."""
+def _check_parts(name: str, tensors: dict[str, torch.Tensor], prefix: str, dtype: str | None = None) -> None:
+    """One values vector, exactly one position encoding, and a scale exactly when values are
+    integers; in a width group, integers of the group's type kept whole (an empty index)."""
     values = tensors.get(f"{prefix}values")
     if values is None:
         raise ArtifactError(f"{name}: payload lacks tensor '{prefix}values'")
+    if dtype is not None:
+        index = tensors.get(f"{prefix}index")
+        stored = torch.int8 if dtype == "int8" else PACKED_INT4
+        if values.dtype != stored or index is None or index.numel() or f"{prefix}scale" not in tensors:
+            raise ArtifactError(f"{name}: width group '{prefix}' holds {dtype} values ({stored}) kept whole: an "
+                                f"empty '{prefix}index' and a '{prefix}scale'")
     if (f"{prefix}index" in tensors) == (f"{prefix}bitmap" in tensors):
         raise ArtifactError(f"{name}: '{prefix}values' needs exactly one of '{prefix}index' or '{prefix}bitmap'")
     if values.dtype not in (*FLOAT_VALUES, torch.int8, PACKED_INT4):

@@ -31,8 +31,10 @@ FORMAT_NAME = "osd-fleet-delta"
 # reader would misread them. Version 5 packs what was most of a small delta's fixed bytes: payloads
 # hold one data tensor with a compressed layout (``osd_core.packed_payload``), the manifest holds
 # its layer table compressed (``layers_packed``), and ``dense`` layers may be int8 with one scale.
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+# Version 6 adds factored layers at mixed widths (``q8.``/``q4.``/``q2.`` column groups, int2
+# values among them: Delta-CoMe), which a version-5 reader would refuse.
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 SEALED_FROM = 3
 SEAL = "manifest_sha256"
 PACKED_FROM = 5

@@ -193,14 +193,14 @@ def test_a_fine_tune_with_added_tokens_stores_the_new_rows_whole(tmp_path, arch)
         export_adapter(base, tmp_path / "delta", tmp_path / "adapter")
 
 
-@pytest.mark.parametrize("method", ["dare", "bitdelta", "impart"])
+@pytest.mark.parametrize("method", ["dare", "bitdelta", "impart", "deltacome"])
 def test_the_peer_methods_round_trip_on_a_decoder(tmp_path, method):
     config_class, settings, auto_class = ARCHITECTURES["llama"]
     base, tuned = save_pair(tmp_path, config_class, settings, auto_class)
     compress_checkpoint(base, tuned, tmp_path / "delta", CompressionConfig(method=method, rank=1))
     artifact = DeltaArtifact.open(tmp_path / "delta")
     kinds = {info.kind for info in artifact.manifest.layers.values() if info.role == "linear"}
-    assert kinds == {{"dare": "sparse", "bitdelta": "sign", "impart": "factored"}[method]}
+    assert kinds == {{"dare": "sparse", "bitdelta": "sign", "impart": "factored", "deltacome": "factored"}[method]}
     restored = reconstruct_checkpoint(base, tmp_path / "delta", tmp_path / "restored")
     decoded = {layer.name: layer.delta() for layer in artifact.layers()}
     expected = logits(base_plus(base, decoded, tmp_path / "expected"), auto_class)

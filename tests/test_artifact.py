@@ -38,7 +38,7 @@ def rewrite_manifest(path, change):
 
 def test_manifest_records_provenance_and_checksums(delta):
     manifest = DeltaArtifact.open(delta).manifest
-    assert manifest.to_json()["format"] == "osd-fleet-delta" and manifest.format_version == FORMAT_VERSION == 5
+    assert manifest.to_json()["format"] == "osd-fleet-delta" and manifest.format_version == FORMAT_VERSION == 6
     assert manifest.config["method"] == "magtruncsvd" and manifest.osd_fleet_version
     assert len(manifest.base["sha256"]) == 64 and len(manifest.finetuned["sha256"]) == 64
     assert all(len(info.sha256) == 64 for info in manifest.payloads.values())
@@ -195,8 +195,8 @@ def test_a_dense_int4_layer_unpacks_two_values_a_byte():
     layer = CompressedLayer("bias", "dense", (3,), {"values": packed, "scale": torch.tensor([0.5])})
     assert layer.delta().tolist() == [-3.5, 0.0, 3.5] and layer.nbytes == 2 + 4
     for values, match in ((packed[:1], "must be 2 bytes for 3 entries"),
-                          (torch.tensor([0x80, 0x0F], dtype=torch.uint8), "zero nibble or non-zero padding"),
-                          (torch.tensor([0x81, 0xFF], dtype=torch.uint8), "zero nibble or non-zero padding")):
+                          (torch.tensor([0x80, 0x0F], dtype=torch.uint8), "zero field or non-zero padding"),
+                          (torch.tensor([0x81, 0xFF], dtype=torch.uint8), "zero field or non-zero padding")):
         with pytest.raises(ArtifactError, match=match):
             CompressedLayer("bias", "dense", (3,), {"values": values, "scale": torch.tensor([0.5])})
     with pytest.raises(ArtifactError, match="packed int4 with a float32 'scale'"):

@@ -9,7 +9,7 @@ from osd_core.budget import Encoding, factored_bits, layer_budget, sparse_bits
 from osd_core.config import SCALED_DTYPES, CompressionConfig
 from osd_core.errors import ArtifactError, BudgetError, CheckpointError, ConfigError
 from osd_core.factorize import _top, compress_matrix, proportional_counts, taylor_scores
-from osd_core.layer import CompressedLayer, pack_int4, unpack_bitmap, unpack_int4
+from osd_core.layer import CompressedLayer, pack_levels, unpack_bitmap, unpack_levels
 
 METHODS = ["truncsvd", "magtruncsvd", "osd", "sparse"]
 
@@ -442,22 +442,31 @@ def test_top_keeps_what_a_stable_descending_sort_keeps(values):
         assert torch.equal(_top(score, count), expected), count
 
 
-@pytest.mark.parametrize("count", [0, 1, 2, 7, 8])
-def test_int4_values_pack_two_to_a_byte_and_come_back(count):
-    q = torch.arange(count, dtype=torch.int8) % 15 - 7
-    packed = pack_int4(q)
-    assert packed.dtype == torch.uint8 and packed.numel() == (count + 1) // 2
-    assert torch.equal(unpack_int4(packed, count, "w", "U"), q)
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 4, 7, 8, 9])
+def test_narrow_values_pack_several_to_a_byte_and_come_back(count, bits):
+    top = (1 << (bits - 1)) - 1
+    q = torch.arange(count, dtype=torch.int8) % (2 * top + 1) - top
+    packed = pack_levels(q, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-count // (8 // bits))
+    assert torch.equal(unpack_levels(packed, count, bits, "w", "U"), q)
 
 
-def test_damaged_int4_values_are_refused():
-    packed = pack_int4(torch.tensor([1, -7, 7], dtype=torch.int8))
+def test_int4_packing_is_the_layout_of_earlier_versions():
+    assert pack_levels(torch.tensor([1, -7, 7], dtype=torch.int8), 4).tolist() == [0x19, 0x0F]  # q + 8, low first
+    assert pack_levels(torch.tensor([1, -1, 0, 1, 0], dtype=torch.int8), 2).tolist() == [0b11100111, 0b10]
+
+
+def test_damaged_narrow_values_are_refused():
+    packed = pack_levels(torch.tensor([1, -7, 7], dtype=torch.int8), 4)
     with pytest.raises(ArtifactError, match="must be 1 bytes for 2 entries"):
-        unpack_int4(packed, 2, "w", "U")
-    with pytest.raises(ArtifactError, match="zero nibble or non-zero padding"):
-        unpack_int4(torch.tensor([0x09, 0x0F], dtype=torch.uint8), 3, "w", "U")  # 0x0F: its high nibble is 0
-    with pytest.raises(ArtifactError, match="zero nibble or non-zero padding"):
-        unpack_int4(torch.tensor([0x99, 0x19], dtype=torch.uint8), 3, "w", "U")  # padding nibble 1
+        unpack_levels(packed, 2, 4, "w", "U")
+    with pytest.raises(ArtifactError, match="zero field or non-zero padding"):
+        unpack_levels(torch.tensor([0x09, 0x0F], dtype=torch.uint8), 3, 4, "w", "U")  # 0x0F: its high nibble is 0
+    with pytest.raises(ArtifactError, match="zero field or non-zero padding"):
+        unpack_levels(torch.tensor([0x99, 0x19], dtype=torch.uint8), 3, 4, "w", "U")  # padding nibble 1
+    with pytest.raises(ArtifactError, match="zero field or non-zero padding"):
+        unpack_levels(torch.tensor([0b11100111, 0b0110], dtype=torch.uint8), 5, 2, "w", "U")  # padding field 01
 
 
 @pytest.mark.parametrize("positions, gain", [("bitmap", 1.5), ("index", 1.15)])
@@ -477,6 +486,70 @@ def test_int4_factors_decode_on_their_grid_and_keep_more_entries_than_int8(posit
     damaged = {**layer.tensors, "u.values": layer.tensors["u.values"][:-1]}
     with pytest.raises(ArtifactError, match="int4 values must be"):
         CompressedLayer("w", "factored", layer.shape, damaged, k=layer.k).delta()
+
+
+def spectrum_delta(n, d, seed=0):
+    """A delta whose singular values fall off slowly, as fine-tunes' do: no rank holds it all."""
+    gen = torch.Generator().manual_seed(seed)
+    left, _ = torch.linalg.qr(torch.randn(n, min(n, d), generator=gen))
+    right, _ = torch.linalg.qr(torch.randn(d, min(n, d), generator=gen))
+    sigma = 1.0 / torch.arange(1, min(n, d) + 1).float() ** 0.6
+    return (left * sigma) @ right.T * 1e-3
+
+
+@pytest.mark.parametrize("rank", [0.25, 1, 4])
+def test_deltacome_spends_more_bits_on_larger_singular_values_within_the_budget(rank):
+    delta = spectrum_delta(384, 256)
+    layer = compress_matrix("w", delta, CompressionConfig(method="deltacome", rank=rank, svd="exact"))
+    groups = [group for group in ("q8.", "q4.", "q2.") if f"{group}u.values" in layer.tensors]
+    widths = {"q8.": 8, "q4.": 4, "q2.": 2}
+    columns = {group: layer.tensors[f"{group}u.scale"].numel() for group in groups}
+    assert layer.kind == "factored" and len(groups) >= 2 and sum(columns.values()) == layer.k
+    assert layer.paper_bits == sum(((384 + 256) * widths[g] + 64) * columns[g] for g in groups) <= layer.budget_bits
+    assert layer.budget_bits - layer.paper_bits < (384 + 256) * 2 + 64  # not even one more 2-bit vector fits
+    stored = sum(t.numel() * t.element_size() for key, t in layer.tensors.items() if key.endswith("values"))
+    assert stored == sum(-(-(384 + 256) * columns[g] * widths[g] // 8) for g in groups)
+    # widest first, and the stored columns are the leading singular vectors in order: no narrow
+    # vector was bought before a wider one of a larger singular value
+    u, _ = layer.factors()
+    exact = torch.linalg.svd(delta, full_matrices=False).U[:, : layer.k]
+    match = (torch.nn.functional.normalize(u, dim=0).T @ exact).abs().argmax(dim=1)
+    assert torch.equal(match, torch.arange(layer.k))
+
+
+@pytest.mark.parametrize("rank", [0.25, 1, 4])
+def test_deltacome_beats_truncated_svd_and_int4_magnitude_masks_lose_to_neither_by_much(rank):
+    delta = spectrum_delta(384, 256)
+    mixed = rel_error(delta, compress_matrix("w", delta, CompressionConfig(method="deltacome", rank=rank, svd="exact")))
+    if float(rank).is_integer():
+        plain = rel_error(delta, compress_matrix("w", delta, CompressionConfig(method="truncsvd", rank=int(rank),
+                                                                                svd="exact")))
+        assert mixed < 0.95 * plain  # narrower vectors buy more of the spectrum than fp32 ones
+    int4 = compress_matrix("w", delta, CompressionConfig(method="magtruncsvd", rank=rank, svd="exact"))
+    assert 0.8 < rel_error(delta, int4) / mixed < 1.25
+
+
+def test_damaged_width_groups_never_decode():
+    delta = spectrum_delta(96, 64)
+    layer = compress_matrix("w", delta, CompressionConfig(method="deltacome", rank=2, svd="exact"))
+    assert "q2.u.values" in layer.tensors
+    cases = {
+        "a group kept sparse": ({"q2.u.index": torch.tensor([0], dtype=torch.int16)}, "kept whole"),
+        "int4 values in the int2 group": ({"q2.u.values": layer.tensors["q4.u.values"]}, "int2 values|kept whole"),
+        "short scales": ({"q2.v.scale": layer.tensors["q2.v.scale"][:-1]}, "equal non-empty"),
+        "a plain pair beside the groups": ({"u.values": layer.tensors["q2.u.values"]}, "unexpected payload"),
+    }
+    for what, (change, message) in cases.items():
+        with pytest.raises(ArtifactError, match=message):
+            CompressedLayer("w", "factored", layer.shape, {**layer.tensors, **change}, k=layer.k).delta()
+    with pytest.raises(ArtifactError, match="width groups hold"):
+        CompressedLayer("w", "factored", layer.shape, layer.tensors, k=layer.k + 1)
+
+
+def test_deltacome_refuses_settings_it_cannot_honour():
+    for field, value in (("extra_rank", 3), ("refit", 1), ("whiten", True)):
+        with pytest.raises(ConfigError, match="deltacome"):
+            CompressionConfig(method="deltacome", **{field: value})
 
 
 def test_int4_fills_a_rank_8r_factorisation_by_default():

@@ -133,7 +133,11 @@ def test_payload_names_that_could_escape_are_refused_on_read(delta, reliability,
 
 def as_version(delta: Path, version: int) -> None:
     """Rewrite ``delta`` as the format before packed payloads wrote it: one tensor per part, named
-    ``<tensor>::<part>``, and from version 3 a sealed manifest (version 2 had no seal)."""
+    ``<tensor>::<part>``, and from version 3 a sealed manifest (version 2 had no seal). Version 5
+    packed payloads as now; only mixed widths came later."""
+    if version == 5:
+        edit_manifest(delta, lambda m: m.update(format_version=5), reseal=True)
+        return
     layers = list(DeltaArtifact.open(delta).layers())
     manifest = unpack_layers(json.loads((delta / MANIFEST).read_text()), delta)
     for name in manifest["payloads"]:
@@ -147,7 +151,7 @@ def as_version(delta: Path, version: int) -> None:
     edit_manifest(delta, lambda m: (m.clear(), m.update(manifest)), reseal=version >= 3)
 
 
-@pytest.mark.parametrize("version", [2, 4])
+@pytest.mark.parametrize("version", [2, 4, 5])
 def test_deltas_of_earlier_versions_stay_readable(synthetic_pair, delta, tmp_path, version):
     base, _ = synthetic_pair
     assert main(["reconstruct", "--base", str(base), "--delta", str(delta), "--out", str(tmp_path / "now")]) == 0
