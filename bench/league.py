@@ -11,7 +11,7 @@ prints, per workload and split:
 * every point: variant, r, real bytes on disk, the fraction of the fp16 dense delta, accuracy;
 * the lossless reference, zstd -19 of the fp16 delta, as a bytes-only row;
 * each peer point paired with the default's best point at equal or fewer bytes (the default's
-  front: its encoding with either allocation, ``FRONT``): the accuracy
+  front: its encoding with any allocation, ``FRONT``): the accuracy
   difference (default − peer) on the same rows with its 95% paired-bootstrap interval. A peer
   point smaller than every default point is said to be so, not paired with a larger one;
 * the same difference against the default's point nearest in bytes, either side, with the size
@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality import paired_difference  # noqa: E402 - bench/ is this script's directory
 
-# The default encoding (int4 values and whole deltas) at the CLI's uniform allocation and with
-# --allocation global: the two points a user gets from the shipped settings at each budget.
-FRONT = ("magtruncsvd-int4-whole4", "magtruncsvd-int4-whole4-global")
+# The default encoding (int4 values and whole deltas) at the CLI's uniform allocation, with
+# --allocation global and with global-all: the points a user gets from the shipped settings at each budget.
+FRONT = ("magtruncsvd-int4-whole4", "magtruncsvd-int4-whole4-global", "magtruncsvd-int4-whole4-global-all")
 
 
 def load_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
@@ -68,7 +68,7 @@ def nearest_default(peer: dict[str, Any], defaults: list[dict[str, Any]]) -> str
 def difference(default: dict[str, Any], peer: dict[str, Any]) -> str:
     mean, low, high = paired_difference(default["correct"], peer["correct"])
     verdict = "default ahead" if low > 0 else "peer ahead" if high < 0 else "tie"
-    where = " global" if default.get("allocation") == "global" else ""
+    where = "" if default.get("allocation", "uniform") == "uniform" else f" {default['allocation']}"
     return (f"r = {default['r']}{where} ({default['bytes'] / 1e3:,.0f} KB): {100 * mean:+.2f} [{100 * low:+.2f}, "
             f"{100 * high:+.2f}] points, {verdict}")
 

@@ -64,6 +64,8 @@ VARIANTS: dict[str, dict] = {
     "magtruncsvd-int4-global": {"method": "magtruncsvd", **INT4, "allocation": "global"},
     "magtruncsvd-int4-whole4": {"method": "magtruncsvd", **WHOLE_INT4},
     "magtruncsvd-int4-whole4-global": {"method": "magtruncsvd", **WHOLE_INT4, "allocation": "global"},
+    # the same total spent on the 1-D deltas too: each dropped or kept in int4 where it cuts the most error
+    "magtruncsvd-int4-whole4-global-all": {"method": "magtruncsvd", **WHOLE_INT4, "allocation": "global-all"},
     "truncsvd-global": {"method": "truncsvd", "dense_dtype": "float16", "allocation": "global"},
     "osd-taylor-int8-global": {"method": "osd", "importance": "taylor", **PACKED, "allocation": "global"},
     "osd-taylor-int8": {"method": "osd", "importance": "taylor", **PACKED},

@@ -97,8 +97,8 @@ class SweepSpec:
         (1, 2, 4), "budget ranks r: 32·r·(n+d) bits per layer (fractions such as 0.5 for the relaxed methods)")
     methods: tuple[str, ...] = setting(("magtruncsvd", "osd", "truncsvd"), f"of {', '.join(METHODS)}")
     allocations: tuple[str, ...] = setting(
-        ("uniform",), "across layers: uniform (the paper's 32·r·(n+d) each) or global (the same total, spent "
-        "where it cuts the most error)")
+        ("uniform",), "across layers: uniform (the paper's 32·r·(n+d) each), global (the same total, spent "
+        "where it cuts the most error) or global-all (that total spent on the 1-D deltas too)")
     compression: CompressionConfig = setting(
         CompressionConfig, "every other compression setting, shared by all variants", factory=True)
     group_mib: float = setting(DEFAULT_GROUP_BYTES / (1 << 20), "layer-group size (float32 MiB per task)")

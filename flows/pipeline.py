@@ -63,6 +63,8 @@ from flows.report import (
 from flows.runtime import start_runtime
 from osd_core.allocate import Allocation, spend_globally
 from osd_core.checkpoint import side_files
+from osd_core.compress import beside_budgets
+from osd_core.config import GLOBAL_ALLOCATIONS
 from osd_core.errors import OSDError
 from osd_core.outputs import scratch_dir
 from osd_io.artifacts import CommittedDelta, commit_delta, read_commit
@@ -271,7 +273,7 @@ class _Sweep:
         allocations = {
             t.artifact_id: self._allocate(t, staged, calibrations.get(t.gradient_key))
             for t in pending
-            if t.variant.allocation == "global"
+            if t.variant.allocation in GLOBAL_ALLOCATIONS
         }
         evaluations: dict[str, PrefectFuture[EvalRecord]] = {}
         if todo and self.model.eval is not None:
@@ -367,7 +369,7 @@ class _Sweep:
 
     def _stage(self, t: Target, calibration: PrefectFuture[str] | None) -> list[PrefectFuture[Any]]:
         """Phase 1 (measure, global allocation) or the only phase (compress, uniform), per group."""
-        task_ = measure_group_task if t.variant.allocation == "global" else compress_group_task
+        task_ = measure_group_task if t.variant.allocation in GLOBAL_ALLOCATIONS else compress_group_task
         return [
             submit(task_, self._job(t, group), gpus=self.gpus, memory_cap=self.memory_cap, calibration=calibration)
             for group in t.plan.groups
@@ -380,7 +382,9 @@ class _Sweep:
         measurements = staged.pop(t.artifact_id)
         try:
             curves = {curve.name: curve.options for future in measurements for curve in future.result()}
-            allocation, uniform_cost = spend_globally(curves, t.plan.budgets)
+            plans = [layer.plan for group in t.plan.groups for layer in group.layers]
+            beside = beside_budgets(plans, t.variant.config, t.variant.allocation)
+            allocation, uniform_cost = spend_globally(curves, t.plan.budgets, beside)
         except Exception as exc:  # noqa: BLE001 - recorded as this variant's failure
             self._fail(t, exc)
             return None
@@ -519,6 +523,7 @@ class _Sweep:
             self.store_uri,
             t.prefix,
             tuple((name, bits) for name, bits in budgets if name in wanted),
+            allocation=t.variant.allocation,
         )
 
     def _fail(self, t: Target, exc: BaseException) -> None:

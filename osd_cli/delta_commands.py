@@ -17,7 +17,14 @@ from tqdm import tqdm
 
 from osd_cli.arguments import positive_int
 from osd_cli.flags import add_settings, read_settings
-from osd_core.config import ADAPTER_DTYPES, ADAPTER_PROFILES, ALLOCATIONS, CALIBRATION_BATCH, CompressionConfig
+from osd_core.config import (
+    ADAPTER_DTYPES,
+    ADAPTER_PROFILES,
+    ALLOCATIONS,
+    CALIBRATION_BATCH,
+    GLOBAL_ALLOCATIONS,
+    CompressionConfig,
+)
 from osd_core.errors import ConfigError
 from osd_core.outputs import scratch_dir
 
@@ -30,8 +37,9 @@ def add_delta_commands(commands: Any) -> None:
     compress.add_argument("--out", required=True, type=Path, help="delta directory to create")
     add_settings(compress, CompressionConfig)
     compress.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
-                          help="across layers: the paper's 32·r·(n+d) each, or the same total spent globally "
-                               "where it cuts the most error (each layer's k follows its bits)")
+                          help="across layers: the paper's 32·r·(n+d) each; global: the same total spent "
+                               "where it cuts the most error (each layer's k follows its bits); global-all: that "
+                               "total spent on the 1-D deltas (biases, norms) too, which the others store beside it")
     compress.add_argument("--calibration", type=Path, help="JSONL rows {text, label} (needed by osd)")
     compress.add_argument("--batch-size", type=positive_int, default=CALIBRATION_BATCH,
                           help="calibration rows per forward pass: bounds activation memory; the gradient is the "
@@ -95,8 +103,9 @@ def run_compress(args: argparse.Namespace) -> int:
     check_delta_output(args.out, inputs=inputs, overwrite=args.overwrite)  # before minutes of work
     if config.rank < 1 and args.allocation == "uniform" and config.factorises:
         print(f"osd-fleet: note: below a rank-1 budget a uniform split leaves most layers a rank-{config.k} "
-              "factorisation whether they need it or not; --allocation global spends the same bits where "
-              "they cut the most error (measured against uniform in the README's Results)", file=sys.stderr)
+              "factorisation whether they need it or not; --allocation global-all spends the same bits where "
+              "they cut the most error, the biases' and norms' included (measured in the README's Results)",
+              file=sys.stderr)
     with scratch_dir("compress") as scratch:
         gradients = None
         if config.needs_gradients:
@@ -111,7 +120,7 @@ def run_compress(args: argparse.Namespace) -> int:
             gradients = GradientFile(path)
         with tqdm(desc=f"compress {args.finetuned.name}", unit="tensor", file=sys.stderr, disable=None) as bar, \
                 tqdm(desc="measure layers for the global allocation", unit="tensor", file=sys.stderr,
-                     disable=None if args.allocation == "global" else True) as measuring:
+                     disable=None if args.allocation in GLOBAL_ALLOCATIONS else True) as measuring:
             report = compress_checkpoint(
                 args.base, args.finetuned, args.out, config, gradients=gradients, device=args.device,
                 overwrite=args.overwrite, allocation=args.allocation,

@@ -149,7 +149,7 @@ def add_fleet_commands(commands: Any) -> None:
                       help="comma-separated workload names (default: tiny; the decoder smollm2-sst2 and "
                            "smollm2-arc after `make llm`)")
     # 10 variants (truncsvd runs at whole ranks only): a few minutes here
-    _add_sweep_arguments(demo, ranks=(0.5, 1), allocations=("uniform", "global"))
+    _add_sweep_arguments(demo, ranks=(0.5, 1), allocations=("uniform", "global-all"))
     demo.add_argument("--store", default=str(DEMO_STORE), help=f"artifact store (default: {DEMO_STORE})")
     demo.add_argument(
         "--min-accuracy",

@@ -9,6 +9,10 @@ marginal damage reduction per bit, and each layer is compressed with its allotte
 (:func:`layer_config`). The fleet runs the measurements on workers and allocates in the flow;
 ``compress_checkpoint`` runs all three in one process.
 
+"global-all" spends the same total over the 1-D deltas (biases, norms) as well, which the
+uniform and "global" allocations store beside the budget at ``dense_dtype``: each is one more
+layer whose options are dropping it or storing it whole at a width (:func:`measure_whole`).
+
 Frobenius damage, not a loss-weighted one, on purpose: weighting each layer's error by
 calibration statistics (output Fisher, input second moment, K-FAC) was measured and allocated
 worse on validation data (README, "Results"), the same verdict as for importance masks.
@@ -30,6 +34,7 @@ from .factorize import compress_matrix
 from .finite import all_finite
 from .norms import squared_norm
 from .svd import truncated_svd
+from .whole import whole_layer, whole_options
 
 # Candidate budgets as multiples of the uniform one: enough resolution to move bits, few enough
 # that measuring them stays cheap next to the compression itself.
@@ -84,9 +89,11 @@ def layer_config(config: CompressionConfig, shape: tuple[int, ...], budget: int 
     The budget is read as the rank it pays for, ``budget / (32·(n+d))``: ``truncsvd`` spends it as
     whole ranks, and a relaxed method with the default ``c`` factors at the rank that budget fills
     (so a layer given more bits also gets more singular vectors, not only denser ones). A fixed
-    ``extra_rank`` keeps ``k`` fixed; ``sparse`` has no rank. ``None`` or 0 leaves ``config`` as is.
+    ``extra_rank`` keeps ``k`` fixed; ``sparse`` has no rank. ``None`` or 0 leaves ``config`` as is,
+    and so does a tensor stored whole (a budgeted 1-D delta's bits choose its width instead).
     """
-    if not budget or not config.factorises or (config.method != "truncsvd" and config.extra_rank is not None):
+    if not budget or len(shape) != 2 or not config.factorises \
+            or (config.method != "truncsvd" and config.extra_rank is not None):
         return config
     n, d = shape
     rank = budget / (VALUE_BITS * (n + d))
@@ -135,6 +142,25 @@ def measure_curve(
     return tuple(options)
 
 
+def measure_whole(name: str, delta: torch.Tensor, config: CompressionConfig) -> tuple[Option, ...]:
+    """Damage of one 1-D delta at each of its whole-tensor options (``osd_core.whole``), the
+    ``global-all`` allocation's counterpart of :func:`measure_curve`.
+
+    The same squared error as a matrix's, on purpose: a bias or norm error ``e`` adds ``‖e‖²`` to
+    the squared output error of every token, as a matrix error ``E`` adds ``‖E x‖²``, which is
+    ``‖E‖²`` in expectation for inputs of unit second moment (what the norms before each layer make).
+    """
+    values = delta.reshape(-1).float()
+    norm2 = squared_norm(values)
+    if norm2 == 0.0:
+        return (Option(0, 0.0),)
+    options = []
+    for bits in whole_options(values.numel(), config):
+        stored = whole_layer(name, values, config, bits).delta(values.device).reshape(-1)
+        options.append(Option(bits, squared_norm(values - stored)))
+    return tuple(options)
+
+
 def allocate(
     curves: Mapping[str, Sequence[Option]], total_bits: int, *, baseline: Mapping[str, int] | None = None
 ) -> Allocation:
@@ -174,10 +200,18 @@ def allocate(
     return result
 
 
-def spend_globally(curves: Mapping[str, Sequence[Option]], uniform: Mapping[str, int]) -> tuple[Allocation, float]:
-    """The global allocation both executors run: the uniform budgets' total, spent by :func:`allocate`
-    with the uniform budgets as its floor; and the uniform budgets' own estimated cost, to compare."""
-    return allocate(curves, sum(uniform.values()), baseline=uniform), best_within(curves, uniform).cost
+def spend_globally(
+    curves: Mapping[str, Sequence[Option]], uniform: Mapping[str, int], beside: Mapping[str, int] | None = None
+) -> tuple[Allocation, float]:
+    """The global allocation both executors run, and the uniform allocation's estimated cost to compare.
+
+    The total is the uniform budgets' (``32·r·(n+d)`` per factorised matrix), spent by
+    :func:`allocate` with the uniform budgets as its floor. ``beside`` gives the bits the uniform
+    allocation stores outside that total (1-D deltas at ``dense_dtype``) for the tensors whose
+    curves a ``global-all`` allocation also spends the total on: part of the yardstick, never of the total.
+    """
+    baseline = {**uniform, **(beside or {})}
+    return allocate(curves, sum(uniform.values()), baseline=baseline), best_within(curves, baseline).cost
 
 
 def _normalise(name: str, curve: Sequence[Option]) -> list[Option]:

@@ -18,19 +18,20 @@ from typing import Any
 
 import torch
 
-from .allocate import Allocation, layer_config, measure_curve, spend_globally
+from .allocate import Allocation, Option, layer_config, measure_curve, measure_whole, spend_globally
 from .artifact import DeltaWriter
 from .budget import layer_budget
 from .calibration_data import INPUT_COV, OUTPUT_FISHER, ROW_WEIGHT, GradientFile
 from .checkpoint import Checkpoint, hash_identities, side_files
-from .config import ALLOCATIONS, VALUE_DTYPES, CompressionConfig
+from .config import ALLOCATIONS, GLOBAL_ALLOCATIONS, CompressionConfig
 from .errors import CheckpointError, ConfigError, MissingTensorError
 from .factorize import compress_matrix
-from .finite import all_finite, count_non_finite, is_zero
-from .layer import INT_LEVELS, CompressedLayer, narrow_whole, quantize_whole, stack_experts, with_appended_rows
+from .finite import all_finite, count_non_finite
+from .layer import CompressedLayer, stack_experts, with_appended_rows
 from .norms import squared_norm
 from .policy import Role
 from .roles import policy_for
+from .whole import dense_layer, whole_layer, whole_options
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,8 @@ def compress_checkpoint(
     ``gradients`` maps tensor names to task-loss gradients (needed by ``osd``); it may be lazy
     (``osd_core.calibration_data.GradientFile``). ``allocation`` spends the model's bits
     ``"uniform"``-ly (the paper: ``32·r·(n+d)`` per layer) or ``"global"``-ly (``osd_core.allocate``:
-    the same total, measured first and spent where it cuts the most error). ``on_layer`` is called
+    the same total, measured first and spent where it cuts the most error); ``"global-all"`` spends
+    that total on the 1-D deltas too, which the others store beside it. ``on_layer`` is called
     after each tensor with its report, its position and the total, and ``on_measured`` after each
     tensor a global allocation measured (name, position, total), for progress display.
     """
@@ -171,8 +173,8 @@ def compress_checkpoint(
     identities = hash_identities(base, finetuned)
     run_on = resolve_device(device)
     budgets: dict[str, int] = {}
-    if allocation == "global":
-        chosen = _global_allocation(plans, base, finetuned, config, gradients, run_on, on_measured)
+    if allocation in GLOBAL_ALLOCATIONS:
+        chosen = _global_allocation(plans, base, finetuned, config, allocation, gradients, run_on, on_measured)
         budgets = chosen.budgets
         total = sum(uniform_budgets(plans, config).values())
         provenance = {**(provenance or {}), "global_allocation": {
@@ -234,28 +236,52 @@ def uniform_budgets(plans: Sequence[LayerPlan], config: CompressionConfig) -> di
     return {p.name: layer_budget(*p.shape, config.rank) for p in plans if p.action == "factorise"}
 
 
+def allocated(plan: LayerPlan, allocation: str) -> bool:
+    """Whether a global ``allocation`` spends the model's bits on this tensor: every factorised
+    matrix; under ``global-all`` every 1-D delta (bias, norm) too, which the others store beside the budget."""
+    return plan.action == "factorise" or (
+        allocation == "global-all" and plan.action == "dense" and len(plan.shape) == 1)
+
+
+def beside_budgets(plans: Sequence[LayerPlan], config: CompressionConfig, allocation: str) -> dict[str, int]:
+    """What the uniform allocation spends beside the budget on the 1-D deltas ``allocation`` brings
+    inside it (their bits at ``dense_dtype``): the yardstick's share, never the total's."""
+    return {p.name: max(whole_options(math.prod(p.shape), config)) for p in plans
+            if p.action == "dense" and allocated(p, allocation)}
+
+
+def measure_tensor(plan: LayerPlan, delta: torch.Tensor, config: CompressionConfig,
+                   gradients: Mapping[str, torch.Tensor] | None, device: torch.device | str) -> tuple[Option, ...]:
+    """Damage of one planned tensor at each budget a global allocation may give it: the unit of
+    phase 1 that both executors run (a factorised matrix's curve, or a 1-D delta's whole options)."""
+    if plan.action != "factorise":
+        return measure_whole(plan.name, delta, config)
+    grad, rows, cov = plan_calibration(gradients, plan, config)
+    return measure_curve(plan.name, delta, config, grad, row_weight=rows, input_cov=cov, device=device)
+
+
 def _global_allocation(
     plans: list[LayerPlan],
     base: Checkpoint,
     finetuned: Checkpoint,
     config: CompressionConfig,
+    allocation: str,
     gradients: Mapping[str, torch.Tensor] | None,
     device: torch.device,
     on_measured: Callable[[str, int, int], None] | None,
 ) -> Allocation:
-    """Measure every factorised tensor's damage curve, then spend the uniform total where it helps."""
+    """Measure the damage curve of every tensor ``allocation`` spends bits on, then spend the
+    uniform total where it helps."""
     curves = {}
-    factorised = [p for p in plans if p.action == "factorise"]
-    for position, plan in enumerate(factorised):
+    measured = [p for p in plans if allocated(p, allocation)]
+    for position, plan in enumerate(measured):
         delta = tensor_delta(plan, finetuned.load(plan.name), base.load(plan.name),
                              (finetuned.location, base.location))
-        grad, rows, cov = plan_calibration(gradients, plan, config)
-        curves[plan.name] = measure_curve(plan.name, delta, config, grad, row_weight=rows, input_cov=cov,
-                                          device=device)
+        curves[plan.name] = measure_tensor(plan, delta, config, gradients, device)
         if on_measured is not None:
-            on_measured(plan.name, position + 1, len(factorised))
+            on_measured(plan.name, position + 1, len(measured))
     uniform = uniform_budgets(plans, config)
-    chosen, uniform_cost = spend_globally(curves, uniform)
+    chosen, uniform_cost = spend_globally(curves, uniform, beside_budgets(plans, config, allocation))
     log.info("global allocation: %s of %s bits; estimated damage %.4g (uniform: %.4g)",
              f"{chosen.bits:,}", f"{sum(uniform.values()):,}", chosen.cost, uniform_cost)
     return chosen
@@ -274,7 +300,9 @@ def compress_tensor(
 ) -> tuple[CompressedLayer, float]:
     """Compress one planned tensor pair; returns the record and its relative Frobenius error.
 
-    The unit of work both the single-process path and the fleet's workers run. ``where`` names
+    The unit of work both the single-process path and the fleet's workers run. ``budget_bits`` is
+    a global allocation's share for the tensor (a matrix's budget, or a 1-D delta's whole option
+    under ``global-all``); ``None`` is the uniform budget, or ``dense_dtype`` beside it. ``where`` names
     the fine-tune and base locations in error messages. On a GPU a factorised pair moves there as
     stored (bf16: half the bytes of its float32 delta) and the delta is taken there. A float32
     ``tuned`` is overwritten with the delta (``tensor_delta``). Rows a vocabulary-resized
@@ -293,8 +321,10 @@ def compress_tensor(
                                 input_cov=cov, device=device)
     elif plan.action == "experts":
         layer = _compress_experts(plan, delta, config, gradients, device)
-    else:
+    elif budget_bits is None:
         layer = dense_layer(plan.name, delta, "dense", config.dense_dtype)
+    else:  # a 1-D delta inside a global-all budget: dropped or whole, as allocated
+        layer = whole_layer(plan.name, delta, config, budget_bits)
     error = relative_error(delta, layer)
     return (layer if appended is None else with_appended_rows(layer, appended)), error
 
@@ -397,22 +427,6 @@ def resolve_device(device: str) -> torch.device:
 
 def _fits_rank(shape: tuple[int, ...], config: CompressionConfig) -> bool:
     return len(shape) == 2 and (not config.factorises or config.k <= min(shape))
-
-
-def dense_layer(name: str, values: torch.Tensor, kind: str, dtype: str = "float16") -> CompressedLayer:
-    """Store a tensor whole: a delta in ``dtype`` (int8 or int4: one float32 scale for the tensor);
-    a replaced tensor, or one an integer type cannot scale, in fp16, or fp32 where fp16 would
-    overflow or lose it."""
-    if kind == "dense" and is_zero(values):
-        return CompressedLayer(name, "zero", tuple(values.shape))
-    if kind == "dense" and dtype in INT_LEVELS:
-        quantized, scale = quantize_whole(values, dtype)
-        if float(scale) > 0 and all_finite(scale):
-            return CompressedLayer(name, kind, tuple(values.shape), {"values": quantized, "scale": scale},
-                                   paper_bits=values.numel() * VALUE_DTYPES[dtype] + 32)
-    stored = narrow_whole(values)
-    return CompressedLayer(name, kind, tuple(values.shape), {"values": stored},
-                           paper_bits=stored.numel() * stored.element_size() * 8)
 
 
 def calibration_inputs(

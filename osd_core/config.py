@@ -24,7 +24,10 @@ POSITIONS = ("index", "bitmap", "auto")
 DENSE_DTYPES = ("float16", "int8", "int4")
 SVD_METHODS = ("auto", "exact", "randomized")
 # Choices a command line offers without importing torch (``osd_core.allocate``, ``osd_core.adapters``).
-ALLOCATIONS = ("uniform", "global")  # across layers: the paper's split, or measured and spent globally
+# Across layers: the paper's split; or measured and spent globally over the factorised matrices, or
+# over every delta tensor, the 1-D ones (biases, norms) included (``osd_core.allocate``).
+ALLOCATIONS = ("uniform", "global", "global-all")
+GLOBAL_ALLOCATIONS = ("global", "global-all")
 ADAPTER_PROFILES = ("peft", "vllm")
 ADAPTER_DTYPES = ("float16", "bfloat16", "float32")
 # Calibration rows per forward pass. Only memory depends on it (rows weigh the same in any batch):

@@ -13,10 +13,12 @@ from osd_core.allocate import (
     candidate_budgets,
     layer_config,
     measure_curve,
+    measure_whole,
 )
 from osd_core.budget import layer_budget
 from osd_core.config import CompressionConfig
 from osd_core.errors import BudgetError, ConfigError
+from osd_core.whole import whole_layer, whole_options
 
 
 def curve(*points):
@@ -155,3 +157,33 @@ def test_the_measuring_pass_slices_one_svd_and_measures_what_fresh_factorisation
     small = truncated_svd(delta, 2)
     with pytest.raises(ConfigError, match="precomputed factors of rank 2 do not fit a rank-8"):
         compress_matrix("w", delta, CompressionConfig(rank=1), factors=small)
+
+
+def test_a_1d_delta_may_be_dropped_or_kept_whole_at_each_width_up_to_dense_dtype():
+    assert whole_options(100, CompressionConfig()) == {0: None, 432: "int4"}  # int4 values and one float32 scale
+    assert whole_options(100, CompressionConfig(dense_dtype="int8")) == {0: None, 432: "int4", 832: "int8"}
+    assert whole_options(100, CompressionConfig(dense_dtype="float16")) == {0: None, 432: "int4", 832: "int8",
+                                                                          1600: "float16"}
+
+
+def test_whole_options_cost_what_is_stored_and_damage_falls_with_width():
+    gen = torch.Generator().manual_seed(1)
+    delta = torch.randn(384, generator=gen) * 1e-3
+    config = CompressionConfig(dense_dtype="float16")
+    options = measure_whole("b", delta, config)
+    assert [o.bits for o in options] == sorted(whole_options(384, config))
+    assert options[0].cost == pytest.approx(float(delta.double().pow(2).sum()))
+    costs = [o.cost for o in options]
+    assert costs == sorted(costs, reverse=True) and costs[-1] < 1e-6 * costs[0]
+    for option in options[1:]:
+        layer = whole_layer("b", delta, config, option.bits)
+        assert layer.paper_bits == layer.budget_bits == option.bits
+        assert float((delta - layer.delta().reshape(-1)).pow(2).sum()) == pytest.approx(option.cost, rel=1e-6)
+    dropped = whole_layer("b", delta, config, 0)
+    assert (dropped.kind, dropped.budget_bits) == ("zero", 0)
+    assert measure_whole("z", torch.zeros(8), config) == (Option(0, 0.0),)
+
+
+def test_a_whole_budget_that_is_no_option_is_refused_naming_the_tensor():
+    with pytest.raises(ConfigError, match=r"ln\.bias: 999 bits is none of its whole-tensor options: 0 \(dropped\), 432"):
+        whole_layer("ln.bias", torch.ones(100), CompressionConfig(), 999)

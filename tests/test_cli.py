@@ -38,14 +38,14 @@ def test_compress_json_reports_bits_bytes_errors_and_time(capsys, synthetic_pair
 def test_a_fractional_budget_spent_globally(capsys, synthetic_pair, tmp_path):
     base, tuned = synthetic_pair
     reports = {}
-    for allocation in ("uniform", "global"):
+    for allocation in ("uniform", "global-all"):
         code, out, err = run_cli(capsys, *compress_args(base, tuned, tmp_path / allocation, "--rank", "0.5",
                                                         "--allocation", allocation, "--json"))
         assert code == 0
-        assert ("--allocation global spends" in err) == (allocation == "uniform")  # the nudge, once
+        assert ("--allocation global-all spends" in err) == (allocation == "uniform")  # the nudge, once
         reports[allocation] = json.loads(out)
-    spread = reports["global"]
-    assert (spread["r"], spread["c"], spread["allocation"]) == (0.5, 3.5, "global")  # int4: k = 8r = 4
+    spread = reports["global-all"]
+    assert (spread["r"], spread["c"], spread["allocation"]) == (0.5, 3.5, "global-all")  # int4: k = 8r = 4
     assert 0 < spread["paper_bits"] <= spread["budget_bits"] <= reports["uniform"]["budget_bits"]
     with pytest.raises(SystemExit) as exited:  # argparse's usage error
         run_cli(capsys, *compress_args(base, tuned, tmp_path / "x", "--rank", "half"))

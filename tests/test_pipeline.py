@@ -421,6 +421,24 @@ def test_global_allocation_keeps_the_total_and_beats_uniform(fleet_runtime, tmp_
         assert damage["global"] < 0.8 * damage["uniform"], (glob.method, damage)
 
 
+def test_a_global_all_allocation_in_the_flow_matches_the_single_process_path(fleet_runtime, synthetic_pair, tmp_path):
+    """Workers measure the 1-D deltas too, the flow spends one total on them, and the delta is compress_checkpoint's."""
+    base, tuned = synthetic_pair
+    store = str(tmp_path / "store")
+    sweep = SweepSpec(ranks=(0.5,), methods=("magtruncsvd",), allocations=("global-all",), group_mib=SMALL_GROUPS / MIB)
+    (row,) = main_rows(ModelSpec("all", str(base), str(tuned)), sweep, store)
+    assert (row.allocation, row.status) == ("global-all", "ok")
+    delta = fetched(store, row, tmp_path / "delta")
+    reference = tmp_path / "reference"
+    compress_checkpoint(base, tuned, reference, sweep.variants()[0].config, allocation="global-all")
+    assert_same_layers(delta, reference)
+    layers = DeltaArtifact.open(delta).manifest.layers
+    vectors = [layers[n] for n in layers if len(layers[n].shape) == 1]
+    assert vectors and all(layer.budget_bits is not None for layer in vectors)
+    uniform_total = plan_model("all", PairLayout.read(str(base), str(tuned)), sweep.variants()[0].config).total_bits
+    assert row.budget_bits == sum(layer.budget_bits or 0 for layer in layers.values()) <= uniform_total
+
+
 # --------------------------------------------------------------------------- helpers
 
 

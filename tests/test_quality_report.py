@@ -54,13 +54,15 @@ def test_league_pairs_each_peer_with_the_best_default_point_at_no_more_bytes(tmp
                 "correct": "1" * right + "0" * (100 - right)}
 
     rows = [point("magtruncsvd-int4-whole4", 1, 10_000, 80), point("magtruncsvd-int4-whole4-global", 4, 40_000, 85),
+            {**point("magtruncsvd-int4-whole4-global-all", 0.5, 8_000, 81), "allocation": "global-all"},
             point("dare-int8", 4, 30_000, 60), point("bitdelta", 1, 5_000, 70)]
     text = league.table(rows)
     assert "| zstd -19 of the fp16 delta (lossless) | – | 3,000,000 | 1/1.33 |" in text
     dare = next(line for line in text.splitlines() if line.startswith("| dare-int8 |"))
-    assert "r = 1 (10 KB): +20.00 [" in dare and dare.endswith("default ahead |")  # not the r = 4 point: more bytes
+    # the front's best point within its bytes: not the r = 4 point (more bytes), not r = 1 (less accurate)
+    assert "r = 0.5 global-all (8 KB): +21.00 [" in dare and dare.endswith("default ahead |")
     bitdelta = next(line for line in text.splitlines() if line.startswith("| bitdelta |"))
-    assert "no default point this small (smallest: 10 KB)" in bitdelta
+    assert "no default point this small (smallest: 8 KB)" in bitdelta
     (png,) = league.plot(rows, tmp_path)
     assert png.name == "league-w-eval.png" and png.read_bytes()[:4] == b"\x89PNG"
     path = tmp_path / "rows.jsonl"

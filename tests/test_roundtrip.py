@@ -202,6 +202,30 @@ def test_a_global_allocation_respends_the_uniform_total_where_it_cuts_more_error
     assert recorded["estimated_damage"] == pytest.approx(spent_globally, rel=0.05)
 
 
+def test_global_all_spends_the_same_total_on_the_1d_deltas_too(real_pair, tmp_path):
+    """The biases and norms come inside the matrices' total instead of beside it: fewer bytes, same budget."""
+    base, tuned = real_pair
+    config = CompressionConfig(rank=0.25)
+    beside = compress_checkpoint(base, tuned, tmp_path / "global", config, allocation="global")
+    inside = compress_checkpoint(base, tuned, tmp_path / "all", config, allocation="global-all")
+    manifest = DeltaArtifact.open(tmp_path / "all").manifest
+    recorded = manifest.provenance["global_allocation"]
+    assert manifest.allocation == "global-all"
+    total = DeltaArtifact.open(tmp_path / "global").manifest.provenance["global_allocation"]["total_bits"]
+    assert recorded["total_bits"] == total and inside.budget_bits == manifest.totals["budget_bits"] <= total
+    vectors = [layer for layer in inside.layers if len(layer.shape) == 1]
+    assert len(vectors) == 64 and all(layer.budget_bits is not None for layer in vectors)
+    assert all(layer.kind in ("zero", "dense") and layer.bytes * 8 <= (layer.budget_bits or 0) + 64 for layer in vectors)
+    assert all(layer.budget_bits is None and layer.kind == "dense" for layer in beside.layers if len(layer.shape) == 1)
+    assert inside.bytes_written < beside.bytes_written - 10_000  # the 1-D deltas were 16 KB beside the budget
+
+    original = load_file(tuned / "model.safetensors")
+    restored = load_file(reconstruct_checkpoint(base, tmp_path / "all", tmp_path / "restored") / "model.safetensors")
+    allocated = [name for name, layer in manifest.layers.items() if layer.budget_bits is not None]
+    damage = sum(float((original[n].float() - restored[n].float()).pow(2).sum()) for n in allocated)
+    assert recorded["estimated_damage"] == pytest.approx(damage, rel=0.05)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_checkpoint_compressed_on_the_gpu_matches_the_cpu(real_pair, tmp_path):

@@ -31,7 +31,7 @@ def test_every_compression_setting_is_a_flag_with_its_fields_help_and_choices():
         assert action.option_strings[0] == "--" + field.name.replace("_", "-")
         assert action.help.startswith(field.metadata["help"])
         assert tuple(action.choices or ()) == field.metadata.get("choices", ())
-    assert flags["allocation"].choices == ("uniform", "global")  # across layers; factor_split is within one
+    assert flags["allocation"].choices == ("uniform", "global", "global-all")  # across layers; factor_split: within one
 
 
 @pytest.mark.parametrize("command", ["run", "scan", "serve", "demo"])

@@ -14,10 +14,10 @@ from functools import lru_cache
 
 import torch
 
-from osd_core.allocate import layer_config, measure_curve
+from osd_core.allocate import layer_config
 from osd_core.artifact import encode_payload
 from osd_core.calibration_data import GradientFile
-from osd_core.compress import compress_tensor, plan_calibration, resolve_device, tensor_delta
+from osd_core.compress import allocated, compress_tensor, measure_tensor, resolve_device, tensor_delta
 from osd_core.config import CompressionConfig
 from osd_core.errors import CheckpointError, ConfigError
 from osd_core.layer import CompressedLayer
@@ -54,20 +54,19 @@ def compress_group(job: GroupJob, calibration: str | None) -> GroupResult:
 
 
 def measure_group(job: GroupJob, calibration: str | None) -> tuple[LayerCurve, ...]:
-    """Damage of each factorised tensor of the group at its candidate budgets (``measure_curve``)."""
+    """Damage of each tensor of the group that the job's allocation spends bits on, at its
+    candidate budgets (``osd_core.compress.measure_tensor``)."""
     device = resolve_device(job.device)
     calib = _gradients(job, calibration)
     curves = []
     for layer in job.group.layers:
-        if layer.plan.action != "factorise":
+        if not allocated(layer.plan, job.allocation):
             continue
         if layer.base is None:
             raise CheckpointError(f"{layer.name}: no base tensor to subtract (planned as {layer.plan.action})")
         delta = tensor_delta(layer.plan, layer.finetuned.read(), layer.base.read(),
                              (layer.finetuned.uri, layer.base.uri))
-        grad, rows, cov = plan_calibration(calib, layer.plan, job.config)
-        options = measure_curve(layer.name, delta, job.config, grad, row_weight=rows, input_cov=cov, device=device)
-        curves.append(LayerCurve(layer.name, options))
+        curves.append(LayerCurve(layer.name, measure_tensor(layer.plan, delta, job.config, calib, device)))
     return tuple(curves)
 
 

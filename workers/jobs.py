@@ -52,7 +52,9 @@ class GroupJob:
     """Compress (or measure) one layer group of one model under one configuration.
 
     ``budgets`` gives per-tensor budget bits from a global allocation; empty means the paper's
-    uniform per-layer budget. ``prefix`` is the delta's key prefix in the store at ``store``.
+    uniform per-layer budget. ``allocation`` says which tensors a measuring job measures (all
+    factorised ones, and under ``global-all`` the 1-D ones). ``prefix`` is the delta's key prefix
+    in the store at ``store``.
     """
 
     model: str
@@ -63,6 +65,7 @@ class GroupJob:
     prefix: str
     budgets: tuple[tuple[str, int], ...] = ()
     device: str = "auto"
+    allocation: str = "uniform"
 
     @property
     def name(self) -> str:
