@@ -157,7 +157,7 @@ def test_fleet_file_resolves_paths_and_refuses_mistakes(tmp_path):
         FleetConfig("s", (ModelSpec("m", "b", "f"), ModelSpec("m", "b", "f")))
     with pytest.raises(ConfigError, match="model 'm': method 'osd' needs a calibration file"):
         FleetConfig("s", (ModelSpec("m", "b", "f"),), SweepSpec(methods=("osd",)))
-    with pytest.raises(ConfigError, match="sweep allocations must be among uniform, global; got 'joint'"):
+    with pytest.raises(ConfigError, match="sweep allocations must be among uniform, global, global-all; got 'joint'"):
         SweepSpec(allocations=("joint",))
 
 
