@@ -7,7 +7,8 @@
 For each workload, variant, budget rank r and extra rank c it runs the real path: calibration
 (where the variant needs it) → compress_checkpoint → reconstruct_checkpoint → evaluate on the
 chosen split, and prints one table. A decoder workload (``smollm2-*``) is scored by log-likelihood
-``acc`` on its choice rows, and each cell also measures perplexity on held-out text. Choices (c,
+``acc`` on its choice rows, with each row's choice loss beside it (continuous, so it separates points
+that tie on a few hundred rows' ``acc``); each cell also measures perplexity on held-out text. Choices (c,
 variants) are made on ``--split val`` (carved from training data); report on ``--split eval``
 (held out). Results are appended as JSON lines to ``--results`` so long sweeps can be resumed and
 tabulated again.
@@ -21,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from workloads.calibration import calibration_gradients  # noqa: E402
 from osd_core.calibration_data import STATISTICS, GradientFile  # noqa: E402
 from osd_core.compress import compress_checkpoint  # noqa: E402
 from osd_core.config import ENTRYWISE_METHODS, CompressionConfig  # noqa: E402
+from osd_core.errors import BudgetError  # noqa: E402
 from osd_core.reconstruct import reconstruct_checkpoint  # noqa: E402
 
 # Named variants: the baselines, the paper's OSD as we read it, and the measured alternatives. Every
@@ -147,10 +150,16 @@ def load_workload(name: str, split: str) -> tuple[Any, dict]:
     if name not in LM_WORKLOADS:
         workload = build_workload(name, progress=sys.stderr.isatty())  # bars only for a person watching
         return workload, {"full_accuracy": workload.scores["finetuned"][split].accuracy}
+    from workloads.evaluate import score_checkpoint
+
     workload = build_lm_workload(name)
     base, tuned = workload.scores["base"], workload.scores["finetuned"]
+    data = workload.val_path if split == "val" else workload.eval_path
+    losses = {who: score_checkpoint(directory, data, progress=False).extra["choice_loss"]  # the two ends of the gain
+              for who, directory in (("base", workload.base_dir), ("full", workload.finetuned_dir))}
     return workload, {"full_accuracy": tuned[split]["acc"], "full_perplexity": tuned["text"]["perplexity"],
-                      "base_accuracy": base[split]["acc"], "base_perplexity": base["text"]["perplexity"]}
+                      "base_accuracy": base[split]["acc"], "base_perplexity": base["text"]["perplexity"],
+                      "full_choice_loss": losses["full"], "base_choice_loss": losses["base"]}
 
 
 def scale_row(workload) -> dict:
@@ -212,6 +221,7 @@ def run_point(workload, variant: str, config: CompressionConfig, split: str, scr
         "budget_bits": report.budget_bits, "paper_bits": report.paper_bits, "bytes": report.bytes_written,
         "metric": result.metric, "accuracy": result.value, **result.extra, "n": result.n,
         "correct": "".join("1" if right else "0" for right in result.correct),  # per row, for paired intervals
+        **({"losses": [round(loss, 5) for loss in result.losses]} if result.losses else {}),
         "calibration_rows": calib_rows, "calibration_seconds": round(calib_seconds, 1),
     }
     if isinstance(workload, LMWorkload):  # does the compressed fine-tune still model plain text?
@@ -236,6 +246,8 @@ def report(path: Path, reference: str = "magtruncsvd-int8") -> str:
         sizes = [first[key] / 1e6 for key in ("finetuned_bytes", "delta_fp16_bytes", "delta_fp16_zstd_bytes")]
         text = (f" (held-out perplexity {first['full_perplexity']:.2f}; base {first['base_accuracy']:.4f}, "
                 f"perplexity {first['base_perplexity']:.2f})" if "full_perplexity" in first else "")
+        if "full_choice_loss" in first:
+            text += f", choice loss {first['full_choice_loss']:.4f} (base {first['base_choice_loss']:.4f})"
         out += [f"**{workload}**, {split} split ({first['n']:,} rows), full fine-tune {first['full_accuracy']:.4f}"
                 f"{text}; fine-tune {sizes[0]:.1f} MB, fp16 dense delta {sizes[1]:.1f} MB, zstd fp16 delta "
                 f"{sizes[2]:.1f} MB",
@@ -247,6 +259,7 @@ def report(path: Path, reference: str = "magtruncsvd-int8") -> str:
                 cells.append(" / ".join(
                     f"{r['accuracy']:.4f} ({r['accuracy'] / r['full_accuracy']:.1%}, {r['bytes'] / 1e3:,.0f} KB"
                     + (f", c={r['c']}" if r["c"] else "")
+                    + (f", loss {r['choice_loss']:.4f}" if "choice_loss" in r else "")
                     + (f", ppl {r['perplexity']:.2f})" if "perplexity" in r else ")") for r in found) or "–")
             out.append(f"| {variant} | " + " | ".join(cells) + " |")
         out.append("")
@@ -272,12 +285,14 @@ def report(path: Path, reference: str = "magtruncsvd-int8") -> str:
     return "\n".join(out)
 
 
-def paired_difference(ours: str, theirs: str, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Accuracy of ``ours`` minus ``theirs`` (per-row outcomes as "0"/"1" strings over the same
-    rows), with the 2.5 and 97.5 percentiles of that difference over rows resampled with replacement."""
+def paired_difference(ours: str | Sequence[float], theirs: str | Sequence[float], resamples: int = 2000,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``ours`` minus ``theirs`` over the same rows, with the 2.5 and 97.5 percentiles of
+    that difference over rows resampled with replacement. Each is a "0"/"1" string of per-row
+    outcomes (the difference is in accuracy) or a list of per-row values such as losses."""
     if len(ours) != len(theirs):
         raise ValueError(f"paired outcomes must cover the same rows, got {len(ours)} and {len(theirs)}")
-    diff = np.array([int(a) - int(b) for a, b in zip(ours, theirs, strict=True)], dtype=float)
+    diff = np.array([float(a) - float(b) for a, b in zip(ours, theirs, strict=True)], dtype=float)
     means = diff[np.random.default_rng(seed).integers(0, diff.size, (resamples, diff.size))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return float(diff.mean()), float(low), float(high)
@@ -313,8 +328,12 @@ def main(argv: list[str] | None = None) -> int:
                     extras = [None if c == "auto" else int(c) for c in args.extra_ranks.split(",")] if relaxed else [0]
                     for c in extras:
                         config = replace(CompressionConfig(), rank=r, extra_rank=c, **spec)
-                        row = run_point(workload, variant, config, args.split, Path(tmp), grads_cache,
-                                        args.calib_rows, allocation)
+                        try:
+                            row = run_point(workload, variant, config, args.split, Path(tmp), grads_cache,
+                                            args.calib_rows, allocation)
+                        except BudgetError as exc:  # a budget this method cannot hold: a fact, not a crash
+                            print(f"{variant:<32} {r:>4} cannot: {exc}", flush=True)
+                            continue
                         row.update(**reference, **scale)
                         rows.append(row)
                         with args.results.open("a") as handle:

@@ -51,18 +51,22 @@ CHOICES = [
 TEXTS = [{"text": "the cat sat on the mat"}, {"text": "a big blue dog ran and then sat"}, {"text": "yes"}]
 
 
-def test_choice_accuracy_and_acc_norm_match_a_plain_computation(lm_pair, tmp_path):
+def test_choice_accuracy_acc_norm_and_choice_loss_match_a_plain_computation(lm_pair, tmp_path):
     _, tuned = lm_pair
     score = score_checkpoint(tuned, write_rows(tmp_path / "mc.jsonl", CHOICES), batch_size=3, progress=False)
     model = transformers.AutoModelForCausalLM.from_pretrained(tuned).eval()
     tokenizer = word_tokenizer()
     right = right_norm = 0
+    losses = []
     for row in CHOICES:
         lls = [loglik(model, tokenizer, row["prompt"], choice)[0] for choice in row["choices"]]
         right += max(range(len(lls)), key=lls.__getitem__) == row["label"]
         right_norm += max(range(len(lls)), key=lambda c: lls[c] / len(row["choices"][c])) == row["label"]
+        losses.append(-math.log(math.exp(lls[row["label"]]) / sum(math.exp(ll) for ll in lls)))
     assert (score.metric, score.n, score.higher_is_better) == ("acc", 4, True)
     assert score.value == right / 4 and score.extra["acc_norm"] == right_norm / 4
+    assert score.losses == pytest.approx(losses, rel=1e-4)
+    assert score.extra["choice_loss"] == pytest.approx(sum(losses) / 4, rel=1e-4)
 
 
 def test_perplexity_matches_a_plain_computation_and_lower_is_better(lm_pair, tmp_path):

@@ -22,6 +22,8 @@ def test_paired_difference_is_the_accuracy_gap_with_an_interval_around_it():
     assert mean == 0.0 and low < -0.05 and high > 0.05
     with pytest.raises(ValueError, match="same rows, got 3 and 2"):
         quality.paired_difference("101", "10")
+    mean, low, high = quality.paired_difference([0.5, 0.25, 1.0, 0.75], [0.25, 0.25, 0.5, 0.5])  # per-row losses
+    assert mean == pytest.approx(0.25) and 0 <= low <= 0.25 <= high <= 0.5
 
 
 def test_report_tables_each_variant_and_its_difference_from_the_reference(tmp_path):
@@ -70,3 +72,25 @@ def test_league_pairs_each_peer_with_the_best_default_point_at_no_more_bytes(tmp
     assert league.main([str(path), "--peers", "dare-int8"]) == 0
     shown = capsys.readouterr().out
     assert "| dare-int8 |" in shown and "| bitdelta |" not in shown and "| magtruncsvd-int4-whole4 |" in shown
+
+
+def test_a_decoder_league_pairs_the_choice_loss_as_a_share_of_the_fine_tunes_gain(tmp_path):
+    common = {"workload": "lm", "split": "eval", "n": 4, "full_accuracy": 0.75, "delta_fp16_bytes": 4_000_000,
+              "delta_fp16_zstd_bytes": 3_000_000, "base_choice_loss": 0.7, "full_choice_loss": 0.3,
+              "correct": "1110", "accuracy": 0.75}
+
+    def point(variant: str, size: int, losses: list[float]) -> dict:
+        return {**common, "variant": variant, "r": 1, "bytes": size, "losses": losses,
+                "choice_loss": sum(losses) / len(losses)}
+
+    rows = [point("magtruncsvd-int4-whole4", 10_000, [0.3, 0.3, 0.4, 0.6]),  # loss 0.4: 75% of the gain
+            point("deltacome-whole4", 12_000, [0.5, 0.5, 0.6, 0.8])]  # loss 0.6: 25%, and worse on every row
+    text = league.table(rows)
+    assert "Choice loss on the same rows (fine-tune 0.3000, base 0.7000 nats)" in text
+    peer = next(line for line in text.splitlines() if line.startswith("| deltacome-whole4 | 1 | 12,000 | 0.6000 |"))
+    assert "| 25.0% |" in peer
+    # equal accuracy on the four rows is a tie; the loss separates them: 0.2 nats of a 0.4 gain, 50 points
+    assert "r = 1 (10 KB): +0.00 [+0.00, +0.00] points, tie" in text
+    assert "r = 1 (10 KB): +50.00 [+50.00, +50.00] points of the loss gain, default ahead" in peer
+    (png,) = league.plot(rows, tmp_path)
+    assert png.read_bytes()[:4] == b"\x89PNG"

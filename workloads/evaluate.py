@@ -45,6 +45,7 @@ class Score:
     seconds: float
     extra: dict[str, float | int] = field(default_factory=dict)
     correct: tuple[bool, ...] = field(default=(), repr=False, compare=False)  # per row, for accuracy metrics
+    losses: tuple[float, ...] = field(default=(), repr=False, compare=False)  # per row, for ``choice_loss``
 
     @property
     def higher_is_better(self) -> bool:
@@ -257,7 +258,8 @@ def score_checkpoint(
     sizes = {"batch_size": batch_size or 16, "max_length": max_length or 256}
     if rows.kind == CHOICE:
         choices = score_choices(model, tokenizer, rows, **sizes)
-        return Score("acc", choices.acc, choices.n, choices.seconds, {"acc_norm": choices.acc_norm}, choices.correct)
+        return Score("acc", choices.acc, choices.n, choices.seconds,
+                     {"acc_norm": choices.acc_norm, "choice_loss": choices.choice_loss}, choices.correct, choices.losses)
     measured = perplexity(model, tokenizer, rows, **sizes)
     return Score("perplexity", measured.perplexity, measured.n, measured.seconds, {"tokens": measured.tokens})
 
