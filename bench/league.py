@@ -20,7 +20,8 @@ prints, per workload and split:
   share of the fine-tune's loss gain over the base it keeps, and the same pairings on the loss.
 
 With ``--plot-dir`` it also draws accuracy against bytes (log scale), one PNG per workload and
-split, with the default's front as a line, and for a decoder the loss gain kept beside it. Nothing is chosen here: the table only compares.
+split, with the default's front as a line, and for a decoder the loss gain kept beside it.
+Nothing is chosen here: the table only compares.
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ def loss_table(ordered: list[dict[str, Any]], defaults: list[dict[str, Any]]) ->
     first = ordered[0]
     out = [f"Choice loss on the same rows (fine-tune {first['full_choice_loss']:.4f}, base "
            f"{first['base_choice_loss']:.4f} nats): the share of that gain each point keeps.", "",
-           "| variant | r | bytes | choice loss | gain kept | the default at ≤ bytes | the default nearest in bytes |",
+           "| variant | r | bytes | choice loss | gain kept | the default at ≤ bytes "
+           "| the default nearest in bytes |",
            "|---|---:|---:|---:|---:|---|---|"]
     for row in ordered:
         peer = row["variant"] not in FRONT

@@ -259,7 +259,8 @@ def score_checkpoint(
     if rows.kind == CHOICE:
         choices = score_choices(model, tokenizer, rows, **sizes)
         return Score("acc", choices.acc, choices.n, choices.seconds,
-                     {"acc_norm": choices.acc_norm, "choice_loss": choices.choice_loss}, choices.correct, choices.losses)
+                     {"acc_norm": choices.acc_norm, "choice_loss": choices.choice_loss},
+                     choices.correct, choices.losses)
     measured = perplexity(model, tokenizer, rows, **sizes)
     return Score("perplexity", measured.perplexity, measured.n, measured.seconds, {"tokens": measured.tokens})
 
