@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from . import packed_payload
-from .byte_source import LocalDirectory, sha256_file
+from .byte_source import LocalDirectory
 from .errors import ArtifactError, OSDError
+from .file_hashes import sha256_file
 from .layer import CompressedLayer
 from .manifest import (
     FORMAT_NAME,

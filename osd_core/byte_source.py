@@ -8,11 +8,10 @@ from S3 and one read from disk take the same checks.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-HASH_CHUNK_BYTES = 8 * 1024 * 1024
+from .file_hashes import remembered_sha256
 
 
 @runtime_checkable
@@ -83,12 +82,5 @@ class LocalDirectory:
             return handle.readinto(into) or 0
 
     def sha256(self, name: str) -> str:
-        return sha256_file(self.path / name)
-
-
-def sha256_file(path: Path, chunk: int = HASH_CHUNK_BYTES) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        """Read once per version of the file: a fleet's base is hashed once (``file_hashes``)."""
+        return remembered_sha256(self.path / name)

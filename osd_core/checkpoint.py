@@ -98,9 +98,9 @@ class Checkpoint:
         except KeyError:
             raise MissingTensorError(f"{self.location}: tensor {name!r} is missing") from None
 
-    def load(self, name: str) -> torch.Tensor:
-        """Read one tensor (no other tensor is kept in memory)."""
-        return read_tensor(self.source, self.entry(name))
+    def load(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor (no other tensor is kept in memory), fresh or into ``into``'s bytes (``read_tensor``)."""
+        return read_tensor(self.source, self.entry(name), into)
 
     def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield tensors in file order, shard by shard, so reads run forward through each file."""

@@ -29,6 +29,7 @@ from .factorize import compress_matrix
 from .finite import all_finite, count_non_finite
 from .layer import CompressedLayer, stack_experts, with_appended_rows
 from .norms import squared_norm
+from .pair_buffers import PairBuffers
 from .policy import Role
 from .roles import policy_for
 from .whole import dense_layer, whole_layer, whole_options
@@ -180,16 +181,22 @@ def compress_checkpoint(
         provenance = {**(provenance or {}), "global_allocation": {
             "bits": chosen.bits, "total_bits": total, "estimated_damage": chosen.cost}}
     reports: list[LayerReport] = []
+    buffers = PairBuffers()
     with writer:
         for position, plan in enumerate(plans):
             if plan.action == "copy":
                 continue
-            tuned = finetuned.load(plan.name)
-            base_tensor = None if plan.action == "replace" else base.load(plan.name)
+            reuse = plan.action == "factorise" and run_on.type == "cpu"
+            if reuse:
+                tuned, base_tensor = buffers.load("tuned", finetuned, plan.name), buffers.load("base", base, plan.name)
+            else:
+                tuned = finetuned.load(plan.name)
+                base_tensor = None if plan.action == "replace" else base.load(plan.name)
             budget = budgets.get(plan.name)
             layer, error = compress_tensor(plan, tuned, base_tensor, layer_config(config, plan.shape, budget),
                                            gradients, budget_bits=budget, device=run_on,
-                                           where=(finetuned.location, base.location))
+                                           where=(finetuned.location, base.location),
+                                           scratch=buffers.delta(plan.shape) if reuse else None)
             report = LayerReport(
                 plan.name, plan.role.value, layer.kind, plan.shape, layer.k, layer.budget_bits,
                 layer.paper_bits, layer.nbytes, error,
@@ -274,9 +281,15 @@ def _global_allocation(
     uniform total where it helps."""
     curves = {}
     measured = [p for p in plans if allocated(p, allocation)]
+    buffers = PairBuffers()
     for position, plan in enumerate(measured):
-        delta = tensor_delta(plan, finetuned.load(plan.name), base.load(plan.name),
-                             (finetuned.location, base.location))
+        if plan.action == "factorise":  # its curve holds numbers only: the memory may be reused
+            delta = tensor_delta(plan, buffers.load("tuned", finetuned, plan.name),
+                                 buffers.load("base", base, plan.name), (finetuned.location, base.location),
+                                 out=buffers.delta(plan.shape))
+        else:
+            delta = tensor_delta(plan, finetuned.load(plan.name), base.load(plan.name),
+                                 (finetuned.location, base.location))
         curves[plan.name] = measure_tensor(plan, delta, config, gradients, device)
         if on_measured is not None:
             on_measured(plan.name, position + 1, len(measured))
@@ -297,6 +310,7 @@ def compress_tensor(
     budget_bits: int | None = None,
     device: torch.device | str = "cpu",
     where: tuple[object, object] = ("fine-tune", "base"),
+    scratch: torch.Tensor | None = None,
 ) -> tuple[CompressedLayer, float]:
     """Compress one planned tensor pair; returns the record and its relative Frobenius error.
 
@@ -305,8 +319,9 @@ def compress_tensor(
     under ``global-all``); ``None`` is the uniform budget, or ``dense_dtype`` beside it. ``where`` names
     the fine-tune and base locations in error messages. On a GPU a factorised pair moves there as
     stored (bf16: half the bytes of its float32 delta) and the delta is taken there. A float32
-    ``tuned`` is overwritten with the delta (``tensor_delta``). Rows a vocabulary-resized
-    fine-tune appended are stored whole beside the compressed delta of the rows both share.
+    ``tuned`` is overwritten with the delta (``tensor_delta``), and so is ``scratch`` (float32, of
+    the shared shape) where given, for a factorised pair on the CPU: ``PairBuffers``. Rows a
+    vocabulary-resized fine-tune appended are stored whole beside the compressed delta of the rows both share.
     """
     if plan.action == "replace":
         _require_finite(where[0], plan.name, tuned)
@@ -314,7 +329,7 @@ def compress_tensor(
     appended = tuned[plan.shape[0]:].float().clone() if plan.new_rows else None  # before the in-place delta
     if plan.action == "factorise" and base is not None and torch.device(device).type != "cpu":
         tuned, base = tuned.to(device), base.to(device)  # the delta in float32 on the GPU, from bf16 bytes moved
-    delta = tensor_delta(plan, tuned, base, where)
+    delta = tensor_delta(plan, tuned, base, where, out=scratch)
     if plan.action == "factorise":
         grad, rows, cov = plan_calibration(gradients, plan, config)
         layer = compress_matrix(plan.name, delta, config, grad, budget_bits=budget_bits, row_weight=rows,
@@ -330,8 +345,10 @@ def compress_tensor(
 
 
 def tensor_delta(plan: LayerPlan, tuned: torch.Tensor, base: torch.Tensor | None,
-                 where: tuple[object, object] = ("fine-tune", "base")) -> torch.Tensor:
-    """The float32 delta over the rows both share, checked finite.
+                 where: tuple[object, object] = ("fine-tune", "base"), out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """The float32 delta over the rows both share, checked finite; in ``out`` when given (float32,
+    of the shared shape) and ``tuned`` is not float32 itself.
 
     A float32 ``tuned`` is overwritten: at LLM sizes a third n×d buffer would be the peak of the
     whole run (``bench/streaming_rss.py``), and every caller reads it fresh for this call. One
@@ -342,7 +359,8 @@ def tensor_delta(plan: LayerPlan, tuned: torch.Tensor, base: torch.Tensor | None
         raise MissingTensorError(f"{where[1]}: no base tensor {plan.name!r} to take a delta against")
     if plan.new_rows:
         _require_finite(where[0], plan.name, tuned[plan.shape[0]:])  # rows stored whole, in no delta
-    delta = tuned[: plan.shape[0]].float() if plan.new_rows else tuned.float()
+    shared = tuned[: plan.shape[0]] if plan.new_rows else tuned
+    delta = out.copy_(shared) if out is not None and shared.dtype != torch.float32 else shared.float()
     delta.sub_(base)
     if not all_finite(delta):
         _require_finite(where[1], plan.name, base)

@@ -166,9 +166,16 @@ def read_header(source: ByteSource, name: str) -> Header:
     return parse_header(probe[:8], raw_header, name, size, shown)
 
 
-def read_tensor(source: ByteSource, entry: TensorEntry) -> torch.Tensor:
-    """Read one tensor's bytes into a fresh CPU tensor of its dtype and shape (one range read)."""
-    out = torch.empty(entry.shape, dtype=entry.torch_dtype)
+def read_tensor(source: ByteSource, entry: TensorEntry, into: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor's bytes into a CPU tensor of its dtype and shape (one range read).
+
+    The tensor is fresh, or a view of the start of ``into`` (a 1-D ``uint8`` tensor of at least
+    the tensor's bytes), which the next read into it overwrites.
+    """
+    if into is None:
+        out = torch.empty(entry.shape, dtype=entry.torch_dtype)
+    else:
+        out = into[: entry.end - entry.start].view(entry.torch_dtype).view(entry.shape)
     if not out.numel():
         return out
     view = memoryview(out.view(torch.uint8).reshape(-1).numpy())

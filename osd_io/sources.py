@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from osd_core.byte_source import HASH_CHUNK_BYTES, ByteSource, LocalDirectory, sha256_file
+from osd_core.byte_source import ByteSource, LocalDirectory
 from osd_core.checkpoint import Checkpoint, hash_identities
 from osd_core.disk_cache import cache_root
 from osd_core.errors import CheckpointError
+from osd_core.file_hashes import HASH_CHUNK_BYTES, sha256_file
 from osd_core.safetensors_io import TensorEntry, read_tensor
 from osd_io.storage import ObjectStore, open_store
 from osd_io.uris import is_s3, join_uri, local_path
