@@ -52,6 +52,7 @@ from osd_core.checkpoint import Checkpoint  # noqa: E402
 from osd_core.compress import plan_pair  # noqa: E402
 from osd_core.config import CompressionConfig  # noqa: E402
 from osd_core.file_hashes import KIND as HASHES  # noqa: E402
+from osd_core.float_delta import float_difference  # noqa: E402
 from osd_core.pair_buffers import PairBuffers  # noqa: E402
 from osd_core.svd import truncated_svd  # noqa: E402
 
@@ -158,8 +159,8 @@ def floors(base_dir: Path, tuned_dir: Path, k: int, factorised: set[str], device
     for name in tuned.tensors:
         started = time.perf_counter()
         if device == "cpu":
-            delta = buffers.delta(tuned.entry(name).shape).copy_(buffers.load("tuned", tuned, name))
-            delta.sub_(buffers.load("base", base, name))
+            delta, _ = float_difference(buffers.load("tuned", tuned, name), buffers.load("base", base, name),
+                                        buffers.delta(tuned.entry(name).shape))
         else:
             delta = tuned.load(name).to(device).float().sub_(base.load(name).to(device))
         _synchronize(device)

@@ -27,6 +27,7 @@ from .config import ALLOCATIONS, GLOBAL_ALLOCATIONS, CompressionConfig
 from .errors import CheckpointError, ConfigError, MissingTensorError
 from .factorize import compress_matrix
 from .finite import all_finite, count_non_finite
+from .float_delta import DeltaSummary, float_difference
 from .layer import CompressedLayer, stack_experts, with_appended_rows
 from .norms import squared_norm
 from .pair_buffers import PairBuffers
@@ -284,12 +285,12 @@ def _global_allocation(
     buffers = PairBuffers()
     for position, plan in enumerate(measured):
         if plan.action == "factorise":  # its curve holds numbers only: the memory may be reused
-            delta = tensor_delta(plan, buffers.load("tuned", finetuned, plan.name),
-                                 buffers.load("base", base, plan.name), (finetuned.location, base.location),
-                                 out=buffers.delta(plan.shape))
+            delta, _ = tensor_delta(plan, buffers.load("tuned", finetuned, plan.name),
+                                    buffers.load("base", base, plan.name), (finetuned.location, base.location),
+                                    out=buffers.delta(plan.shape))
         else:
-            delta = tensor_delta(plan, finetuned.load(plan.name), base.load(plan.name),
-                                 (finetuned.location, base.location))
+            delta, _ = tensor_delta(plan, finetuned.load(plan.name), base.load(plan.name),
+                                    (finetuned.location, base.location))
         curves[plan.name] = measure_tensor(plan, delta, config, gradients, device)
         if on_measured is not None:
             on_measured(plan.name, position + 1, len(measured))
@@ -329,26 +330,27 @@ def compress_tensor(
     appended = tuned[plan.shape[0]:].float().clone() if plan.new_rows else None  # before the in-place delta
     if plan.action == "factorise" and base is not None and torch.device(device).type != "cpu":
         tuned, base = tuned.to(device), base.to(device)  # the delta in float32 on the GPU, from bf16 bytes moved
-    delta = tensor_delta(plan, tuned, base, where, out=scratch)
+    delta, summary = tensor_delta(plan, tuned, base, where, out=scratch)
     if plan.action == "factorise":
         grad, rows, cov = plan_calibration(gradients, plan, config)
         layer = compress_matrix(plan.name, delta, config, grad, budget_bits=budget_bits, row_weight=rows,
-                                input_cov=cov, device=device)
+                                input_cov=cov, device=device, known_range=(summary.low, summary.high))
     elif plan.action == "experts":
         layer = _compress_experts(plan, delta, config, gradients, device)
     elif budget_bits is None:
         layer = dense_layer(plan.name, delta, "dense", config.dense_dtype)
     else:  # a 1-D delta inside a global-all budget: dropped or whole, as allocated
         layer = whole_layer(plan.name, delta, config, budget_bits)
-    error = relative_error(delta, layer)
+    error = relative_error(delta, layer, total=summary.squared_norm)
     return (layer if appended is None else with_appended_rows(layer, appended)), error
 
 
 def tensor_delta(plan: LayerPlan, tuned: torch.Tensor, base: torch.Tensor | None,
                  where: tuple[object, object] = ("fine-tune", "base"), out: torch.Tensor | None = None
-                 ) -> torch.Tensor:
-    """The float32 delta over the rows both share, checked finite; in ``out`` when given (float32,
-    of the shared shape) and ``tuned`` is not float32 itself.
+                 ) -> tuple[torch.Tensor, DeltaSummary]:
+    """The float32 delta over the rows both share, checked finite, and its summary (range and
+    norm, for the work after); in ``out`` when given (float32, of the shared shape) and ``tuned``
+    is not float32 itself.
 
     A float32 ``tuned`` is overwritten: at LLM sizes a third n×d buffer would be the peak of the
     whole run (``bench/streaming_rss.py``), and every caller reads it fresh for this call. One
@@ -360,12 +362,11 @@ def tensor_delta(plan: LayerPlan, tuned: torch.Tensor, base: torch.Tensor | None
     if plan.new_rows:
         _require_finite(where[0], plan.name, tuned[plan.shape[0]:])  # rows stored whole, in no delta
     shared = tuned[: plan.shape[0]] if plan.new_rows else tuned
-    delta = out.copy_(shared) if out is not None and shared.dtype != torch.float32 else shared.float()
-    delta.sub_(base)
-    if not all_finite(delta):
+    delta, summary = float_difference(shared, base, out)
+    if not summary.finite:
         _require_finite(where[1], plan.name, base)
         _require_finite(where[0], plan.name, delta)  # the base is finite: the fine-tune (or the difference) is not
-    return delta
+    return delta, summary
 
 
 def plan_calibration(gradients: Mapping[str, torch.Tensor] | None, plan: LayerPlan, config: CompressionConfig
@@ -400,8 +401,9 @@ def _compress_experts(plan: LayerPlan, delta: torch.Tensor, config: CompressionC
     return stack_experts(plan.name, slices, delta.shape[0] * layer_budget(*delta.shape[1:], config.rank))
 
 
-def relative_error(delta: torch.Tensor, layer: CompressedLayer) -> float:
-    """``‖Δ − Δ̂‖_F / ‖Δ‖_F`` (0 for an exactly reproduced or all-zero delta).
+def relative_error(delta: torch.Tensor, layer: CompressedLayer, total: float | None = None) -> float:
+    """``‖Δ − Δ̂‖_F / ‖Δ‖_F`` (0 for an exactly reproduced or all-zero delta); ``total`` is
+    ``‖Δ‖²_F`` where the caller has it (``DeltaSummary``), which saves a pass.
 
     A factored layer's error comes from the expansion ``‖Δ‖² − 2⟨ΔV, U⟩ + ⟨UᵀU, VᵀV⟩``: one thin
     product that reads Δ once, where forming ``UVᵀ`` wrote and re-read a copy of the largest tensor
@@ -409,7 +411,7 @@ def relative_error(delta: torch.Tensor, layer: CompressedLayer) -> float:
     cancels as the error shrinks, so below ``EXPANSION_FLOOR`` the error is summed exactly over
     blocks of rows instead, without ever holding ``Δ̂`` or ``Δ − Δ̂`` whole.
     """
-    total = squared_norm(delta)
+    total = squared_norm(delta) if total is None else total
     if total == 0.0:
         return 0.0
     if layer.kind != "factored":

@@ -55,6 +55,7 @@ def compress_matrix(
     input_cov: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     factors: Factors | None = None,
+    known_range: tuple[float, float] | None = None,
 ) -> CompressedLayer:
     """Compress the 2-D ``delta`` of tensor ``name`` within ``32·rank·(n+d)`` paper bits.
 
@@ -66,6 +67,8 @@ def compress_matrix(
     when available); the record is returned on the CPU. ``factors``, a truncated SVD of this
     ``delta`` at rank ``>= k`` (not whitened), is sliced instead of factoring again: a measuring
     pass that tries several budgets of one layer pays for one SVD, not one per budget.
+    ``known_range`` is ``delta``'s smallest and largest value where the caller took them as it
+    made the delta (``float_delta.DeltaSummary``): a pass over the matrix saved.
     """
     if delta.ndim != 2:
         raise ConfigError(f"{name}: only 2-D matrices are factorised, got shape {tuple(delta.shape)}")
@@ -83,7 +86,7 @@ def compress_matrix(
         )
     with torch.no_grad():
         delta = delta.to(device=device, dtype=torch.float32)
-        low, high = value_range(delta)  # one pass answers both questions
+        low, high = value_range(delta) if known_range is None else known_range  # zero? finite?
         if not (math.isfinite(low) and math.isfinite(high)):
             _require_finite(name, "delta", delta)
         if low == 0.0 and high == 0.0:

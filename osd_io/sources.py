@@ -149,9 +149,14 @@ class TensorRef:
     def numel(self) -> int:
         return math.prod(self.entry.shape)
 
-    def read(self) -> torch.Tensor:
-        """The tensor, read with one ranged GET (S3) or one seek and read (local)."""
-        return read_tensor(source_for(self.checkpoint), self.entry)
+    @property
+    def nbytes(self) -> int:
+        return self.entry.end - self.entry.start
+
+    def read(self, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor, read with one ranged GET (S3) or one seek and read (local): fresh, or into
+        ``into``'s bytes (``read_tensor``)."""
+        return read_tensor(source_for(self.checkpoint), self.entry, into)
 
 
 def tensor_refs(checkpoint: Checkpoint) -> dict[str, TensorRef]:

@@ -1,4 +1,5 @@
-"""Reused read memory changes no byte of a delta (``osd_core.pair_buffers``)."""
+"""Reused read memory changes no byte of a delta (``osd_core.pair_buffers``), in one process or
+in the fleet's workers."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from osd_core.checkpoint import Checkpoint
 from osd_core.compress import compress_checkpoint, compress_tensor, plan_pair
 from osd_core.config import CompressionConfig
 from osd_core.pair_buffers import PairBuffers
+from osd_io.sources import tensor_refs
 from tests.conftest import write_bert_like
+from workers.compress import compress_layer
+from workers.jobs import LayerJob
 
 
 def as_dtype(directory, dtype):
@@ -39,6 +43,15 @@ def test_a_delta_read_through_reused_memory_equals_one_read_fresh(tmp_path, dtyp
         assert torch.equal(stored[plan.name].delta(), fresh.delta()), plan.name
         factorised += 1
     assert factorised == 13  # the embedding and 6 matrices a layer
+
+    # A worker reads by reference into one set of buffers per layer group: here, the whole model.
+    buffers, tuned_refs, base_refs = PairBuffers(), tensor_refs(tuned), tensor_refs(base)
+    for plan in plan_pair(base, tuned, config):
+        if plan.action == "copy":
+            continue
+        job = LayerJob(plan, tuned_refs[plan.name], base_refs[plan.name])
+        layer, _ = compress_layer(job, config, None, None, torch.device("cpu"), buffers)
+        assert torch.equal(stored[plan.name].delta(), layer.delta()), plan.name
 
 
 def test_a_slot_holds_the_last_tensor_read_into_it_and_grows_to_the_largest(tmp_path):

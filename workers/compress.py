@@ -21,7 +21,8 @@ from osd_core.compress import allocated, compress_tensor, measure_tensor, resolv
 from osd_core.config import CompressionConfig
 from osd_core.errors import CheckpointError, ConfigError
 from osd_core.layer import CompressedLayer
-from osd_io.sources import local_copy
+from osd_core.pair_buffers import PairBuffers
+from osd_io.sources import TensorRef, local_copy
 from osd_io.storage import ObjectStore, open_store
 from workers.jobs import GroupJob, GroupResult, LayerCurve, LayerJob
 
@@ -40,9 +41,10 @@ def compress_group(job: GroupJob, calibration: str | None) -> GroupResult:
     device = resolve_device(job.device)
     calib = _gradients(job, calibration)
     budgets = dict(job.budgets)
+    buffers = PairBuffers()
     encoded = []
     for layer in job.group.layers:
-        compressed, error = compress_layer(layer, job.config, calib, budgets.get(layer.name), device)
+        compressed, error = compress_layer(layer, job.config, calib, budgets.get(layer.name), device, buffers)
         encoded.append(
             (compressed, {"role": layer.plan.role.value, "dtype": layer.plan.dtype, "rel_error": round(error, 6)})
         )
@@ -58,14 +60,17 @@ def measure_group(job: GroupJob, calibration: str | None) -> tuple[LayerCurve, .
     candidate budgets (``osd_core.compress.measure_tensor``)."""
     device = resolve_device(job.device)
     calib = _gradients(job, calibration)
+    buffers = PairBuffers()
     curves = []
     for layer in job.group.layers:
         if not allocated(layer.plan, job.allocation):
             continue
         if layer.base is None:
             raise CheckpointError(f"{layer.name}: no base tensor to subtract (planned as {layer.plan.action})")
-        delta = tensor_delta(layer.plan, layer.finetuned.read(), layer.base.read(),
-                             (layer.finetuned.uri, layer.base.uri))
+        reuse = _reusable(layer, device)  # a curve holds numbers only
+        delta, _ = tensor_delta(layer.plan, _read(layer.finetuned, buffers, "tuned", reuse),
+                                _read(layer.base, buffers, "base", reuse), (layer.finetuned.uri, layer.base.uri),
+                                out=buffers.delta(layer.plan.shape) if reuse else None)
         curves.append(LayerCurve(layer.name, measure_tensor(layer.plan, delta, job.config, calib, device)))
     return tuple(curves)
 
@@ -76,15 +81,30 @@ def compress_layer(
     calib: GradientFile | None,
     budget: int | None,
     device: torch.device,
+    buffers: PairBuffers,
 ) -> tuple[CompressedLayer, float]:
-    """One tensor's compressed record and relative error: ``compress_tensor`` on tensors read by reference."""
+    """One tensor's compressed record and relative error: ``compress_tensor`` on tensors read by
+    reference, a factorised pair on the CPU into ``buffers``, as ``compress_checkpoint`` reads."""
     if layer.plan.action != "replace" and layer.base is None:
         raise CheckpointError(f"{layer.name}: no base tensor to subtract (planned as {layer.plan.action})")
-    base = None if layer.plan.action == "replace" else layer.base.read()
+    reuse = _reusable(layer, device)
+    base = None if layer.plan.action == "replace" else _read(layer.base, buffers, "base", reuse)
     return compress_tensor(
-        layer.plan, layer.finetuned.read(), base, layer_config(config, layer.plan.shape, budget), calib,
-        budget_bits=budget, device=device, where=(layer.finetuned.uri, layer.base.uri if layer.base else "base"),
+        layer.plan, _read(layer.finetuned, buffers, "tuned", reuse), base,
+        layer_config(config, layer.plan.shape, budget), calib, budget_bits=budget, device=device,
+        where=(layer.finetuned.uri, layer.base.uri if layer.base else "base"),
+        scratch=buffers.delta(layer.plan.shape) if reuse else None,
     )
+
+
+def _reusable(layer: LayerJob, device: torch.device) -> bool:
+    """Whether the pair may be read into reused memory: a factorised matrix on the CPU, whose SVD
+    writes new tensors, so nothing kept refers to what was read (``osd_core.pair_buffers``)."""
+    return layer.plan.action == "factorise" and device.type == "cpu"
+
+
+def _read(ref: TensorRef, buffers: PairBuffers, slot: str, reuse: bool) -> torch.Tensor:
+    return ref.read(into=buffers.memory(slot, ref.nbytes) if reuse else None)
 
 
 def _gradients(job: GroupJob, uri: str | None) -> GradientFile | None:
