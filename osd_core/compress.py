@@ -30,7 +30,7 @@ from .finite import all_finite, count_non_finite
 from .float_delta import DeltaSummary, float_difference
 from .layer import CompressedLayer, stack_experts, with_appended_rows
 from .norms import squared_norm
-from .pair_buffers import PairBuffers
+from .pair_buffers import PairBuffers, reused_for
 from .policy import Role
 from .roles import policy_for
 from .whole import dense_layer, whole_layer, whole_options
@@ -187,7 +187,7 @@ def compress_checkpoint(
         for position, plan in enumerate(plans):
             if plan.action == "copy":
                 continue
-            reuse = plan.action == "factorise" and run_on.type == "cpu"
+            reuse = reused_for(plan.action, run_on)
             if reuse:
                 tuned, base_tensor = buffers.load("tuned", finetuned, plan.name), buffers.load("base", base, plan.name)
             else:

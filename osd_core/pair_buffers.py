@@ -18,6 +18,12 @@ import torch
 from .checkpoint import Checkpoint
 
 
+def reused_for(action: str, device: torch.device) -> bool:
+    """Whether a pair planned for ``action`` and compressed on ``device`` is read into reused
+    memory: a factorised matrix on the CPU (on a GPU the pair is moved there as stored)."""
+    return action == "factorise" and device.type == "cpu"
+
+
 class PairBuffers:
     """Named slots of reusable CPU memory, each as large as the largest tensor put in it so far."""
 

@@ -21,7 +21,7 @@ from osd_core.compress import allocated, compress_tensor, measure_tensor, resolv
 from osd_core.config import CompressionConfig
 from osd_core.errors import CheckpointError, ConfigError
 from osd_core.layer import CompressedLayer
-from osd_core.pair_buffers import PairBuffers
+from osd_core.pair_buffers import PairBuffers, reused_for
 from osd_io.sources import TensorRef, local_copy
 from osd_io.storage import ObjectStore, open_store
 from workers.jobs import GroupJob, GroupResult, LayerCurve, LayerJob
@@ -67,7 +67,7 @@ def measure_group(job: GroupJob, calibration: str | None) -> tuple[LayerCurve, .
             continue
         if layer.base is None:
             raise CheckpointError(f"{layer.name}: no base tensor to subtract (planned as {layer.plan.action})")
-        reuse = _reusable(layer, device)  # a curve holds numbers only
+        reuse = reused_for(layer.plan.action, device)  # a curve holds numbers only
         delta, _ = tensor_delta(layer.plan, _read(layer.finetuned, buffers, "tuned", reuse),
                                 _read(layer.base, buffers, "base", reuse), (layer.finetuned.uri, layer.base.uri),
                                 out=buffers.delta(layer.plan.shape) if reuse else None)
@@ -87,7 +87,7 @@ def compress_layer(
     reference, a factorised pair on the CPU into ``buffers``, as ``compress_checkpoint`` reads."""
     if layer.plan.action != "replace" and layer.base is None:
         raise CheckpointError(f"{layer.name}: no base tensor to subtract (planned as {layer.plan.action})")
-    reuse = _reusable(layer, device)
+    reuse = reused_for(layer.plan.action, device)
     base = None if layer.plan.action == "replace" else _read(layer.base, buffers, "base", reuse)
     return compress_tensor(
         layer.plan, _read(layer.finetuned, buffers, "tuned", reuse), base,
@@ -95,12 +95,6 @@ def compress_layer(
         where=(layer.finetuned.uri, layer.base.uri if layer.base else "base"),
         scratch=buffers.delta(layer.plan.shape) if reuse else None,
     )
-
-
-def _reusable(layer: LayerJob, device: torch.device) -> bool:
-    """Whether the pair may be read into reused memory: a factorised matrix on the CPU, whose SVD
-    writes new tensors, so nothing kept refers to what was read (``osd_core.pair_buffers``)."""
-    return layer.plan.action == "factorise" and device.type == "cpu"
 
 
 def _read(ref: TensorRef, buffers: PairBuffers, slot: str, reuse: bool) -> torch.Tensor:
