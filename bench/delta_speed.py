@@ -66,5 +66,6 @@ def main() -> None:
             raise SystemExit(f"{size}: summaries differ: {expected} against {got}")
         print(f"| {size} | {mixed:.0f} | {passes:.0f} | {blocked:.0f} | {passes / blocked:.1f}× |")
 
+
 if __name__ == "__main__":
     main()
