@@ -42,9 +42,9 @@ from flows.fleet_config import (
 )
 from flows.pipeline import compress_model, make_target, read_inputs
 from flows.runtime import RuntimeStartError, start_runtime
-from osd_core.checkpoint import INDEX_FILE, SINGLE_FILE
 from osd_core.errors import ConfigError, OSDError
 from osd_core.settings import to_table
+from osd_core.weight_files import INDEX_FILE, SINGLE_FILE
 from osd_io.catalog import Catalog
 from osd_io.keys import InvalidNameError, safe_name
 from osd_io.uris import is_s3, join_uri, local_path

@@ -10,7 +10,6 @@ each shard's header, nothing more; planning needs no weights. Pickle files (``*.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,11 +22,8 @@ import torch
 from .byte_source import ByteSource, LocalDirectory, read_bytes, where
 from .errors import CheckpointError, MissingTensorError
 from .safetensors_io import TensorEntry, read_header, read_tensor
+from .weight_files import WEIGHT_SUFFIXES, read_json, weight_files
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".onnx")
 SIDE_FILE_LIMIT = 16 * 1024 * 1024
 
 
@@ -56,8 +52,8 @@ class Checkpoint:
             raise CheckpointError(f"{source.location}: cannot list the checkpoint ({exc.strerror or exc})") from None
         if "config.json" not in files:
             raise CheckpointError(f"{where(source, 'config.json')}: missing (the model configuration)")
-        config = _read_json(source, "config.json", "the model configuration")
-        shards = _weight_files(source, files)
+        config = read_json(source, "config.json", "the model configuration")
+        shards = weight_files(source, files)
         tensors: dict[str, TensorEntry] = {}
         for shard in shards:
             for name, entry in read_header(source, shard).tensors.items():
@@ -163,40 +159,3 @@ def side_files(base: Checkpoint, finetuned: Checkpoint) -> dict[str, bytes]:
         if name == "config.json" or name not in base.files or base.read_file(name) != data:
             files[name] = data
     return files
-
-
-def _weight_files(source: ByteSource, files: dict[str, int]) -> tuple[str, ...]:
-    index = where(source, INDEX_FILE)
-    if INDEX_FILE in files:
-        weight_map = _read_json(source, INDEX_FILE, "the shard index").get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index}: expected a non-empty 'weight_map' object")
-        names = sorted(set(weight_map.values()))
-        for name in names:
-            if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
-                raise CheckpointError(f"{index}: shard name {name!r} must be a plain file name in {source.location}")
-            if name not in files:
-                raise CheckpointError(f"{index}: lists shard {name!r}, which is missing from {source.location}")
-        return tuple(names)
-    if SINGLE_FILE in files:
-        return (SINGLE_FILE,)
-    pickles = sorted(name for name in files if PurePosixPath(name).suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise CheckpointError(
-            f"{source.location}: holds only pickle checkpoints ({', '.join(pickles)}); osd-fleet reads "
-            "safetensors only and never unpickles (convert with `save_pretrained(..., safe_serialization=True)`)"
-        )
-    raise CheckpointError(f"{source.location}: no {SINGLE_FILE} or {INDEX_FILE} found")
-
-
-def _read_json(source: ByteSource, name: str, what: str) -> dict:
-    shown = where(source, name)
-    try:
-        data = json.loads(read_bytes(source, name).decode("utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{shown}: missing ({what})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"{shown}: cannot read {what} ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{shown}: {what} must be a JSON object")
-    return data

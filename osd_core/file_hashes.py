@@ -11,13 +11,21 @@ is a file whose stat changed while it was read.
 
 This is provenance, not integrity: bit rot does not change a stat. Payloads a delta lists are
 always read again (``artifact``), and the records can be deleted at any time (``disk_cache``).
+
+:func:`hashing_ahead` starts the same work on a background thread before the caller needs it:
+``osd-fleet compress`` spends its first seconds importing torch on one core, and a hash read
+then is one the SVDs do not have to share their cores with later.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import disk_cache
@@ -25,6 +33,9 @@ from . import disk_cache
 HASH_CHUNK_BYTES = 8 * 1024 * 1024
 SETTLE_SECONDS = 1.0
 KIND = "sha256"
+
+_ahead: dict[tuple[str, tuple[int, ...]], Future[str]] = {}
+_ahead_lock = threading.Lock()
 
 
 def sha256_file(path: Path, chunk: int = HASH_CHUNK_BYTES) -> str:
@@ -37,10 +48,66 @@ def sha256_file(path: Path, chunk: int = HASH_CHUNK_BYTES) -> str:
 
 
 def remembered_sha256(path: Path) -> str:
-    """The SHA-256 of ``path``, from the cache while its stat is the one recorded, else read."""
+    """The SHA-256 of ``path``, from the cache while its stat is the one recorded, else read.
+
+    A hash :func:`hashing_ahead` started for this version of the file is waited for, not repeated.
+    """
     resolved = path.resolve()
-    key = hashlib.sha256(str(resolved).encode()).hexdigest()[:32]
     before = _stat(resolved)
+    with _ahead_lock:
+        started = _ahead.pop((str(resolved), tuple(before)), None)
+    if started is not None:
+        return started.result()
+    return _remembered(resolved, before)
+
+
+@contextmanager
+def hashing_ahead(paths: Iterable[Path]) -> Iterator[None]:
+    """Hash ``paths``, in order, on one background thread while the block runs; :func:`remembered_sha256` collects.
+
+    The thread is a daemon, so a command that fails before it needs a hash exits at once instead
+    of waiting for gigabytes to be read, and hashes the block did not collect are cancelled when it
+    ends, so a later caller in the same process reads for itself. A file that changes before its
+    hash is asked for has another stat, so it is read again then; a missing one is skipped here and
+    reported there.
+    """
+    jobs: list[tuple[Path, list[int], Future[str]]] = []
+    with _ahead_lock:
+        for path in paths:
+            resolved = path.resolve()
+            try:
+                before = _stat(resolved)
+            except OSError:
+                continue
+            key = (str(resolved), tuple(before))
+            if key not in _ahead:
+                _ahead[key] = Future()
+                jobs.append((resolved, before, _ahead[key]))
+    if jobs:
+        threading.Thread(target=_hash_all, args=(jobs,), name="osd-hash-ahead", daemon=True).start()
+    try:
+        yield
+    finally:
+        with _ahead_lock:
+            for resolved, before, result in jobs:
+                if _ahead.get((str(resolved), tuple(before))) is result:
+                    del _ahead[(str(resolved), tuple(before))]
+                result.cancel()
+
+
+def _hash_all(jobs: list[tuple[Path, list[int], Future[str]]]) -> None:
+    for resolved, before, result in jobs:
+        if not result.set_running_or_notify_cancel():
+            continue
+        try:
+            result.set_result(_remembered(resolved, before))
+        except Exception as exc:  # handed to the caller of remembered_sha256, which raises it
+            result.set_exception(exc)
+
+
+def _remembered(resolved: Path, before: list[int]) -> str:
+    """The recorded hash of ``resolved`` if its stat is still ``before``, else read (and recorded once settled)."""
+    key = hashlib.sha256(str(resolved).encode()).hexdigest()[:32]
     record = disk_cache.load_record(KIND, key)
     if record is not None and record.get("path") == str(resolved) and record.get("stat") == before:
         digest = record.get("sha256")

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from .artifact import DeltaArtifact
-from .checkpoint import INDEX_FILE, SINGLE_FILE, WEIGHT_SUFFIXES, Checkpoint
+from .checkpoint import Checkpoint
 from .errors import ArtifactError, CheckpointError
 from .outputs import OutputDir, check_output, json_field
 from .safetensors_io import DTYPES, write_safetensors
+from .weight_files import INDEX_FILE, SINGLE_FILE, WEIGHT_SUFFIXES
 
 SHARD_BYTES = 2 << 30
 RESTORE_MARKER = "osd-fleet-restore.json"

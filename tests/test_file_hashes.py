@@ -70,3 +70,66 @@ def test_a_checkpoints_identity_is_the_same_from_a_cold_and_a_warm_cache(real_pa
         digest.update(shard.encode())
         digest.update(file_hashes.sha256_file(Path(real_pair[0]) / shard).encode())
     assert cold["sha256"] == digest.hexdigest()
+
+
+def counting_reads(monkeypatch) -> list[Path]:
+    """Every file ``file_hashes`` reads to hash, in order (the real reader still runs)."""
+    reads: list[Path] = []
+    real = file_hashes.sha256_file
+
+    def counted(path: Path, *args) -> str:
+        reads.append(path)
+        return real(path, *args)
+
+    monkeypatch.setattr(file_hashes, "sha256_file", counted)
+    return reads
+
+
+def test_a_hash_started_ahead_is_collected_not_read_again(tmp_path, cache, monkeypatch):
+    reads = counting_reads(monkeypatch)
+    shard = tmp_path / "model.safetensors"
+    shard.write_bytes(b"ahead" * 1000)
+    with file_hashes.hashing_ahead([shard, shard]):  # fresh, so never remembered on disk: only the thread answers
+        assert file_hashes.remembered_sha256(shard) == hashlib.sha256(b"ahead" * 1000).hexdigest()
+    assert reads == [shard.resolve()]
+    assert records(cache) == []
+    assert file_hashes.remembered_sha256(shard) == hashlib.sha256(b"ahead" * 1000).hexdigest()
+    assert len(reads) == 2  # collected once; the next ask reads as before
+
+
+def test_a_file_changed_after_its_hash_was_started_is_read_again(tmp_path, cache):
+    shard = tmp_path / "model.safetensors"
+    shard.write_bytes(b"old" * 1000)
+    with file_hashes.hashing_ahead([shard]):
+        shard.write_bytes(b"new" * 1000)
+        assert file_hashes.remembered_sha256(shard) == hashlib.sha256(b"new" * 1000).hexdigest()
+
+
+def test_a_missing_file_is_skipped_ahead_and_reported_when_asked(tmp_path, cache):
+    missing = tmp_path / "model.safetensors"
+    with file_hashes.hashing_ahead([missing]), pytest.raises(FileNotFoundError):
+        file_hashes.remembered_sha256(missing)
+
+
+def test_a_read_error_on_the_thread_reaches_the_caller(tmp_path, cache, monkeypatch):
+    def unreadable(path: Path, *args) -> str:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(file_hashes, "sha256_file", unreadable)
+    shard = tmp_path / "model.safetensors"
+    shard.write_bytes(b"z")
+    with file_hashes.hashing_ahead([shard]), pytest.raises(PermissionError):
+        file_hashes.remembered_sha256(shard)
+
+
+def test_hashes_a_block_did_not_collect_are_dropped_when_it_ends(tmp_path, cache, monkeypatch):
+    reads = counting_reads(monkeypatch)
+    shards = [tmp_path / f"model-{i}.safetensors" for i in range(3)]
+    for shard in shards:
+        shard.write_bytes(shard.name.encode() * 1000)
+    with file_hashes.hashing_ahead(shards):
+        pass  # a command that failed before it needed a hash
+    assert not file_hashes._ahead  # nothing left for a later command in this process to collect
+    before = len(reads)
+    assert file_hashes.remembered_sha256(shards[0]) == hashlib.sha256(shards[0].name.encode() * 1000).hexdigest()
+    assert shards[0].resolve() in reads[before:]  # read by the caller itself (fresh files are never recorded)
