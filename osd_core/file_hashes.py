@@ -71,7 +71,7 @@ def hashing_ahead(paths: Iterable[Path]) -> Iterator[None]:
     hash is asked for has another stat, so it is read again then; a missing one is skipped here and
     reported there.
     """
-    jobs: list[tuple[Path, list[int], Future[str]]] = []
+    jobs: dict[tuple[str, tuple[int, ...]], tuple[Path, list[int], Future[str]]] = {}
     with _ahead_lock:
         for path in paths:
             resolved = path.resolve()
@@ -82,16 +82,16 @@ def hashing_ahead(paths: Iterable[Path]) -> Iterator[None]:
             key = (str(resolved), tuple(before))
             if key not in _ahead:
                 _ahead[key] = Future()
-                jobs.append((resolved, before, _ahead[key]))
+                jobs[key] = (resolved, before, _ahead[key])
     if jobs:
-        threading.Thread(target=_hash_all, args=(jobs,), name="osd-hash-ahead", daemon=True).start()
+        threading.Thread(target=_hash_all, args=(list(jobs.values()),), name="osd-hash-ahead", daemon=True).start()
     try:
         yield
     finally:
         with _ahead_lock:
-            for resolved, before, result in jobs:
-                if _ahead.get((str(resolved), tuple(before))) is result:
-                    del _ahead[(str(resolved), tuple(before))]
+            for key, (_, _, result) in jobs.items():
+                if _ahead.get(key) is result:
+                    del _ahead[key]
                 result.cancel()
 
 
