@@ -22,6 +22,7 @@ from .allocate import Allocation, Option, layer_config, measure_curve, measure_w
 from .artifact import DeltaWriter
 from .budget import layer_budget
 from .calibration_data import INPUT_COV, OUTPUT_FISHER, ROW_WEIGHT, GradientFile
+from .byte_source import LocalDirectory
 from .checkpoint import Checkpoint, hash_identities, side_files
 from .config import ALLOCATIONS, GLOBAL_ALLOCATIONS, CompressionConfig
 from .errors import CheckpointError, ConfigError, MissingTensorError
@@ -30,7 +31,7 @@ from .finite import all_finite, count_non_finite
 from .float_delta import DeltaSummary, float_difference
 from .layer import CompressedLayer, stack_experts, with_appended_rows
 from .norms import squared_norm
-from .pair_buffers import PairBuffers, reused_for
+from .pair_buffers import PairBuffers, PairRead, StoredTensor, read_pairs, reads_ahead, reused_for
 from .policy import Role
 from .roles import policy_for
 from .whole import dense_layer, whole_layer, whole_options
@@ -182,22 +183,16 @@ def compress_checkpoint(
         provenance = {**(provenance or {}), "global_allocation": {
             "bits": chosen.bits, "total_bits": total, "estimated_damage": chosen.cost}}
     reports: list[LayerReport] = []
-    buffers = PairBuffers()
+    scratch = PairBuffers()
+    stored = [(position, plan) for position, plan in enumerate(plans) if plan.action != "copy"]
+    pairs = read_pairs([pair_read(plan, finetuned, base) for _, plan in stored], **pair_reading(run_on, base, finetuned))
     with writer:
-        for position, plan in enumerate(plans):
-            if plan.action == "copy":
-                continue
-            reuse = reused_for(plan.action, run_on)
-            if reuse:
-                tuned, base_tensor = buffers.load("tuned", finetuned, plan.name), buffers.load("base", base, plan.name)
-            else:
-                tuned = finetuned.load(plan.name)
-                base_tensor = None if plan.action == "replace" else base.load(plan.name)
+        for (position, plan), (tuned, base_tensor) in zip(stored, pairs, strict=True):
             budget = budgets.get(plan.name)
             layer, error = compress_tensor(plan, tuned, base_tensor, layer_config(config, plan.shape, budget),
                                            gradients, budget_bits=budget, device=run_on,
                                            where=(finetuned.location, base.location),
-                                           scratch=buffers.delta(plan.shape) if reuse else None)
+                                           scratch=delta_scratch(scratch, plan, run_on))
             report = LayerReport(
                 plan.name, plan.role.value, layer.kind, plan.shape, layer.k, layer.budget_bits,
                 layer.paper_bits, layer.nbytes, error,
@@ -282,15 +277,11 @@ def _global_allocation(
     uniform total where it helps."""
     curves = {}
     measured = [p for p in plans if allocated(p, allocation)]
-    buffers = PairBuffers()
-    for position, plan in enumerate(measured):
-        if plan.action == "factorise":  # its curve holds numbers only: the memory may be reused
-            delta, _ = tensor_delta(plan, buffers.load("tuned", finetuned, plan.name),
-                                    buffers.load("base", base, plan.name), (finetuned.location, base.location),
-                                    out=buffers.delta(plan.shape))
-        else:
-            delta, _ = tensor_delta(plan, finetuned.load(plan.name), base.load(plan.name),
-                                    (finetuned.location, base.location))
+    scratch = PairBuffers()
+    pairs = read_pairs([pair_read(plan, finetuned, base) for plan in measured], **pair_reading(device, base, finetuned))
+    for position, (plan, (tuned, base_tensor)) in enumerate(zip(measured, pairs, strict=True)):
+        delta, _ = pair_delta(plan, tuned, base_tensor, device, (finetuned.location, base.location),
+                              delta_scratch(scratch, plan, device))
         curves[plan.name] = measure_tensor(plan, delta, config, gradients, device)
         if on_measured is not None:
             on_measured(plan.name, position + 1, len(measured))
@@ -328,9 +319,7 @@ def compress_tensor(
         _require_finite(where[0], plan.name, tuned)
         return dense_layer(plan.name, tuned.float(), "replace"), 0.0
     appended = tuned[plan.shape[0]:].float().clone() if plan.new_rows else None  # before the in-place delta
-    if plan.action == "factorise" and base is not None and torch.device(device).type != "cpu":
-        tuned, base = tuned.to(device), base.to(device)  # the delta in float32 on the GPU, from bf16 bytes moved
-    delta, summary = tensor_delta(plan, tuned, base, where, out=scratch)
+    delta, summary = pair_delta(plan, tuned, base, device, where, scratch)
     if plan.action == "factorise":
         grad, rows, cov = plan_calibration(gradients, plan, config)
         layer = compress_matrix(plan.name, delta, config, grad, budget_bits=budget_bits, row_weight=rows,
@@ -343,6 +332,34 @@ def compress_tensor(
         layer = whole_layer(plan.name, delta, config, budget_bits)
     error = relative_error(delta, layer, total=summary.squared_norm)
     return (layer if appended is None else with_appended_rows(layer, appended)), error
+
+
+def pair_read(plan: LayerPlan, finetuned: Checkpoint, base: Checkpoint) -> PairRead:
+    """What ``read_pairs`` reads for a planned tensor of the single-process path."""
+    return PairRead(StoredTensor(finetuned, plan.name),
+                    None if plan.action == "replace" else StoredTensor(base, plan.name), reused_for(plan.action))
+
+
+def pair_reading(device: torch.device, *checkpoints: Checkpoint) -> dict[str, bool]:
+    """``read_pairs``' options for pairs of ``checkpoints`` bound for ``device``."""
+    local = all(isinstance(checkpoint.source, LocalDirectory) for checkpoint in checkpoints)
+    return {"ahead": reads_ahead(device, local), "pinned": device.type == "cuda"}
+
+
+def delta_scratch(buffers: PairBuffers, plan: LayerPlan, device: torch.device) -> torch.Tensor | None:
+    """Reused float32 memory for a pair's delta: a factorised pair on the CPU (on a GPU the delta is
+    taken there)."""
+    return buffers.delta(plan.shape) if reused_for(plan.action) and device.type == "cpu" else None
+
+
+def pair_delta(plan: LayerPlan, tuned: torch.Tensor, base: torch.Tensor | None, device: torch.device | str,
+               where: tuple[object, object], scratch: torch.Tensor | None) -> tuple[torch.Tensor, DeltaSummary]:
+    """``tensor_delta`` where the work on the pair runs: a factorised pair bound for a GPU moves
+    there as stored (bf16: half the bytes of its float32 delta, ``non_blocking`` from pinned
+    memory) and its delta is taken there; anything else on the CPU, in ``scratch`` where given."""
+    if plan.action == "factorise" and base is not None and torch.device(device).type != "cpu":
+        tuned, base = tuned.to(device, non_blocking=True), base.to(device, non_blocking=True)
+    return tensor_delta(plan, tuned, base, where, out=scratch)
 
 
 def tensor_delta(plan: LayerPlan, tuned: torch.Tensor, base: torch.Tensor | None,

@@ -1,7 +1,9 @@
-"""Reused read memory changes no byte of a delta (``osd_core.pair_buffers``), in one process or
-in the fleet's workers."""
+"""Pairs read one ahead into reused memory (``osd_core.pair_buffers``): in order, into alternating
+slots, errors at their own pair; and no byte of a delta changes, in one process or in the fleet's workers."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -11,7 +13,8 @@ from osd_core.artifact import DeltaArtifact
 from osd_core.checkpoint import Checkpoint
 from osd_core.compress import compress_checkpoint, compress_tensor, plan_pair
 from osd_core.config import CompressionConfig
-from osd_core.pair_buffers import PairBuffers
+from osd_core.errors import CheckpointError
+from osd_core.pair_buffers import PairBuffers, PairRead, read_pairs, reused_for
 from osd_io.sources import tensor_refs
 from tests.conftest import write_bert_like
 from workers.compress import compress_layer
@@ -44,14 +47,15 @@ def test_a_delta_read_through_reused_memory_equals_one_read_fresh(tmp_path, dtyp
         factorised += 1
     assert factorised == 13  # the embedding and 6 matrices a layer
 
-    # A worker reads by reference into one set of buffers per layer group: here, the whole model.
-    buffers, tuned_refs, base_refs = PairBuffers(), tensor_refs(tuned), tensor_refs(base)
-    for plan in plan_pair(base, tuned, config):
-        if plan.action == "copy":
-            continue
-        job = LayerJob(plan, tuned_refs[plan.name], base_refs[plan.name])
-        layer, _ = compress_layer(job, config, None, None, torch.device("cpu"), buffers)
-        assert torch.equal(stored[plan.name].delta(), layer.delta()), plan.name
+    # A worker reads by reference, one pair ahead, into reused slots: here, the whole model as one group.
+    tuned_refs, base_refs = tensor_refs(tuned), tensor_refs(base)
+    jobs = [LayerJob(plan, tuned_refs[plan.name], base_refs[plan.name])
+            for plan in plan_pair(base, tuned, config) if plan.action != "copy"]
+    reads = [PairRead(job.finetuned, job.base, reused_for(job.plan.action)) for job in jobs]
+    scratch = PairBuffers()
+    for job, (tuned_tensor, base_tensor) in zip(jobs, read_pairs(reads), strict=True):
+        layer, _ = compress_layer(job, tuned_tensor, base_tensor, config, None, None, torch.device("cpu"), scratch)
+        assert torch.equal(stored[job.name].delta(), layer.delta()), job.name
 
 
 def test_a_slot_holds_the_last_tensor_read_into_it_and_grows_to_the_largest(tmp_path):
@@ -67,3 +71,67 @@ def test_a_slot_holds_the_last_tensor_read_into_it_and_grows_to_the_largest(tmp_
     assert torch.equal(again, checkpoint.load("bert.encoder.layer.0.attention.self.key.weight"))
     delta = buffers.delta((16, 8))
     assert delta.dtype == torch.float32 and delta.shape == (16, 8)
+
+
+class Recorded:
+    """A stored tensor that says when it is read, and can be made to fail or to wait."""
+
+    def __init__(self, value: float, *, fail: bool = False, gate: threading.Event | None = None) -> None:
+        self.value, self.fail, self.gate = value, fail, gate
+        self.started, self.finished = threading.Event(), threading.Event()
+
+    @property
+    def nbytes(self) -> int:
+        return 16
+
+    def read(self, into: torch.Tensor | None = None) -> torch.Tensor:
+        self.started.set()
+        if self.gate is not None:
+            self.gate.wait(timeout=30)
+        if self.fail:
+            raise CheckpointError(f"tensor {self.value}: truncated")
+        out = torch.empty(4) if into is None else into[:16].view(torch.float32)
+        out.fill_(self.value)
+        self.finished.set()
+        return out
+
+
+def test_the_next_pair_is_read_while_the_caller_holds_this_one_into_alternating_slots():
+    tensors = [(Recorded(n), Recorded(-n)) for n in range(5)]
+    pairs = read_pairs([PairRead(tuned, base, reuse=True) for tuned, base in tensors], ahead=True)
+    seen = []
+    for n, (tuned, base) in enumerate(pairs):
+        if n + 1 < len(tensors):  # read ahead without being asked for it
+            assert tensors[n + 1][1].finished.wait(timeout=10), f"pair {n + 1} was not read ahead"
+        assert torch.equal(tuned, torch.full((4,), float(n))) and torch.equal(base, torch.full((4,), float(-n)))
+        seen.append((tuned.data_ptr(), base.data_ptr()))
+    assert seen[::2] == [seen[0]] * 3 and seen[1::2] == [seen[1]] * 2  # two slot sets
+    assert seen[0] != seen[1] and len({pointer for pair in seen for pointer in pair}) == 4
+
+
+def test_pairs_not_reused_are_read_fresh_and_a_new_head_has_no_base():
+    first, second = (Recorded(1), None), (Recorded(2), Recorded(3))
+    got = list(read_pairs([PairRead(*first, reuse=False), PairRead(*second, reuse=False)], ahead=True))
+    assert got[0][1] is None and torch.equal(got[0][0], torch.full((4,), 1.0))
+    assert got[0][0].data_ptr() != got[1][0].data_ptr()
+
+
+def test_a_read_error_surfaces_at_its_own_pair_after_the_pairs_before_it():
+    reads = [PairRead(Recorded(0), Recorded(0), True), PairRead(Recorded(1), Recorded(1, fail=True), True),
+             PairRead(Recorded(2), Recorded(2), True)]
+    pairs = read_pairs(reads, ahead=True)
+    tuned, _ = next(pairs)
+    assert float(tuned[0]) == 0.0
+    with pytest.raises(CheckpointError, match="tensor 1: truncated"):
+        next(pairs)
+
+
+def test_leaving_early_waits_for_the_read_under_way():
+    gate = threading.Event()
+    slow = Recorded(1, gate=gate)
+    pairs = read_pairs([PairRead(Recorded(0), None, True), PairRead(slow, None, True)], ahead=True)
+    next(pairs)
+    assert slow.started.wait(timeout=10)
+    threading.Timer(0.2, gate.set).start()
+    pairs.close()  # returns only once the read into the slots is done
+    assert slow.finished.is_set()

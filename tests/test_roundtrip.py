@@ -229,7 +229,8 @@ def test_global_all_spends_the_same_total_on_the_1d_deltas_too(real_pair, tmp_pa
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_checkpoint_compressed_on_the_gpu_matches_the_cpu(real_pair, tmp_path):
-    """The pair moves to the GPU as stored and its delta is taken there; the record comes back to the CPU."""
+    """Pairs are read one ahead into pinned memory, move to the GPU as stored and their deltas are
+    taken there; the record comes back to the CPU."""
     base, tuned = real_pair
     config = CompressionConfig(rank=2)
     on_cpu = compress_checkpoint(base, tuned, tmp_path / "cpu", config, device="cpu")
@@ -240,3 +241,19 @@ def test_a_checkpoint_compressed_on_the_gpu_matches_the_cpu(real_pair, tmp_path)
         assert gpu.rel_error == pytest.approx(cpu.rel_error, rel=1e-3, abs=1e-6)
     reconstruct_checkpoint(base, tmp_path / "gpu", tmp_path / "restored")
     assert Checkpoint.open(tmp_path / "restored").tensors.keys() == Checkpoint.open(tuned).tensors.keys()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_global_allocation_measured_on_the_gpu_spends_the_model_bits_as_on_the_cpu(real_pair, tmp_path):
+    """The measuring pass reads ahead and takes deltas on the GPU too. Its damages differ from the
+    CPU's in the last digits, so a tie may be broken the other way: the totals are compared."""
+    base, tuned = real_pair
+    config = CompressionConfig(rank=0.25)
+    recorded = {}
+    for device in ("cpu", "cuda"):
+        compress_checkpoint(base, tuned, tmp_path / device, config, device=device, allocation="global-all")
+        recorded[device] = DeltaArtifact.open(tmp_path / device).manifest.provenance["global_allocation"]
+    assert recorded["cuda"]["total_bits"] == recorded["cpu"]["total_bits"]
+    assert recorded["cuda"]["bits"] <= recorded["cuda"]["total_bits"]
+    assert recorded["cuda"]["estimated_damage"] == pytest.approx(recorded["cpu"]["estimated_damage"], rel=1e-2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 
 import torch
@@ -17,12 +18,13 @@ import torch
 from osd_core.allocate import layer_config
 from osd_core.artifact import encode_payload
 from osd_core.calibration_data import GradientFile
-from osd_core.compress import allocated, compress_tensor, measure_tensor, resolve_device, tensor_delta
+from osd_core.compress import allocated, compress_tensor, delta_scratch, measure_tensor, pair_delta, resolve_device
 from osd_core.config import CompressionConfig
 from osd_core.errors import CheckpointError, ConfigError
 from osd_core.layer import CompressedLayer
-from osd_core.pair_buffers import PairBuffers, reused_for
-from osd_io.sources import TensorRef, local_copy
+from osd_core.pair_buffers import Pair, PairBuffers, PairRead, read_pairs, reads_ahead, reused_for
+from osd_io.sources import local_copy
+from osd_io.uris import is_s3
 from osd_io.storage import ObjectStore, open_store
 from workers.jobs import GroupJob, GroupResult, LayerCurve, LayerJob
 
@@ -41,10 +43,11 @@ def compress_group(job: GroupJob, calibration: str | None) -> GroupResult:
     device = resolve_device(job.device)
     calib = _gradients(job, calibration)
     budgets = dict(job.budgets)
-    buffers = PairBuffers()
+    scratch = PairBuffers()
     encoded = []
-    for layer in job.group.layers:
-        compressed, error = compress_layer(layer, job.config, calib, budgets.get(layer.name), device, buffers)
+    for layer, (tuned, base) in zip(job.group.layers, _pairs(job.group.layers, device), strict=True):
+        compressed, error = compress_layer(layer, tuned, base, job.config, calib, budgets.get(layer.name), device,
+                                           scratch)
         encoded.append(
             (compressed, {"role": layer.plan.role.value, "dtype": layer.plan.dtype, "rel_error": round(error, 6)})
         )
@@ -60,45 +63,51 @@ def measure_group(job: GroupJob, calibration: str | None) -> tuple[LayerCurve, .
     candidate budgets (``osd_core.compress.measure_tensor``)."""
     device = resolve_device(job.device)
     calib = _gradients(job, calibration)
-    buffers = PairBuffers()
+    scratch = PairBuffers()
+    measured = [layer for layer in job.group.layers if allocated(layer.plan, job.allocation)]
     curves = []
-    for layer in job.group.layers:
-        if not allocated(layer.plan, job.allocation):
-            continue
-        if layer.base is None:
-            raise CheckpointError(f"{layer.name}: no base tensor to subtract (planned as {layer.plan.action})")
-        reuse = reused_for(layer.plan.action, device)  # a curve holds numbers only
-        delta, _ = tensor_delta(layer.plan, _read(layer.finetuned, buffers, "tuned", reuse),
-                                _read(layer.base, buffers, "base", reuse), (layer.finetuned.uri, layer.base.uri),
-                                out=buffers.delta(layer.plan.shape) if reuse else None)
+    for layer, (tuned, base) in zip(measured, _pairs(measured, device), strict=True):
+        delta, _ = pair_delta(layer.plan, tuned, _base_of(layer, base), device, _where(layer),
+                              delta_scratch(scratch, layer.plan, device))
         curves.append(LayerCurve(layer.name, measure_tensor(layer.plan, delta, job.config, calib, device)))
     return tuple(curves)
 
 
 def compress_layer(
     layer: LayerJob,
+    tuned: torch.Tensor,
+    base: torch.Tensor | None,
     config: CompressionConfig,
     calib: GradientFile | None,
     budget: int | None,
     device: torch.device,
-    buffers: PairBuffers,
+    scratch: PairBuffers,
 ) -> tuple[CompressedLayer, float]:
-    """One tensor's compressed record and relative error: ``compress_tensor`` on tensors read by
-    reference, a factorised pair on the CPU into ``buffers``, as ``compress_checkpoint`` reads."""
-    if layer.plan.action != "replace" and layer.base is None:
-        raise CheckpointError(f"{layer.name}: no base tensor to subtract (planned as {layer.plan.action})")
-    reuse = reused_for(layer.plan.action, device)
-    base = None if layer.plan.action == "replace" else _read(layer.base, buffers, "base", reuse)
+    """One tensor's compressed record and relative error: ``compress_tensor`` on the pair read by
+    reference, as ``compress_checkpoint`` compresses it."""
+    if layer.plan.action != "replace":
+        base = _base_of(layer, base)
     return compress_tensor(
-        layer.plan, _read(layer.finetuned, buffers, "tuned", reuse), base,
-        layer_config(config, layer.plan.shape, budget), calib, budget_bits=budget, device=device,
-        where=(layer.finetuned.uri, layer.base.uri if layer.base else "base"),
-        scratch=buffers.delta(layer.plan.shape) if reuse else None,
+        layer.plan, tuned, base, layer_config(config, layer.plan.shape, budget), calib, budget_bits=budget,
+        device=device, where=_where(layer), scratch=delta_scratch(scratch, layer.plan, device),
     )
 
 
-def _read(ref: TensorRef, buffers: PairBuffers, slot: str, reuse: bool) -> torch.Tensor:
-    return ref.read(into=buffers.memory(slot, ref.nbytes) if reuse else None)
+def _pairs(layers: Sequence[LayerJob], device: torch.device) -> Iterator[Pair]:
+    """The layers' tensor pairs, each read while the one before is compressed (``read_pairs``)."""
+    reads = [PairRead(layer.finetuned, layer.base, reused_for(layer.plan.action)) for layer in layers]
+    local = not any(is_s3(ref.checkpoint) for layer in layers for ref in (layer.finetuned, layer.base) if ref)
+    return read_pairs(reads, ahead=reads_ahead(device, local), pinned=device.type == "cuda")
+
+
+def _base_of(layer: LayerJob, base: torch.Tensor | None) -> torch.Tensor:
+    if base is None:
+        raise CheckpointError(f"{layer.name}: no base tensor to subtract (planned as {layer.plan.action})")
+    return base
+
+
+def _where(layer: LayerJob) -> tuple[str, str]:
+    return layer.finetuned.uri, layer.base.uri if layer.base else "base"
 
 
 def _gradients(job: GroupJob, uri: str | None) -> GradientFile | None:
@@ -108,4 +117,3 @@ def _gradients(job: GroupJob, uri: str | None) -> GradientFile | None:
     if uri is None:
         raise ConfigError(f"{job.name}: method {job.config.method!r} needs calibration gradients; none were given")
     return GradientFile(local_copy(uri))
-
