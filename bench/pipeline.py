@@ -14,10 +14,17 @@ ways, each into a fresh store:
   "cold" (workers import torch and Prefect); the second, on a new store, is "warm". Each
   ``--group-mib`` (the float32 size of one layer group, one Ray task) is run in turn.
 
-Prints a table of wall times, throughput and the ratio to the one-thread plain loop (for one
-worker, the orchestration overhead). On a shared machine multi-threaded torch can be slower
-than one thread (oversubscribed cores): both plain rows are shown for that reason. Methods
-that need calibration (osd) are left out by default so that all three do the same work.
+Prints a table of wall times, throughput and the ratio to the one-thread plain loop. On a shared
+machine multi-threaded torch can be slower than one thread (oversubscribed cores): both plain
+rows are shown for that reason. Methods that need calibration (osd) are left out by default so
+that all three do the same work.
+
+Separate runs on a shared machine differ by ±20%, so each flow row also measures its own
+orchestration, in the same run: the catalog records every delta's layer-group tasks and their
+seconds in all (``compress_tasks``, ``compress_seconds``), and what the workers' wall time
+(wall × workers) held beyond those seconds is the flow's own cost: starting the run, planning,
+scheduling each task, the commit, the catalog and the report, and with two workers the wait
+for the last task.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from flows.fleet_config import DEFAULT_GROUP_BYTES, ModelSpec, SweepSpec
@@ -63,27 +71,53 @@ def main() -> None:
         rows, sweep = measure(args, pair)
     variants = len(sweep.variants())
     print(f"\n{name}: {variants} variants ({', '.join(v.label for v in sweep.variants())})")
-    one_thread = rows[0][1]
-    print(f"{'setup':<52} {'wall s':>8} {'variants/s':>11} {'x plain, 1 thread':>18}")
-    for label, seconds in rows:
-        print(f"{label:<52} {seconds:>8.1f} {variants / seconds:>11.3f} {seconds / one_thread:>18.2f}")
+    one_thread = rows[0].wall
+    print(f"{'setup':<52} {'wall s':>8} {'variants/s':>11} {'x plain, 1 thread':>18} {'tasks':>6} "
+          f"{'in tasks s':>11} {'not in tasks':>13} {'per task s':>11}")
+    for row in rows:
+        print(f"{row.label:<52} {row.wall:>8.1f} {variants / row.wall:>11.3f} {row.wall / one_thread:>18.2f} "
+              + ("" if row.tasks is None else
+                 f"{row.tasks:>6} {row.in_tasks:>11.1f} {row.outside:>13.1%} {row.outside_per_task:>11.2f}"))
+    print("\nnot in tasks: 1 − (seconds inside the layer-group tasks) / (wall × workers); per task: those "
+          "seconds outside, over the tasks")
 
 
-def measure(args: argparse.Namespace, pair: tuple[Path, Path]) -> tuple[list[tuple[str, float]], SweepSpec]:
+@dataclass(frozen=True)
+class Row:
+    """One setup's wall seconds; for a flow, its tasks and the seconds they spent inside."""
+
+    label: str
+    wall: float
+    workers: int = 1
+    tasks: int | None = None
+    in_tasks: float = 0.0
+
+    @property
+    def outside(self) -> float:
+        return 1 - self.in_tasks / (self.wall * self.workers)
+
+    @property
+    def outside_per_task(self) -> float:
+        return (self.wall * self.workers - self.in_tasks) / (self.tasks or 1)
+
+
+def measure(args: argparse.Namespace, pair: tuple[Path, Path]) -> tuple[list[Row], SweepSpec]:
     """Wall seconds of the plain loop (1 thread, all cores) and of the flow per worker count and group size."""
     from flows.runtime import start_runtime, stop_runtime
 
     sweep = SweepSpec(ranks=args.ranks, methods=args.methods)
     model = pair_model(",".join(map(str, pair)))
     plain = {threads: plain_loop(model, sweep, threads) for threads in (1, os.cpu_count() or 1)}
-    rows = [(f"plain loop, {threads} torch thread(s)", seconds) for threads, seconds in plain.items()]
+    rows = [Row(f"plain loop, {threads} torch thread(s)", seconds) for threads, seconds in plain.items()]
     runtime = start_runtime(home=Path(tempfile.mkdtemp(prefix="osd-bench-prefect-")), num_cpus=1)
     try:
         for group_mib in args.group_mib:
             for cpus in (1, 2):
                 timing = child(args, pair, cpus, group_mib, runtime.api_url)
-                rows += [(f"flow, {cpus} Ray worker(s), {group_mib:g} MiB groups, {run}", timing[run])
-                         for run in ("cold", "warm")]
+                for run in ("cold", "warm"):
+                    wall, tasks, inside = timing[run]
+                    rows.append(Row(f"flow, {cpus} Ray worker(s), {group_mib:g} MiB groups, {run}", wall, cpus, tasks,
+                                    inside))
     finally:
         stop_runtime()
     return rows, sweep
@@ -119,7 +153,7 @@ def plain_loop(model: ModelSpec, sweep: SweepSpec, threads: int) -> float:
 
 
 def child(args: argparse.Namespace, pair: tuple[Path, Path], cpus: int, group_mib: float, api_url: str
-          ) -> dict[str, float]:
+          ) -> dict[str, tuple[float, int, float]]:
     command = [
         sys.executable,
         __file__,
@@ -141,7 +175,9 @@ def child(args: argparse.Namespace, pair: tuple[Path, Path], cpus: int, group_mi
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def flow_timings(model: ModelSpec, sweep: SweepSpec, cpus: int, api_url: str) -> dict[str, float]:
+def flow_timings(model: ModelSpec, sweep: SweepSpec, cpus: int, api_url: str
+                 ) -> dict[str, tuple[float, int, float]]:
+    """Per run ("cold", "warm"): wall seconds, layer-group tasks, and the seconds inside them."""
     from flows.pipeline import run_model
     from flows.runtime import start_runtime
 
@@ -151,9 +187,11 @@ def flow_timings(model: ModelSpec, sweep: SweepSpec, cpus: int, api_url: str) ->
         with tempfile.TemporaryDirectory(prefix="osd-bench-flow-") as store:
             started = time.perf_counter()
             rows = run_model(model, sweep, store)
-            timings[run] = time.perf_counter() - started
+            wall = time.perf_counter() - started
             if any(row.status != "ok" for row in rows):
                 raise SystemExit(f"a variant failed: {[row.params_dict.get('error') for row in rows]}")
+            timings[run] = (wall, sum(row.params_dict["compress_tasks"] for row in rows),
+                            sum(row.params_dict["compress_seconds"] for row in rows))
     return timings
 
 

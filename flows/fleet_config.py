@@ -12,7 +12,8 @@ fleet file is TOML or JSON::
                                            # relaxed methods only)
     methods = ["osd", "truncsvd"]
     allocations = ["uniform", "global"]
-    group_mib = 512                        # layer-group size (float32 working set)
+    group_mib = 512                        # layer-group size (float32 working set; default 512,
+                                           # 4096 where tasks take a GPU)
     [sweep.compression]                    # any other CompressionConfig field
     extra_rank = 2
     factor_split = "joint"                 # within a layer (osd); allocations are across layers
@@ -42,10 +43,13 @@ from osd_core.settings import REQUIRED, from_table, setting
 from osd_io.keys import safe_name
 from osd_io.uris import is_s3
 
-# float32 bytes of one layer group, one Ray task (flows.plan). On bench/pipeline.py's 7B-shaped pair a
-# flow with 32 MiB groups cost 1.35x the plain loop and 1024 MiB 1.16x (one worker, warm): at about
-# 0.25 s a task, a 7B model in 32 MiB groups would pay a minute for its ~230 tasks.
+# float32 bytes of one layer group, one Ray task (flows.plan). Prefect on Ray costs about 0.15-0.25 s
+# a task (bench/pipeline.py), so a task should compute for a few seconds: on one CPU a 512 MiB group
+# of a 7B-shaped model takes 2.5-6 s. A GPU does that work in a fraction of a second (its SVDs take
+# milliseconds: bench/results/svd-speed-h100-cuda.txt), so tasks that take a GPU get 8x the work,
+# about five decoder layers of a 7B model. That size is inferred, not yet measured on a GPU.
 DEFAULT_GROUP_BYTES = 512 << 20
+GPU_GROUP_BYTES = 4 << 30
 
 URI_FIELDS = ("base", "finetuned", "calibration", "eval")
 
@@ -101,7 +105,9 @@ class SweepSpec:
         "where it cuts the most error) or global-all (that total spent on the 1-D deltas too)")
     compression: CompressionConfig = setting(
         CompressionConfig, "every other compression setting, shared by all variants", factory=True)
-    group_mib: float = setting(DEFAULT_GROUP_BYTES / (1 << 20), "layer-group size (float32 MiB per task)")
+    group_mib: float | None = setting(
+        None, f"layer-group size, float32 MiB per task (default: {DEFAULT_GROUP_BYTES >> 20}, or "
+        f"{GPU_GROUP_BYTES >> 20} where tasks take a GPU)")
 
     def __post_init__(self) -> None:
         for name, values, allowed in (
@@ -117,14 +123,16 @@ class SweepSpec:
                                  for r in self.ranks):
             raise ConfigError(f"sweep ranks must be numbers > 0 (fractions for the relaxed methods), "
                               f"got {list(self.ranks)}")
-        if isinstance(self.group_mib, bool) or not isinstance(self.group_mib, (int, float)) \
-                or not 0 < self.group_mib < math.inf:
+        if self.group_mib is not None and (isinstance(self.group_mib, bool) or not isinstance(
+                self.group_mib, (int, float)) or not 0 < self.group_mib < math.inf):
             raise ConfigError(f"group_mib must be a positive number, got {self.group_mib!r}")
         if not self.variants():  # every combination must make a valid configuration, and one must exist
             raise ConfigError(f"sweep has nothing to run: truncsvd needs whole ranks, got {list(self.ranks)}")
 
-    @property
-    def group_bytes(self) -> int:
+    def group_bytes(self, gpu: bool = False) -> int:
+        """Float32 bytes of one layer group: ``group_mib``, else the default for tasks that take a GPU or not."""
+        if self.group_mib is None:
+            return GPU_GROUP_BYTES if gpu else DEFAULT_GROUP_BYTES
         return max(1, int(self.group_mib * (1 << 20)))
 
     @property

@@ -245,7 +245,7 @@ def missing_variants(model: ModelSpec, sweep: SweepSpec, seen: frozenset[str]) -
     Reads headers and content hashes (as the pipeline's plan step does), never tensors.
     """
     inputs = read_inputs.fn(model)
-    targets = [make_target(model, inputs, v, sweep.group_bytes) for v in sweep.variants()]
+    targets = [make_target(model, inputs, v, sweep.group_bytes()) for v in sweep.variants()]  # ids only
     return sum(t.artifact_id not in seen for t in targets)
 
 

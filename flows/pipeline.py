@@ -225,7 +225,7 @@ def preflight(models: Sequence[ModelSpec], sweep: SweepSpec, store: str) -> None
         base, finetuned = open_checkpoint(model.base), open_checkpoint(model.finetuned)
         pair = PairLayout(base, finetuned, {}, {})
         for variant in sweep.variants():
-            plan_model(model.name, pair, variant.config, group_bytes=sweep.group_bytes)
+            plan_model(model.name, pair, variant.config, group_bytes=sweep.group_bytes())
         with scratch_dir("preflight") as scratch:
             for uri in filter(None, (model.calibration, model.eval)):
                 task_rows(uri, finetuned.config, Path(scratch))
@@ -246,11 +246,13 @@ class _Sweep:
         self.gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
         self.memory_cap = int(resources.get("memory", 8 << 30))
         self.failures: dict[str, BaseException] = {}
+        self.work: dict[str, tuple[int, float]] = {}  # artifact id -> (layer-group tasks, their seconds in all)
         self.reference: PrefectFuture[EvalRecord] | None = None
         self.inputs = read_inputs(model)
 
     def run(self) -> tuple[CatalogRow, ...]:
-        targets = [make_target(self.model, self.inputs, v, self.sweep.group_bytes) for v in self.sweep.variants()]
+        group_bytes = self.sweep.group_bytes(gpu=self.gpus > 0)
+        targets = [make_target(self.model, self.inputs, v, group_bytes) for v in self.sweep.variants()]
         catalog = Catalog(self.store)
         done = {row.artifact_id: row for row in catalog.rows(self.model.name) if row.status == "ok"}
         todo = [t for t in targets if t.artifact_id not in done]
@@ -424,6 +426,7 @@ class _Sweep:
         devices = ", ".join(sorted({result.device for result in results}))
         nodes = len({result.node for result in results})
         seconds = sum(result.seconds for result in results)
+        self.work[t.artifact_id] = (len(results), seconds)
         self.log.info(
             "%s %s: committed %s (%d groups, %.1f s on %s, %d Ray node%s)",
             self.model.name,
@@ -484,6 +487,9 @@ class _Sweep:
             "base_sha256": pair.base_identity["sha256"],
             "finetuned_sha256": pair.finetuned_identity["sha256"],
         }
+        if t.artifact_id in self.work:
+            tasks, seconds = self.work[t.artifact_id]
+            params.update(compress_tasks=tasks, compress_seconds=round(seconds, 3))
         if record is not None:
             params.update(record.extra, eval_rows=record.rows, eval_seconds=round(record.seconds, 3))
             if self.finetuned_accuracy is not None:

@@ -140,7 +140,7 @@ def test_fleet_file_resolves_paths_and_refuses_mistakes(tmp_path):
     )
     fleet = load_fleet_config(tmp_path / "fleet.toml")
     assert fleet.store == str(tmp_path / "store") and fleet.models[0].base == str(tmp_path / "b")
-    assert fleet.models[0].finetuned == "s3://bucket/ft" and fleet.sweep.group_bytes == 1 << 19
+    assert fleet.models[0].finetuned == "s3://bucket/ft" and fleet.sweep.group_bytes() == 1 << 19
     assert [v.label for v in fleet.sweep.variants()] == [
         "truncsvd r=1 uniform",
         "truncsvd r=1 global",
@@ -214,6 +214,7 @@ def test_flow_deltas_match_the_single_process_path(fleet_runtime, synthetic_pair
         delta = fetched(store_uri, row, tmp_path / f"{row.method}-delta")
         manifest = DeltaArtifact.open(delta, expected_sha256=row.sha256).manifest
         assert manifest.allocation == "uniform" and len(manifest.payloads) > 2
+        assert row.params_dict["compress_tasks"] == len(manifest.payloads) and row.params_dict["compress_seconds"] > 0
         assert row.bytes == sum(p.stat().st_size for p in delta.rglob("*") if p.is_file())
         reference = tmp_path / f"{row.method}-reference"
         compress_checkpoint(base, tuned, reference, variant.config)

@@ -7,7 +7,15 @@ import dataclasses
 
 import pytest
 
-from flows.fleet_config import FleetConfig, ModelSpec, SweepSpec, load_fleet_config, sweep_from_dict
+from flows.fleet_config import (
+    DEFAULT_GROUP_BYTES,
+    GPU_GROUP_BYTES,
+    FleetConfig,
+    ModelSpec,
+    SweepSpec,
+    load_fleet_config,
+    sweep_from_dict,
+)
 from osd_cli.flags import add_settings, read_settings
 from osd_cli.main import build_parser
 from osd_core.config import CompressionConfig
@@ -53,15 +61,21 @@ def test_flags_parse_into_the_same_sweep_a_table_gives():
     from_flags = SweepSpec(**read_settings(args, SweepSpec, skip=("compression",)), compression=template)
     from_file = sweep_from_dict({"ranks": [0.5, 1], "methods": ["magtruncsvd"], "allocations": ["uniform", "global"],
                                  "group_mib": 0.5, "compression": {"seed": 3, "compress_embeddings": False}})
-    assert from_flags == from_file and from_file.group_bytes == 1 << 19
+    assert from_flags == from_file and from_file.group_bytes() == 1 << 19
     assert sweep_from_dict(to_table(from_file)) == from_file  # the deployments' JSON parameter round-trips
+
+
+def test_layer_groups_are_larger_where_tasks_take_a_gpu_unless_the_sweep_sets_their_size():
+    assert SweepSpec().group_bytes() == DEFAULT_GROUP_BYTES and SweepSpec().group_bytes(gpu=True) == GPU_GROUP_BYTES
+    assert GPU_GROUP_BYTES > DEFAULT_GROUP_BYTES
+    assert SweepSpec(group_mib=64).group_bytes(gpu=True) == SweepSpec(group_mib=64).group_bytes() == 64 << 20
 
 
 @pytest.mark.parametrize(("table", "message"), [
     ({"ranks": [1, True]}, r"sweep\.ranks\[2\] must be an integer or a number, got True"),
     ({"ranks": "1"}, r"sweep\.ranks must be a list of an integer or a number, got '1'"),
     ({"methods": ["truncsvd", 3]}, r"sweep\.methods\[2\] must be a string, got 3"),
-    ({"group_mib": "32"}, r"sweep\.group_mib must be a number, got '32'"),
+    ({"group_mib": "32"}, r"sweep\.group_mib must be a number or null, got '32'"),
     ({"group_mib": 0}, r"group_mib must be a positive number, got 0"),
     ({"compression": {"whiten": "yes"}}, r"sweep\.compression\.whiten must be true or false, got 'yes'"),
     ({"compression": {"sede": 1}}, r"sweep\.compression: unknown field 'sede'; expected compress_embeddings"),
