@@ -71,6 +71,11 @@ class Checkpoint:
         return self.source.location
 
     @property
+    def is_local(self) -> bool:
+        """Whether the bytes are in a local directory rather than an object store."""
+        return isinstance(self.source, LocalDirectory)
+
+    @property
     def local_dir(self) -> Path:
         """The directory of a local checkpoint (transformers needs one to load a model)."""
         if not isinstance(self.source, LocalDirectory):

@@ -22,7 +22,6 @@ from .allocate import Allocation, Option, layer_config, measure_curve, measure_w
 from .artifact import DeltaWriter
 from .budget import layer_budget
 from .calibration_data import INPUT_COV, OUTPUT_FISHER, ROW_WEIGHT, GradientFile
-from .byte_source import LocalDirectory
 from .checkpoint import Checkpoint, hash_identities, side_files
 from .config import ALLOCATIONS, GLOBAL_ALLOCATIONS, CompressionConfig
 from .errors import CheckpointError, ConfigError, MissingTensorError
@@ -31,7 +30,7 @@ from .finite import all_finite, count_non_finite
 from .float_delta import DeltaSummary, float_difference
 from .layer import CompressedLayer, stack_experts, with_appended_rows
 from .norms import squared_norm
-from .pair_buffers import PairBuffers, PairRead, StoredTensor, read_pairs, reads_ahead, reused_for
+from .pair_buffers import PairBuffers, PairRead, StoredTensor, read_pairs, reused_for
 from .policy import Role
 from .roles import policy_for
 from .whole import dense_layer, whole_layer, whole_options
@@ -185,7 +184,8 @@ def compress_checkpoint(
     reports: list[LayerReport] = []
     scratch = PairBuffers()
     stored = [(position, plan) for position, plan in enumerate(plans) if plan.action != "copy"]
-    pairs = read_pairs([pair_read(plan, finetuned, base) for _, plan in stored], **pair_reading(run_on, base, finetuned))
+    pairs = read_pairs([pair_read(plan, finetuned, base) for _, plan in stored], run_on,
+                       local=base.is_local and finetuned.is_local)
     with writer:
         for (position, plan), (tuned, base_tensor) in zip(stored, pairs, strict=True):
             budget = budgets.get(plan.name)
@@ -278,7 +278,8 @@ def _global_allocation(
     curves = {}
     measured = [p for p in plans if allocated(p, allocation)]
     scratch = PairBuffers()
-    pairs = read_pairs([pair_read(plan, finetuned, base) for plan in measured], **pair_reading(device, base, finetuned))
+    pairs = read_pairs([pair_read(plan, finetuned, base) for plan in measured], device,
+                       local=base.is_local and finetuned.is_local)
     for position, (plan, (tuned, base_tensor)) in enumerate(zip(measured, pairs, strict=True)):
         delta, _ = pair_delta(plan, tuned, base_tensor, device, (finetuned.location, base.location),
                               delta_scratch(scratch, plan, device))
@@ -338,12 +339,6 @@ def pair_read(plan: LayerPlan, finetuned: Checkpoint, base: Checkpoint) -> PairR
     """What ``read_pairs`` reads for a planned tensor of the single-process path."""
     return PairRead(StoredTensor(finetuned, plan.name),
                     None if plan.action == "replace" else StoredTensor(base, plan.name), reused_for(plan.action))
-
-
-def pair_reading(device: torch.device, *checkpoints: Checkpoint) -> dict[str, bool]:
-    """``read_pairs``' options for pairs of ``checkpoints`` bound for ``device``."""
-    local = all(isinstance(checkpoint.source, LocalDirectory) for checkpoint in checkpoints)
-    return {"ahead": reads_ahead(device, local), "pinned": device.type == "cuda"}
 
 
 def delta_scratch(buffers: PairBuffers, plan: LayerPlan, device: torch.device) -> torch.Tensor | None:

@@ -7,11 +7,11 @@ and 8.6–9.0 s in reused memory, which is faulted in once. Only for work whose 
 to its inputs: a factorised matrix, whose SVD writes new tensors. Everything else is read fresh.
 
 Why read ahead: compression alternates reading a pair (page cache, disk, or a ranged GET from an
-object store) with computing on it, and done in turn the compute waits for every read. So
-:func:`read_pairs` reads the next pair on a thread while the caller computes on this one, into
-the other of two sets of slots. On a GPU the slots are pinned, so the caller's copy of a pair to
-the device is a DMA transfer (``non_blocking``) that does not hold the CPU, and the reads of the
-pair after it go on meanwhile.
+object store) with computing on it, and done in turn the compute waits for every read. Where
+that wait is a device's or a network's, :func:`read_pairs` reads the next pair on a thread while
+the caller computes on this one, into the other of two sets of slots (``reads_ahead``). On a GPU
+the slots are pinned, so the caller's copy of a pair to the device is a DMA transfer
+(``non_blocking``) that does not hold the CPU, and the read of the pair after it goes on meanwhile.
 
 The one rule this asks of a caller: be done with a pair (its tensors, and any copy still reading
 them) before it asks for the pair after next, which is read into the same slots. Every caller
@@ -114,15 +114,17 @@ class PairBuffers:
 Pair = tuple[torch.Tensor, torch.Tensor | None]
 
 
-def read_pairs(pairs: Sequence[PairRead], *, ahead: bool = False, pinned: bool = False) -> Iterator[Pair]:
-    """Each pair's (fine-tune, base) tensors in order; with ``ahead``, the next one read on a thread
-    meanwhile (``reads_ahead`` says where that pays).
+def read_pairs(pairs: Sequence[PairRead], device: torch.device, *, local: bool = True) -> Iterator[Pair]:
+    """Each pair's (fine-tune, base) tensors in order, for work on ``device``; where
+    ``reads_ahead(device, local)``, the next one is read on a thread meanwhile, and on a GPU into
+    pinned memory. ``local``: whether the bytes come from local files rather than an object store.
 
-    A reused pair is valid until the next pair is asked for, or with ``ahead`` the pair after
+    A reused pair is valid until the next pair is asked for, or when reading ahead the pair after
     next. A read's error is raised when its pair is asked for, so errors surface in the order the
     pairs are given. Leaving early (an error in the caller, ``close()``) waits for the read under
     way: no thread writes into the slots once this generator is done.
     """
+    ahead, pinned = reads_ahead(device, local), device.type == "cuda"
     slots = (PairBuffers(pinned), PairBuffers(pinned)) if ahead else (PairBuffers(pinned),)
 
     def read(position: int) -> Pair:

@@ -53,7 +53,7 @@ def test_a_delta_read_through_reused_memory_equals_one_read_fresh(tmp_path, dtyp
             for plan in plan_pair(base, tuned, config) if plan.action != "copy"]
     reads = [PairRead(job.finetuned, job.base, reused_for(job.plan.action)) for job in jobs]
     scratch = PairBuffers()
-    for job, (tuned_tensor, base_tensor) in zip(jobs, read_pairs(reads), strict=True):
+    for job, (tuned_tensor, base_tensor) in zip(jobs, read_pairs(reads, CPU), strict=True):
         layer, _ = compress_layer(job, tuned_tensor, base_tensor, config, None, None, torch.device("cpu"), scratch)
         assert torch.equal(stored[job.name].delta(), layer.delta()), job.name
 
@@ -71,6 +71,9 @@ def test_a_slot_holds_the_last_tensor_read_into_it_and_grows_to_the_largest(tmp_
     assert torch.equal(again, checkpoint.load("bert.encoder.layer.0.attention.self.key.weight"))
     delta = buffers.delta((16, 8))
     assert delta.dtype == torch.float32 and delta.shape == (16, 8)
+
+
+CPU = torch.device("cpu")
 
 
 class Recorded:
@@ -96,9 +99,9 @@ class Recorded:
         return out
 
 
-def test_the_next_pair_is_read_while_the_caller_holds_this_one_into_alternating_slots():
+def test_from_an_object_store_the_next_pair_is_read_while_the_caller_holds_this_one():
     tensors = [(Recorded(n), Recorded(-n)) for n in range(5)]
-    pairs = read_pairs([PairRead(tuned, base, reuse=True) for tuned, base in tensors], ahead=True)
+    pairs = read_pairs([PairRead(tuned, base, reuse=True) for tuned, base in tensors], CPU, local=False)
     seen = []
     for n, (tuned, base) in enumerate(pairs):
         if n + 1 < len(tensors):  # read ahead without being asked for it
@@ -109,9 +112,18 @@ def test_the_next_pair_is_read_while_the_caller_holds_this_one_into_alternating_
     assert seen[0] != seen[1] and len({pointer for pair in seen for pointer in pair}) == 4
 
 
+def test_local_files_for_the_cpu_are_read_in_turn_into_one_set_of_slots():
+    tensors = [(Recorded(n), Recorded(-n)) for n in range(3)]
+    pairs = read_pairs([PairRead(tuned, base, reuse=True) for tuned, base in tensors], CPU)
+    tuned, base = next(pairs)
+    assert not tensors[1][0].started.wait(timeout=0.5)  # nothing read before it is asked for
+    pointers = {(tuned.data_ptr(), base.data_ptr())} | {(t.data_ptr(), b.data_ptr()) for t, b in pairs}
+    assert len(pointers) == 1
+
+
 def test_pairs_not_reused_are_read_fresh_and_a_new_head_has_no_base():
     first, second = (Recorded(1), None), (Recorded(2), Recorded(3))
-    got = list(read_pairs([PairRead(*first, reuse=False), PairRead(*second, reuse=False)], ahead=True))
+    got = list(read_pairs([PairRead(*first, reuse=False), PairRead(*second, reuse=False)], CPU, local=False))
     assert got[0][1] is None and torch.equal(got[0][0], torch.full((4,), 1.0))
     assert got[0][0].data_ptr() != got[1][0].data_ptr()
 
@@ -119,7 +131,7 @@ def test_pairs_not_reused_are_read_fresh_and_a_new_head_has_no_base():
 def test_a_read_error_surfaces_at_its_own_pair_after_the_pairs_before_it():
     reads = [PairRead(Recorded(0), Recorded(0), True), PairRead(Recorded(1), Recorded(1, fail=True), True),
              PairRead(Recorded(2), Recorded(2), True)]
-    pairs = read_pairs(reads, ahead=True)
+    pairs = read_pairs(reads, CPU, local=False)
     tuned, _ = next(pairs)
     assert float(tuned[0]) == 0.0
     with pytest.raises(CheckpointError, match="tensor 1: truncated"):
@@ -129,7 +141,7 @@ def test_a_read_error_surfaces_at_its_own_pair_after_the_pairs_before_it():
 def test_leaving_early_waits_for_the_read_under_way():
     gate = threading.Event()
     slow = Recorded(1, gate=gate)
-    pairs = read_pairs([PairRead(Recorded(0), None, True), PairRead(slow, None, True)], ahead=True)
+    pairs = read_pairs([PairRead(Recorded(0), None, True), PairRead(slow, None, True)], CPU, local=False)
     next(pairs)
     assert slow.started.wait(timeout=10)
     threading.Timer(0.2, gate.set).start()

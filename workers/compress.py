@@ -22,7 +22,7 @@ from osd_core.compress import allocated, compress_tensor, delta_scratch, measure
 from osd_core.config import CompressionConfig
 from osd_core.errors import CheckpointError, ConfigError
 from osd_core.layer import CompressedLayer
-from osd_core.pair_buffers import Pair, PairBuffers, PairRead, read_pairs, reads_ahead, reused_for
+from osd_core.pair_buffers import Pair, PairBuffers, PairRead, read_pairs, reused_for
 from osd_io.sources import local_copy
 from osd_io.uris import is_s3
 from osd_io.storage import ObjectStore, open_store
@@ -97,7 +97,7 @@ def _pairs(layers: Sequence[LayerJob], device: torch.device) -> Iterator[Pair]:
     """The layers' tensor pairs, each read while the one before is compressed (``read_pairs``)."""
     reads = [PairRead(layer.finetuned, layer.base, reused_for(layer.plan.action)) for layer in layers]
     local = not any(is_s3(ref.checkpoint) for layer in layers for ref in (layer.finetuned, layer.base) if ref)
-    return read_pairs(reads, ahead=reads_ahead(device, local), pinned=device.type == "cuda")
+    return read_pairs(reads, device, local=local)
 
 
 def _base_of(layer: LayerJob, base: torch.Tensor | None) -> torch.Tensor:
