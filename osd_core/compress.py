@@ -12,6 +12,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,7 @@ def compress_checkpoint(
     stored = [(position, plan) for position, plan in enumerate(plans) if plan.action != "copy"]
     pairs = read_pairs([pair_read(plan, finetuned, base) for _, plan in stored], run_on,
                        local=base.is_local and finetuned.is_local)
-    with writer:
+    with writer, closing(pairs):  # a failure stops the read under way before the error leaves
         for (position, plan), (tuned, base_tensor) in zip(stored, pairs, strict=True):
             budget = budgets.get(plan.name)
             layer, error = compress_tensor(plan, tuned, base_tensor, layer_config(config, plan.shape, budget),
@@ -280,12 +281,13 @@ def _global_allocation(
     scratch = PairBuffers()
     pairs = read_pairs([pair_read(plan, finetuned, base) for plan in measured], device,
                        local=base.is_local and finetuned.is_local)
-    for position, (plan, (tuned, base_tensor)) in enumerate(zip(measured, pairs, strict=True)):
-        delta, _ = pair_delta(plan, tuned, base_tensor, device, (finetuned.location, base.location),
-                              delta_scratch(scratch, plan, device))
-        curves[plan.name] = measure_tensor(plan, delta, config, gradients, device)
-        if on_measured is not None:
-            on_measured(plan.name, position + 1, len(measured))
+    with closing(pairs):
+        for position, (plan, (tuned, base_tensor)) in enumerate(zip(measured, pairs, strict=True)):
+            delta, _ = pair_delta(plan, tuned, base_tensor, device, (finetuned.location, base.location),
+                                  delta_scratch(scratch, plan, device))
+            curves[plan.name] = measure_tensor(plan, delta, config, gradients, device)
+            if on_measured is not None:
+                on_measured(plan.name, position + 1, len(measured))
     uniform = uniform_budgets(plans, config)
     chosen, uniform_cost = spend_globally(curves, uniform, beside_budgets(plans, config, allocation))
     log.info("global allocation: %s of %s bits; estimated damage %.4g (uniform: %.4g)",

@@ -22,7 +22,7 @@ device's queue cannot hand back those values before its copies out of the slots 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -114,7 +114,8 @@ class PairBuffers:
 Pair = tuple[torch.Tensor, torch.Tensor | None]
 
 
-def read_pairs(pairs: Sequence[PairRead], device: torch.device, *, local: bool = True) -> Iterator[Pair]:
+def read_pairs(pairs: Sequence[PairRead], device: torch.device, *, local: bool = True
+               ) -> Generator[Pair, None, None]:
     """Each pair's (fine-tune, base) tensors in order, for work on ``device``; where
     ``reads_ahead(device, local)``, the next one is read on a thread meanwhile, and on a GPU into
     pinned memory. ``local``: whether the bytes come from local files rather than an object store.

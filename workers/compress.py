@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
+from contextlib import closing
 from functools import lru_cache
 
 import torch
@@ -45,12 +46,13 @@ def compress_group(job: GroupJob, calibration: str | None) -> GroupResult:
     budgets = dict(job.budgets)
     scratch = PairBuffers()
     encoded = []
-    for layer, (tuned, base) in zip(job.group.layers, _pairs(job.group.layers, device), strict=True):
-        compressed, error = compress_layer(layer, tuned, base, job.config, calib, budgets.get(layer.name), device,
-                                           scratch)
-        encoded.append(
-            (compressed, {"role": layer.plan.role.value, "dtype": layer.plan.dtype, "rel_error": round(error, 6)})
-        )
+    with closing(_pairs(job.group.layers, device)) as pairs:
+        for layer, (tuned, base) in zip(job.group.layers, pairs, strict=True):
+            compressed, error = compress_layer(layer, tuned, base, job.config, calib, budgets.get(layer.name), device,
+                                               scratch)
+            encoded.append(
+                (compressed, {"role": layer.plan.role.value, "dtype": layer.plan.dtype, "rel_error": round(error, 6)})
+            )
     payload = encode_payload(job.group.payload_name, encoded)
     info = store_at(job.store).put_bytes(f"{job.prefix}/{payload.name}", payload.data)
     seconds = time.perf_counter() - started
@@ -66,10 +68,11 @@ def measure_group(job: GroupJob, calibration: str | None) -> tuple[LayerCurve, .
     scratch = PairBuffers()
     measured = [layer for layer in job.group.layers if allocated(layer.plan, job.allocation)]
     curves = []
-    for layer, (tuned, base) in zip(measured, _pairs(measured, device), strict=True):
-        delta, _ = pair_delta(layer.plan, tuned, _base_of(layer, base), device, _where(layer),
-                              delta_scratch(scratch, layer.plan, device))
-        curves.append(LayerCurve(layer.name, measure_tensor(layer.plan, delta, job.config, calib, device)))
+    with closing(_pairs(measured, device)) as pairs:
+        for layer, (tuned, base) in zip(measured, pairs, strict=True):
+            delta, _ = pair_delta(layer.plan, tuned, _base_of(layer, base), device, _where(layer),
+                                  delta_scratch(scratch, layer.plan, device))
+            curves.append(LayerCurve(layer.name, measure_tensor(layer.plan, delta, job.config, calib, device)))
     return tuple(curves)
 
 
@@ -93,8 +96,8 @@ def compress_layer(
     )
 
 
-def _pairs(layers: Sequence[LayerJob], device: torch.device) -> Iterator[Pair]:
-    """The layers' tensor pairs, each read while the one before is compressed (``read_pairs``)."""
+def _pairs(layers: Sequence[LayerJob], device: torch.device) -> Generator[Pair, None, None]:
+    """The layers' tensor pairs, read as ``read_pairs`` reads: one ahead from an object store or for a GPU."""
     reads = [PairRead(layer.finetuned, layer.base, reused_for(layer.plan.action)) for layer in layers]
     local = not any(is_s3(ref.checkpoint) for layer in layers for ref in (layer.finetuned, layer.base) if ref)
     return read_pairs(reads, device, local=local)
