@@ -193,7 +193,7 @@ def compress_checkpoint(
             layer, error = compress_tensor(plan, tuned, base_tensor, layer_config(config, plan.shape, budget),
                                            gradients, budget_bits=budget, device=run_on,
                                            where=(finetuned.location, base.location),
-                                           scratch=delta_scratch(scratch, plan, run_on))
+                                           scratch=scratch)
             report = LayerReport(
                 plan.name, plan.role.value, layer.kind, plan.shape, layer.k, layer.budget_bits,
                 layer.paper_bits, layer.nbytes, error,
@@ -283,8 +283,7 @@ def _global_allocation(
                        local=base.is_local and finetuned.is_local)
     with closing(pairs):
         for position, (plan, (tuned, base_tensor)) in enumerate(zip(measured, pairs, strict=True)):
-            delta, _ = pair_delta(plan, tuned, base_tensor, device, (finetuned.location, base.location),
-                                  delta_scratch(scratch, plan, device))
+            delta, _ = pair_delta(plan, tuned, base_tensor, device, (finetuned.location, base.location), scratch)
             curves[plan.name] = measure_tensor(plan, delta, config, gradients, device)
             if on_measured is not None:
                 on_measured(plan.name, position + 1, len(measured))
@@ -305,7 +304,7 @@ def compress_tensor(
     budget_bits: int | None = None,
     device: torch.device | str = "cpu",
     where: tuple[object, object] = ("fine-tune", "base"),
-    scratch: torch.Tensor | None = None,
+    scratch: PairBuffers | None = None,
 ) -> tuple[CompressedLayer, float]:
     """Compress one planned tensor pair; returns the record and its relative Frobenius error.
 
@@ -314,8 +313,8 @@ def compress_tensor(
     under ``global-all``); ``None`` is the uniform budget, or ``dense_dtype`` beside it. ``where`` names
     the fine-tune and base locations in error messages. On a GPU a factorised pair moves there as
     stored (bf16: half the bytes of its float32 delta) and the delta is taken there. A float32
-    ``tuned`` is overwritten with the delta (``tensor_delta``), and so is ``scratch`` (float32, of
-    the shared shape) where given, for a factorised pair on the CPU: ``PairBuffers``. Rows a
+    ``tuned`` is overwritten with the delta (``tensor_delta``); a factorised pair's delta on the CPU
+    is taken in ``scratch``'s reused memory where given (``pair_delta``). Rows a
     vocabulary-resized fine-tune appended are stored whole beside the compressed delta of the rows both share.
     """
     if plan.action == "replace":
@@ -343,20 +342,16 @@ def pair_read(plan: LayerPlan, finetuned: Checkpoint, base: Checkpoint) -> PairR
                     None if plan.action == "replace" else StoredTensor(base, plan.name), reused_for(plan.action))
 
 
-def delta_scratch(buffers: PairBuffers, plan: LayerPlan, device: torch.device) -> torch.Tensor | None:
-    """Reused float32 memory for a pair's delta: a factorised pair on the CPU (on a GPU the delta is
-    taken there)."""
-    return buffers.delta(plan.shape) if reused_for(plan.action) and device.type == "cpu" else None
-
-
 def pair_delta(plan: LayerPlan, tuned: torch.Tensor, base: torch.Tensor | None, device: torch.device | str,
-               where: tuple[object, object], scratch: torch.Tensor | None) -> tuple[torch.Tensor, DeltaSummary]:
+               where: tuple[object, object], scratch: PairBuffers | None = None) -> tuple[torch.Tensor, DeltaSummary]:
     """``tensor_delta`` where the work on the pair runs: a factorised pair bound for a GPU moves
     there as stored (bf16: half the bytes of its float32 delta, ``non_blocking`` from pinned
-    memory) and its delta is taken there; anything else on the CPU, in ``scratch`` where given."""
+    memory) and its delta is taken there; anything else on the CPU, a factorised pair's delta in
+    ``scratch``'s reused memory where given."""
     if plan.action == "factorise" and base is not None and torch.device(device).type != "cpu":
-        tuned, base = tuned.to(device, non_blocking=True), base.to(device, non_blocking=True)
-    return tensor_delta(plan, tuned, base, where, out=scratch)
+        return tensor_delta(plan, tuned.to(device, non_blocking=True), base.to(device, non_blocking=True), where)
+    out = scratch.delta(plan.shape) if scratch is not None and reused_for(plan.action) else None
+    return tensor_delta(plan, tuned, base, where, out=out)
 
 
 def tensor_delta(plan: LayerPlan, tuned: torch.Tensor, base: torch.Tensor | None,

@@ -19,14 +19,14 @@ import torch
 from osd_core.allocate import layer_config
 from osd_core.artifact import encode_payload
 from osd_core.calibration_data import GradientFile
-from osd_core.compress import allocated, compress_tensor, delta_scratch, measure_tensor, pair_delta, resolve_device
+from osd_core.compress import allocated, compress_tensor, measure_tensor, pair_delta, resolve_device
 from osd_core.config import CompressionConfig
 from osd_core.errors import CheckpointError, ConfigError
 from osd_core.layer import CompressedLayer
 from osd_core.pair_buffers import Pair, PairBuffers, PairRead, read_pairs, reused_for
 from osd_io.sources import local_copy
-from osd_io.uris import is_s3
 from osd_io.storage import ObjectStore, open_store
+from osd_io.uris import is_s3
 from workers.jobs import GroupJob, GroupResult, LayerCurve, LayerJob
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,7 @@ def measure_group(job: GroupJob, calibration: str | None) -> tuple[LayerCurve, .
     curves = []
     with closing(_pairs(measured, device)) as pairs:
         for layer, (tuned, base) in zip(measured, pairs, strict=True):
-            delta, _ = pair_delta(layer.plan, tuned, _base_of(layer, base), device, _where(layer),
-                                  delta_scratch(scratch, layer.plan, device))
+            delta, _ = pair_delta(layer.plan, tuned, _base_of(layer, base), device, _where(layer), scratch)
             curves.append(LayerCurve(layer.name, measure_tensor(layer.plan, delta, job.config, calib, device)))
     return tuple(curves)
 
@@ -92,7 +91,7 @@ def compress_layer(
         base = _base_of(layer, base)
     return compress_tensor(
         layer.plan, tuned, base, layer_config(config, layer.plan.shape, budget), calib, budget_bits=budget,
-        device=device, where=_where(layer), scratch=delta_scratch(scratch, layer.plan, device),
+        device=device, where=_where(layer), scratch=scratch,
     )
 
 
